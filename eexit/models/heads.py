@@ -1,0 +1,127 @@
+"""Exit heads: ``A = attention(F)`` -> global average pool ``z`` -> classifier -> logits.
+
+This shape is what makes Grad-CAM cheap: the gradient of a logit with respect to ``A`` is the
+same at every position, ``dy/dA[c, i, j] = (dy/dz[c]) / (h * w)``, so the cam weights need only
+the gradient through the classifier on the pooled vector (see ``eexit.explain.gradcam``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+HeadKind = Literal["linear", "mlp"]
+CamTarget = Tensor | Callable[[Tensor], Tensor] | None
+
+
+@dataclass
+class HeadOutput:
+    """One exit's tensors.
+
+    Attributes:
+        attention: ``A``, the map Grad-CAM explains, ``(B, C, h, w)``.
+        pooled: ``z = mean_{h,w} A``, ``(B, C)``.
+        logits: ``(B, num_classes)``.
+    """
+
+    attention: Tensor
+    pooled: Tensor
+    logits: Tensor
+
+
+class ExitHead(nn.Module):
+    """A GAP-based exit head.
+
+    Args:
+        in_chs: channels of the stage map the head reads.
+        num_classes: number of classes.
+        kind: ``"linear"`` (one linear layer) or ``"mlp"`` (linear-ReLU-linear; no batch
+            statistics, so every image's logits depend on that image alone).
+        conv_chs: channels of an optional conv + BN + ReLU before pooling; 0 uses the stage map
+            itself as ``A``.
+        conv_kernel: kernel size of that conv.
+        hidden: hidden width of the MLP head (default: ``max(64, A's channels)``).
+    """
+
+    def __init__(
+        self,
+        in_chs: int,
+        num_classes: int,
+        kind: HeadKind = "linear",
+        conv_chs: int = 0,
+        conv_kernel: int = 1,
+        hidden: int | None = None,
+    ) -> None:
+        super().__init__()
+        if kind not in ("linear", "mlp"):
+            raise ValueError(f"unknown head kind {kind!r}; expected 'linear' or 'mlp'")
+        self.kind = kind
+        self.num_classes = num_classes
+        if conv_chs > 0:
+            self.attention: nn.Module = nn.Sequential(
+                nn.Conv2d(in_chs, conv_chs, conv_kernel, padding=conv_kernel // 2, bias=False),
+                nn.BatchNorm2d(conv_chs),
+                nn.ReLU(inplace=True),
+            )
+            a_chs = conv_chs
+        else:
+            self.attention = nn.Identity()
+            a_chs = in_chs
+        self.num_chs = a_chs
+        if kind == "linear":
+            self.classifier: nn.Module = nn.Linear(a_chs, num_classes)
+        else:
+            hidden = hidden or max(64, a_chs)
+            self.classifier = nn.Sequential(
+                nn.Linear(a_chs, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
+            )
+
+    def forward_parts(self, features: Tensor) -> HeadOutput:
+        """``(B, C_in, h, w)`` stage map -> attention, pooled vector and logits."""
+        a = self.attention(features)
+        z = a.mean(dim=(2, 3))
+        return HeadOutput(a, z, self.classifier(z))
+
+    def forward(self, features: Tensor) -> Tensor:
+        """``(B, C_in, h, w)`` stage map -> ``(B, num_classes)`` logits."""
+        return self.forward_parts(features).logits
+
+    def logit_gradient(self, out: HeadOutput, target: CamTarget, create_graph: bool = False) -> Tensor:
+        """Gradient of the target score with respect to the pooled vector, ``(B, C)``.
+
+        Args:
+            out: this head's output for the batch.
+            target: class indices ``(B,)``; ``None`` for the predicted class; or a callable
+                mapping logits ``(B, K)`` to one score per image ``(B,)``.
+            create_graph: keep the result differentiable (for a training loss).
+        """
+        if target is None:
+            target = out.logits.argmax(dim=1)
+        if isinstance(target, Tensor):
+            grad = self._class_gradient(out.pooled, target.to(out.logits.device).long())
+            return grad if create_graph else grad.detach()
+        # a callable target: let autograd differentiate it (needs grad mode, not inference mode)
+        with torch.enable_grad():
+            if create_graph and out.pooled.requires_grad:
+                z, logits = out.pooled, out.logits
+            else:
+                z = out.pooled.detach().requires_grad_(True)
+                logits = self.classifier(z)
+            (grad,) = torch.autograd.grad(target(logits).sum(), z, create_graph=create_graph)
+        return grad
+
+    def _class_gradient(self, z: Tensor, target: Tensor) -> Tensor:
+        """Closed-form ``dy_c/dz`` ``(B, C)`` for class indices ``(B,)``.
+
+        Linear head: ``W[c]``. MLP head ``W2 relu(W1 z + b1) + b2``: ``(W2[c] * 1[h > 0]) @ W1``.
+        Plain tensor algebra, so it works under ``torch.inference_mode`` and stays differentiable.
+        """
+        if self.kind == "linear":
+            return self.classifier.weight[target]
+        first, _, last = self.classifier
+        active = (first(z) > 0).to(z.dtype)
+        return (last.weight[target] * active) @ first.weight

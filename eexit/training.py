@@ -1,0 +1,95 @@
+"""``train(cfg)``: build everything from a Hydra config, fit, test; importable for tests."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from eexit.config import ConfigError, check_image_size, validate_train_config
+from eexit.data.base import SplitDataModule
+from eexit.lit.multi_exit import MultiExitModule
+from eexit.models.net import MultiExitNet
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_dict(section: DictConfig | None) -> list:
+    """Instantiate every entry with a ``_target_`` of a dict-of-configs section."""
+    if not section:
+        return []
+    return [hydra.utils.instantiate(c) for c in section.values() if c is not None and "_target_" in c]
+
+
+def build_datamodule(cfg: DictConfig) -> SplitDataModule:
+    return hydra.utils.instantiate(cfg.data)
+
+
+def build_module(cfg: DictConfig, dm: SplitDataModule) -> MultiExitModule:
+    """Build the network for the data (classes, channels) and wrap it in the LightningModule."""
+    info = dm.info
+    try:
+        net: MultiExitNet = hydra.utils.instantiate(cfg.model.net, num_classes=info.num_classes, in_chans=info.in_chans)
+    except ValueError as err:
+        raise ConfigError("model.net", str(err)) from err
+    check_image_size(info.image_size, net.min_input_size, cfg.model.net.name)
+    loss = hydra.utils.instantiate(cfg.model.loss)
+    return MultiExitModule(
+        net=net,
+        loss=loss,
+        optimizer=hydra.utils.instantiate(cfg.model.optimizer),
+        scheduler=hydra.utils.instantiate(cfg.model.scheduler) if cfg.model.get("scheduler") else None,
+        log_train_kl=cfg.model.get("log_train_kl", False),
+    )
+
+
+def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:
+    """``"last"`` -> the newest ``last.ckpt`` under this task's log folder."""
+    if ckpt_path in (None, "", "null"):
+        return None
+    if ckpt_path == "last":
+        root = Path(cfg.paths.log_dir) / cfg.task_name
+        found = sorted(root.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise ConfigError("ckpt_path", f"'last' asked for, but no last.ckpt under {root}")
+        return str(found[-1])
+    if not Path(ckpt_path).is_file():
+        raise ConfigError("ckpt_path", f"checkpoint not found: {ckpt_path}")
+    return ckpt_path
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
+    """Fit and test the model described by ``cfg``.
+
+    Returns:
+        The metrics (``train/...``, ``val/...``, ``test/...``) and a dict of the objects used
+        (``datamodule``, ``model``, ``trainer``, ``best_ckpt``).
+    """
+    validate_train_config(cfg)
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+    dm = build_datamodule(cfg)
+    model = build_module(cfg, dm)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg)
+    callbacks = _instantiate_dict(cfg.get("callbacks"))
+    loggers = _instantiate_dict(cfg.get("logger"))
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
+    if not best:
+        # fast_dev_run and runs without a checkpoint callback: keep the final weights anyway
+        best = str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+        trainer.save_checkpoint(best)
+    if cfg.get("test"):
+        use = best if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path else None
+        trainer.test(model, datamodule=dm, ckpt_path=use, weights_only=False) if use else trainer.test(model, datamodule=dm)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    return metrics, {"datamodule": dm, "model": model, "trainer": trainer, "best_ckpt": best}
