@@ -1,0 +1,50 @@
+"""Shared fixtures: Hydra configs composed through the compose API, writing into tmp dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from eexit.config import register_resolvers
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+CIFAR_TARBALL = ROOT.parent / "shared" / "data" / "cifar10" / "cifar10-imagefolder.tar.gz"
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+register_resolvers()
+
+needs_fashion = pytest.mark.skipif(
+    not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
+    reason="Fashion-MNIST idx files not installed (apt-get install dataset-fashion-mnist)",
+)
+needs_cifar = pytest.mark.skipif(
+    not CIFAR_TARBALL.exists(), reason=f"CIFAR-10 tarball absent: {CIFAR_TARBALL}"
+)
+
+
+def compose_train(tmp_path: Path, overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with overrides; outputs go under ``tmp_path``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides or []))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "out")
+        cfg.paths.log_dir = str(tmp_path / "logs")
+        if "data_dir" in cfg.paths and config_name == "train":
+            # Keep unpacked data sets shared across tests (not per tmp dir)
+            cfg.paths.data_dir = str(ROOT / "data")
+    return cfg
+
+
+@pytest.fixture
+def quick_overrides() -> list[str]:
+    """A run on the generated shapes with the micro network, one batch of each split."""
+    return ["data=synthetic", "model=micro", "debug=fdr", "logger=none", "callbacks=none"]

@@ -1,0 +1,102 @@
+"""Our hook-free Grad-CAM against Captum's LayerGradCam, and exact values on hand-set weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from captum.attr import LayerGradCam
+from torch import nn
+
+from eexit.explain.gradcam import gradcam, normalize_per_image
+from eexit.models import ExitHead, create_model
+from eexit.types import ExitLevel
+
+
+def _captum_cam(net, x: torch.Tensor, level: int, target: torch.Tensor) -> torch.Tensor:
+    lgc = LayerGradCam(lambda inp: net(inp).logits[level], net.cam_layer(level))
+    return lgc.attribute(x, target=target, relu_attributions=True).squeeze(1)
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+@pytest.mark.parametrize("head_conv", [0, 24])
+def test_gradcam_equals_captum_for_every_exit(head: str, head_conv: int) -> None:
+    torch.manual_seed(0)
+    net = create_model("resnet_narrow", in_chans=3, num_classes=7, head=head, head_conv=head_conv).eval()
+    x = torch.randn(6, 3, 32, 32)
+    out = net(x, with_cams=True)  # targets=None: each exit's own prediction
+    for level in ExitLevel:
+        target = out.logits[level].argmax(dim=1)
+        ours = normalize_per_image(out.cams[level])
+        ref = normalize_per_image(_captum_cam(net, x, level, target))
+        assert ours.shape == ref.shape == (6, *net.heads[level].attention(
+            net.backbone.forward_features(x)[level]).shape[-2:])
+        assert (ours - ref).abs().max().item() <= 1e-5, f"{head} head, exit {level.name}"
+        assert ours.amax().item() > 0, "a map of zeros would make the comparison empty"
+
+
+def test_gradcam_with_label_targets_and_callable_target_matches_captum() -> None:
+    torch.manual_seed(1)
+    net = create_model("resnet_micro", in_chans=1, num_classes=5, head="mlp").eval()
+    x = torch.randn(4, 1, 16, 16)
+    labels = torch.tensor([0, 1, 2, 3])
+    by_label = net(x, with_cams=True, targets=labels).cams
+    by_callable = net(x, with_cams=True, targets=lambda logits: logits[torch.arange(4), labels]).cams
+    for level in ExitLevel:
+        ref = _captum_cam(net, x, level, labels)
+        assert torch.allclose(by_label[level], ref, atol=1e-6, rtol=1e-4)
+        assert torch.allclose(by_callable[level], ref, atol=1e-6, rtol=1e-4)
+
+
+def test_exact_values_on_hand_weighted_linear_head() -> None:
+    head = ExitHead(in_chs=2, num_classes=2, kind="linear")
+    with torch.no_grad():
+        head.classifier.weight.copy_(torch.tensor([[1.0, -1.0], [0.5, 2.0]]))
+        head.classifier.bias.zero_()
+    a = torch.tensor([[[[4.0, 0.0], [2.0, 1.0]], [[0.0, 2.0], [1.0, 1.0]]]])  # (1, 2, 2, 2)
+    out = head.forward_parts(a)
+    # class 0: alpha = W[0] / (h*w) = [0.25, -0.25]; cam = relu(0.25*A0 - 0.25*A1)
+    cam0 = gradcam(head, out, torch.tensor([0]))
+    assert torch.equal(cam0, torch.tensor([[[1.0, 0.0], [0.25, 0.0]]]))
+    # class 1: alpha = [0.125, 0.5]; cam = 0.125*A0 + 0.5*A1
+    cam1 = gradcam(head, out, torch.tensor([1]))
+    assert torch.equal(cam1, torch.tensor([[[0.5, 1.0], [0.75, 0.625]]]))
+    # z = mean A = [1.75, 1.0] -> logits [0.75, 2.875]: the predicted class is 1
+    assert torch.equal(gradcam(head, out, None), cam1)
+
+
+def test_exact_values_on_hand_weighted_mlp_head() -> None:
+    head = ExitHead(in_chs=2, num_classes=2, kind="mlp", hidden=2)
+    first, _, last = head.classifier
+    with torch.no_grad():
+        first.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, -1.0]]))  # hidden 2 is negative -> inactive
+        first.bias.zero_()
+        last.weight.copy_(torch.tensor([[2.0, 3.0], [-1.0, 1.0]]))
+        last.bias.zero_()
+    a = torch.tensor([[[[2.0, 0.0], [0.0, 2.0]], [[1.0, 1.0], [1.0, 1.0]]]])
+    out = head.forward_parts(a)
+    # dy0/dz = W2[0] * relu'(h) @ W1 = [2, 0] @ W1 = [2, 0]; alpha = [0.5, 0]
+    cam = gradcam(head, out, torch.tensor([0]))
+    assert torch.equal(cam, torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]))
+
+
+def test_gradcam_is_differentiable_without_backbone_backward_for_weights() -> None:
+    torch.manual_seed(0)
+    net = create_model("resnet_micro", in_chans=1, num_classes=3, head="mlp")
+    x = torch.randn(2, 1, 16, 16)
+    out = net(x, with_cams=True, targets=torch.tensor([0, 1]), create_graph=True)
+    out.cams[ExitLevel.TINY].sum().backward()
+    stem_grad = net.backbone.stem[0].weight.grad
+    assert stem_grad is not None and stem_grad.abs().sum() > 0
+    assert net.heads[ExitLevel.TINY].classifier[0].weight.grad.abs().sum() > 0  # through alpha
+
+
+def test_gradcam_runs_under_inference_mode() -> None:
+    net = create_model("resnet_micro", in_chans=1, num_classes=3).eval()
+    with torch.inference_mode():
+        out = net(torch.randn(2, 1, 16, 16), with_cams=True)
+    assert all(torch.isfinite(c).all() and (c >= 0).all() for c in out.cams)
+
+
+def test_identity_attention_layer_is_the_stage_output() -> None:
+    net = create_model("resnet_micro", in_chans=1, num_classes=3, head_conv=0)
+    assert isinstance(net.cam_layer(ExitLevel.TINY), nn.Identity)

@@ -1,0 +1,110 @@
+"""Hydra compose API: every experiment runs a real fast_dev_run; bad values fail at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import open_dict
+from omegaconf.errors import MissingMandatoryValue
+
+from eexit.config import ConfigError
+from eexit.training import train
+from tests.conftest import compose_train, needs_cifar, needs_fashion
+
+FAST = ["debug=fdr", "logger=csv"]
+
+
+@pytest.mark.parametrize("experiment", ["egt", "baseline"])
+def test_experiment_fast_dev_run_on_synthetic(tmp_path: Path, experiment: str) -> None:
+    cfg = compose_train(tmp_path, [f"experiment={experiment}", "data=synthetic", "model=micro", *FAST])
+    assert (cfg.model.loss.attn_weight > 0) == (experiment == "egt")
+    metrics, objs = train(cfg)
+    for key in ("train/loss", "val/acc/tiny", "val/acc/heavy", "test/acc/heavy", "test/attn_kl/tiny"):
+        assert key in metrics, key
+    if experiment == "egt":
+        assert "train/loss/attn_kl" in metrics
+    assert Path(objs["best_ckpt"]).is_file()
+    csv_files = list((tmp_path / "out").glob("csv/**/metrics.csv"))
+    assert csv_files and "val/acc/heavy" in csv_files[0].read_text()
+
+
+@needs_fashion
+def test_default_config_is_fashion_mnist_with_egt(tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, FAST)
+    assert cfg.data._target_.endswith("FashionMNISTDataModule")
+    assert cfg.model.loss.attn_weight > 0
+    metrics, _ = train(cfg)
+    assert 0 <= metrics["test/acc/heavy"] <= 1
+
+
+@needs_cifar
+def test_cifar10_experiment_fast_dev_run(tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, ["experiment=cifar10", *FAST, "data.num_workers=0"])
+    assert cfg.model.net.name == "resnet18"
+    metrics, objs = train(cfg)
+    assert objs["datamodule"].info.num_classes == 10
+    assert "test/acc/heavy" in metrics
+
+
+@pytest.mark.parametrize(
+    ("override", "error", "names"),
+    [
+        ("model.loss.attn_weight=-0.5", ConfigError, "model.loss.attn_weight"),
+        ("+model.loss.exit_weights.huge=1.0", ConfigError, "model.loss.exit_weights"),
+        ("model.loss.consistency_exits=[tiny,colossal]", ConfigError, "model.loss.consistency_exits"),
+        ("model.loss.exit_weights.tiny=-1", ConfigError, "model.loss.exit_weights.tiny"),
+        ("data.image_size=4", ConfigError, "data.image_size"),
+        ("model.net.name=resnet999", ConfigError, "model.net"),
+    ],
+)
+def test_bad_values_fail_at_start_naming_the_key(tmp_path: Path, override: str, error, names: str) -> None:
+    cfg = compose_train(tmp_path, ["data=synthetic", "model=micro", *FAST, override])
+    with pytest.raises(error, match=names.replace(".", r"\.")):
+        train(cfg)
+    assert not (tmp_path / "out" / "checkpoints").exists(), "nothing should have run"
+
+
+def test_missing_data_directory_names_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_dir"
+    cfg = compose_train(tmp_path, ["data=image_folder", f"data.root={missing}", *FAST])
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        train(cfg)
+    cfg = compose_train(tmp_path, ["data=fashion_mnist", f"data.source_dir={missing}", f"paths.data_dir={missing}", *FAST])
+    with open_dict(cfg):
+        cfg.paths.data_dir = str(missing)
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        train(cfg)
+    cfg = compose_train(tmp_path, ["data=cifar10", f"data.source={missing}/c.tar.gz", *FAST])
+    with open_dict(cfg):
+        cfg.paths.data_dir = str(missing)
+    with pytest.raises(FileNotFoundError, match="data.source"):
+        train(cfg)
+
+
+def test_image_folder_without_root_names_the_key(tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, ["data=image_folder", *FAST])
+    with pytest.raises(MissingMandatoryValue, match="root"):
+        train(cfg)
+
+
+def test_image_folder_trains_on_user_data(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from eexit.data.synthetic import make_shapes
+
+    x, y, _ = make_shapes(48, num_classes=3, image_size=16, seed=3)
+    for split in ("train", "test"):
+        for i in range(len(y)):
+            d = tmp_path / "imgs" / split / f"class_{int(y[i])}"
+            d.mkdir(parents=True, exist_ok=True)
+            arr = ((x[i, 0].clamp(-1, 2) + 1) / 3 * 255).byte().numpy()
+            Image.fromarray(arr).convert("RGB").save(d / f"{i}.png")
+    cfg = compose_train(
+        tmp_path,
+        ["data=image_folder", f"data.root={tmp_path / 'imgs'}", "data.image_size=16", "data.num_workers=0",
+         "data.batch_size=8", "model=micro", *FAST],
+    )
+    metrics, objs = train(cfg)
+    assert objs["datamodule"].info.class_names == ["class_0", "class_1", "class_2"]
+    assert "test/acc/heavy" in metrics
