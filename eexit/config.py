@@ -58,6 +58,10 @@ def validate_train_config(cfg: DictConfig) -> None:
         _exit_names(cfg, "model.loss.consistency_exits", loss.consistency_exits)
         if any(ExitLevel.parse(n) == ExitLevel.HEAVY for n in loss.consistency_exits):
             raise ConfigError("model.loss.consistency_exits", "HEAVY is the teacher and cannot be listed")
+    from eexit.models import list_models
+
+    if cfg.model.net.name not in list_models():
+        raise ConfigError("model.net.name", f"unknown model {cfg.model.net.name!r}; registered: {', '.join(list_models())}")
     if cfg.data.get("batch_size", 1) < 1:
         raise ConfigError("data.batch_size", f"must be >= 1, got {cfg.data.batch_size}")
     if cfg.data.get("image_size", 1) < 1:

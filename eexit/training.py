@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import hydra
+from hydra.errors import InstantiationException
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,19 +25,33 @@ def _instantiate_dict(section: DictConfig | None) -> list:
     return [hydra.utils.instantiate(c) for c in section.values() if c is not None and "_target_" in c]
 
 
+def instantiate_named(node: DictConfig, key: str, **kwargs):
+    """``hydra.utils.instantiate`` that re-raises the constructor's own error, naming ``key``.
+
+    A missing file keeps its ``FileNotFoundError`` (its message names the path); a bad value
+    becomes a ``ConfigError`` for ``key``.
+    """
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, (FileNotFoundError, ConfigError)):
+            raise cause from None
+        if isinstance(cause, (ValueError, TypeError)):
+            raise ConfigError(key, str(cause)) from cause
+        raise
+
+
 def build_datamodule(cfg: DictConfig) -> SplitDataModule:
-    return hydra.utils.instantiate(cfg.data)
+    return instantiate_named(cfg.data, "data")
 
 
 def build_module(cfg: DictConfig, dm: SplitDataModule) -> MultiExitModule:
     """Build the network for the data (classes, channels) and wrap it in the LightningModule."""
     info = dm.info
-    try:
-        net: MultiExitNet = hydra.utils.instantiate(cfg.model.net, num_classes=info.num_classes, in_chans=info.in_chans)
-    except ValueError as err:
-        raise ConfigError("model.net", str(err)) from err
+    net: MultiExitNet = instantiate_named(cfg.model.net, "model.net", num_classes=info.num_classes, in_chans=info.in_chans)
     check_image_size(info.image_size, net.min_input_size, cfg.model.net.name)
-    loss = hydra.utils.instantiate(cfg.model.loss)
+    loss = instantiate_named(cfg.model.loss, "model.loss")
     return MultiExitModule(
         net=net,
         loss=loss,
