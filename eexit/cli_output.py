@@ -8,7 +8,9 @@ from rich.table import Table
 from eexit.types import ExitLevel
 
 
-def print_exit_table(metrics: dict[str, float], title: str = "per-exit accuracy", console: Console | None = None) -> None:
+def print_exit_table(
+    metrics: dict[str, float], title: str = "per-exit accuracy", console: Console | None = None
+) -> None:
     """Print val/test accuracy and attention KL of every exit as a table."""
     table = Table(title=title)
     table.add_column("exit")

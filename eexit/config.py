@@ -61,7 +61,9 @@ def validate_train_config(cfg: DictConfig) -> None:
     from eexit.models import list_models
 
     if cfg.model.net.name not in list_models():
-        raise ConfigError("model.net.name", f"unknown model {cfg.model.net.name!r}; registered: {', '.join(list_models())}")
+        raise ConfigError(
+            "model.net.name", f"unknown model {cfg.model.net.name!r}; registered: {', '.join(list_models())}"
+        )
     if cfg.data.get("batch_size", 1) < 1:
         raise ConfigError("data.batch_size", f"must be >= 1, got {cfg.data.batch_size}")
     if cfg.data.get("image_size", 1) < 1:

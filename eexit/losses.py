@@ -13,7 +13,9 @@ from eexit.explain.gradcam import normalize_per_image
 from eexit.types import ExitLevel
 
 
-def cam_to_distribution(cam: Tensor, size: tuple[int, int] | None = None, eps: float = 1e-3, temperature: float | None = None) -> Tensor:
+def cam_to_distribution(
+    cam: Tensor, size: tuple[int, int] | None = None, eps: float = 1e-3, temperature: float | None = None
+) -> Tensor:
     """Turn cams into spatial probability distributions.
 
     Args:

@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 
 import hydra
-from hydra.errors import InstantiationException
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from eexit.config import ConfigError, check_image_size, validate_train_config
@@ -49,7 +49,9 @@ def build_datamodule(cfg: DictConfig) -> SplitDataModule:
 def build_module(cfg: DictConfig, dm: SplitDataModule) -> MultiExitModule:
     """Build the network for the data (classes, channels) and wrap it in the LightningModule."""
     info = dm.info
-    net: MultiExitNet = instantiate_named(cfg.model.net, "model.net", num_classes=info.num_classes, in_chans=info.in_chans)
+    net: MultiExitNet = instantiate_named(
+        cfg.model.net, "model.net", num_classes=info.num_classes, in_chans=info.in_chans
+    )
     check_image_size(info.image_size, net.min_input_size, cfg.model.net.name)
     loss = instantiate_named(cfg.model.loss, "model.loss")
     return MultiExitModule(
@@ -105,6 +107,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         trainer.save_checkpoint(best)
     if cfg.get("test"):
         use = best if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path else None
-        trainer.test(model, datamodule=dm, ckpt_path=use, weights_only=False) if use else trainer.test(model, datamodule=dm)
+        trainer.test(model, datamodule=dm, ckpt_path=use, weights_only=False) if use else trainer.test(
+            model, datamodule=dm
+        )
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     return metrics, {"datamodule": dm, "model": model, "trainer": trainer, "best_ckpt": best}

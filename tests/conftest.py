@@ -25,9 +25,7 @@ needs_fashion = pytest.mark.skipif(
     not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
     reason="Fashion-MNIST idx files not installed (apt-get install dataset-fashion-mnist)",
 )
-needs_cifar = pytest.mark.skipif(
-    not CIFAR_TARBALL.exists(), reason=f"CIFAR-10 tarball absent: {CIFAR_TARBALL}"
-)
+needs_cifar = pytest.mark.skipif(not CIFAR_TARBALL.exists(), reason=f"CIFAR-10 tarball absent: {CIFAR_TARBALL}")
 
 
 def compose_train(tmp_path: Path, overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:

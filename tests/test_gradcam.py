@@ -28,8 +28,11 @@ def test_gradcam_equals_captum_for_every_exit(head: str, head_conv: int) -> None
         target = out.logits[level].argmax(dim=1)
         ours = normalize_per_image(out.cams[level])
         ref = normalize_per_image(_captum_cam(net, x, level, target))
-        assert ours.shape == ref.shape == (6, *net.heads[level].attention(
-            net.backbone.forward_features(x)[level]).shape[-2:])
+        assert (
+            ours.shape
+            == ref.shape
+            == (6, *net.heads[level].attention(net.backbone.forward_features(x)[level]).shape[-2:])
+        )
         assert (ours - ref).abs().max().item() <= 1e-5, f"{head} head, exit {level.name}"
         assert ours.amax().item() > 0, "a map of zeros would make the comparison empty"
 

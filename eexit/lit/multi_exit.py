@@ -59,7 +59,9 @@ class MultiExitModule(pl.LightningModule):
                 for lv in ExitLevel
             }
         )
-        self.kl = nn.ModuleDict({f"{stage}_{lv.key}": MeanMetric() for stage in STAGES for lv in ExitLevel if lv != ExitLevel.HEAVY})
+        self.kl = nn.ModuleDict(
+            {f"{stage}_{lv.key}": MeanMetric() for stage in STAGES for lv in ExitLevel if lv != ExitLevel.HEAVY}
+        )
         self.data_info: dict | None = None
         self.extra_state: dict = {}
 
@@ -74,23 +76,57 @@ class MultiExitModule(pl.LightningModule):
         out = self.net(x, with_cams=want_cams, targets=y, create_graph=training and self.loss_fn.needs_cams)
         parts = self.loss_fn(out.logits, y, out.cams if want_cams else None)
         if not torch.isfinite(parts.total):
-            bad = [k for k, v in {**parts.ce, **{f"attn_kl/{k}": v for k, v in parts.attn_kl.items()}}.items() if not torch.isfinite(v)]
+            bad = [
+                k
+                for k, v in {**parts.ce, **{f"attn_kl/{k}": v for k, v in parts.attn_kl.items()}}.items()
+                if not torch.isfinite(v)
+            ]
             raise FloatingPointError(
                 f"non-finite {stage} loss at global step {self.global_step} (batch {self._batch_idx}); "
                 f"bad terms: {', '.join(bad) or 'total'}"
             )
         bs = x.shape[0]
         on_step = training
-        self.log(f"{stage}/loss", parts.total, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=not training)
-        self.log(f"{stage}/loss/ce", parts.ce_total, on_step=on_step, on_epoch=True, batch_size=bs, sync_dist=not training)
+        self.log(
+            f"{stage}/loss",
+            parts.total,
+            on_step=on_step,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=bs,
+            sync_dist=not training,
+        )
+        self.log(
+            f"{stage}/loss/ce", parts.ce_total, on_step=on_step, on_epoch=True, batch_size=bs, sync_dist=not training
+        )
         if parts.attn_kl:
-            self.log(f"{stage}/loss/attn_kl", parts.attn_kl_mean, on_step=on_step, on_epoch=True, batch_size=bs, sync_dist=not training)
+            self.log(
+                f"{stage}/loss/attn_kl",
+                parts.attn_kl_mean,
+                on_step=on_step,
+                on_epoch=True,
+                batch_size=bs,
+                sync_dist=not training,
+            )
         for lv in ExitLevel:
             key = f"{stage}_{lv.key}"
-            self.log(f"{stage}/loss/ce/{lv.key}", parts.ce[lv.key], on_step=False, on_epoch=True, batch_size=bs, sync_dist=not training)
+            self.log(
+                f"{stage}/loss/ce/{lv.key}",
+                parts.ce[lv.key],
+                on_step=False,
+                on_epoch=True,
+                batch_size=bs,
+                sync_dist=not training,
+            )
             acc = self.acc[key]
             acc(out.logits[lv].detach(), y)
-            self.log(f"{stage}/acc/{lv.key}", acc, on_step=False, on_epoch=True, prog_bar=lv in (ExitLevel.TINY, ExitLevel.HEAVY))
+            self.log(
+                f"{stage}/acc/{lv.key}",
+                acc,
+                on_step=False,
+                on_epoch=True,
+                prog_bar=lv in (ExitLevel.TINY, ExitLevel.HEAVY),
+            )
             if lv.key in parts.attn_kl:
                 kl = self.kl[key]
                 kl(parts.attn_kl[lv.key].detach(), weight=bs)
