@@ -83,7 +83,9 @@ def main() -> None:
     results, cfgs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, experiment in (("baseline", "baseline"), ("egt", "egt")):
-            extra = [f"model.loss.attn_weight={args.attn_weight}"] if name == "egt" and args.attn_weight is not None else []
+            extra = (
+                [f"model.loss.attn_weight={args.attn_weight}"] if name == "egt" and args.attn_weight is not None else []
+            )
             cfg = compose_cfg([f"experiment={experiment}", *common, *extra], Path(tmp) / name)
             cfgs[name] = cfg
             metrics, _ = train(cfg)

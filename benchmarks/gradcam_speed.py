@@ -46,14 +46,11 @@ def main() -> None:
     with torch.no_grad():
         ours = net(x, with_cams=True)
     targets = [ours.logits[k].argmax(1) for k in ExitLevel]
-    captum = [
-        LayerGradCam(lambda inp, k=k: net(inp).logits[k], net.cam_layer(k)) for k in ExitLevel
-    ]
+    captum = [LayerGradCam(lambda inp, k=k: net(inp).logits[k], net.cam_layer(k)) for k in ExitLevel]
 
     def run_captum() -> list[torch.Tensor]:
         return [
-            c.attribute(x, target=t, relu_attributions=True).squeeze(1)
-            for c, t in zip(captum, targets, strict=True)
+            c.attribute(x, target=t, relu_attributions=True).squeeze(1) for c, t in zip(captum, targets, strict=True)
         ]
 
     ref = run_captum()

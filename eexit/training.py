@@ -7,6 +7,7 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
@@ -111,4 +112,33 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
             model, datamodule=dm
         )
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-    return metrics, {"datamodule": dm, "model": model, "trainer": trainer, "best_ckpt": best}
+    calibration = None
+    router_cfg = cfg.get("router") or {}
+    if router_cfg.get("calibrate") and trainer.is_global_zero:
+        calibration = run_calibration(best, dm, router_cfg)
+        for kind, summary in calibration.fit_summary.items():
+            for key, value in summary.items():
+                if isinstance(value, float):
+                    metrics[f"calib/{kind}/{key}"] = value
+        for lg in loggers:
+            lg.log_metrics({k: v for k, v in metrics.items() if k.startswith("calib/")})
+    return metrics, {
+        "datamodule": dm,
+        "model": model,
+        "trainer": trainer,
+        "best_ckpt": best,
+        "calibration": calibration,
+    }
+
+
+def run_calibration(ckpt_path: str, dm: SplitDataModule, router_cfg: DictConfig):
+    """Calibrate the routers on the datamodule's calibration split; store them in the checkpoint."""
+    from eexit.routing.calibrate import calibrate_checkpoint
+
+    dm.setup("calibrate")
+    calib = list(dm.calib_dataloader())
+    x = torch.cat([b[0] for b in calib])[: router_cfg.get("latency_batch", 256)]
+    log.info("calibrating routers on %d held-out images", sum(len(b[1]) for b in calib))
+    return calibrate_checkpoint(
+        ckpt_path, calib, x, max_drop=router_cfg.get("max_drop", 0.005), cost_key=router_cfg.get("cost", "mflops")
+    )

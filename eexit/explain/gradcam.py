@@ -32,12 +32,17 @@ def gradcam(head: ExitHead, out: HeadOutput, target: CamTarget = None, create_gr
     Returns:
         The non-negative map ``(B, h, w)`` at the resolution of ``A``.
     """
-    a = out.attention
-    h, w = a.shape[-2:]
-    alpha = head.logit_gradient(out, target, create_graph=create_graph) / (h * w)
-    if not create_graph:
-        a = a.detach()
-    return torch.relu(torch.einsum("bc,bchw->bhw", alpha, a))
+    a = out.attention if create_graph else out.attention.detach()
+    return cam_from_gradient(a, head.logit_gradient(out, target, create_graph=create_graph))
+
+
+def cam_from_gradient(attention: Tensor, logit_grad: Tensor) -> Tensor:
+    """Grad-CAM from the attention ``(B, C, h, w)`` and ``dy_c/dz`` ``(B, C)`` -> ``(B, h, w)``.
+
+    ``alpha = dy_c/dz / (h * w)`` (the gradient with respect to ``A`` at any position).
+    """
+    h, w = attention.shape[-2:]
+    return torch.relu(torch.einsum("bc,bchw->bhw", logit_grad / (h * w), attention))
 
 
 def normalize_per_image(cam: Tensor, eps: float = 1e-12) -> Tensor:

@@ -1,0 +1,176 @@
+"""Routing benchmark: train (or load) a model, calibrate the three routers on the calibration
+split, and measure them on the test split against always-HEAVY, in one process.
+
+Prints one JSON object on its last line with acc_heavy; per router (gate, staged, cascade)
+acc, flops_ratio (mean routed FLOPs / HEAVY's, router included), wall_speedup (routed batched
+inference vs always-HEAVY on the same test set) and tier distribution; flops_ratio_oracle,
+overhead_time_ratio (features + gate time / HEAVY time), routing_accuracy (one-shot tier ==
+oracle tier), latency_error (one-shot expected vs measured latency) and
+explain_ms_per_decision per attribution method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import ROOT, emit, machine
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+
+from eexit.checkpoint import load_checkpoint
+from eexit.config import register_resolvers
+from eexit.explain.gate_attribution import METHODS, ExpectedTier, explain_gate
+from eexit.routing.calibrate import calibrate
+from eexit.routing.calibration import collect_records, evaluate_tiers, oracle_tiers
+from eexit.routing.costs import count_flops, measure_latency
+from eexit.routing.engine import exit_features
+from eexit.training import build_datamodule, train
+from eexit.types import ExitLevel
+
+DATA_OVERRIDES = {
+    "fashion_mnist": [],
+    "cifar10": ["data=cifar10", "data.num_workers=2"],
+}
+
+
+def compose_cfg(overrides: list[str], out_dir: Path):
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir)
+    return cfg
+
+
+def batches(loader, limit: int | None = None):
+    for i, (x, y) in enumerate(loader):
+        if limit is not None and i >= limit:
+            break
+        yield x, y
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", choices=sorted(DATA_OVERRIDES), default="fashion_mnist")
+    parser.add_argument("--quick", action="store_true", help="short training and subsets (< 5 min)")
+    parser.add_argument("--ckpt", help="use this trained checkpoint instead of training")
+    parser.add_argument("--batch", type=int, default=256, help="inference batch size")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for training")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    overrides = ["logger=csv", *DATA_OVERRIDES[args.data], *args.overrides]
+    if args.quick:
+        overrides += ["data.limit_train=8000", "trainer.max_epochs=2"]
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose_cfg(overrides, Path(tmp))
+        with open_dict(cfg):
+            cfg.data.batch_size = args.batch
+        if args.ckpt:
+            net = load_checkpoint(args.ckpt).net
+            dm = build_datamodule(cfg)
+        else:
+            _, objs = train(cfg)
+            net = load_checkpoint(objs["best_ckpt"]).net
+            dm = objs["datamodule"]
+    train_s = time.time() - t0
+    net.eval()
+    dm.setup("calibrate")
+    limit = 10 if args.quick else None  # batches of the calibration / test split
+    calib = list(batches(dm.calib_dataloader(), limit))
+    test = list(batches(dm.test_dataloader(), limit))
+    example = test[0][0]
+
+    t1 = time.time()
+    cal = calibrate(net, calib, example)
+    calib_s = time.time() - t1
+    records = collect_records(net, test, cal.feature_kwargs)
+    x1 = example[:1]
+    heavy_flops = count_flops(net.predict_exit, x1, ExitLevel.HEAVY) / 1e6
+    plain_flops = [count_flops(net.predict_exit, x1, lv) / 1e6 for lv in ExitLevel]
+    acc_heavy = records.correct[:, -1].float().mean().item()
+    oracle = oracle_tiers(records.correct)
+    _, oracle_flops, oracle_frac = evaluate_tiers(oracle, records, plain_flops)
+
+    def run_heavy():
+        for x, _ in test:
+            net.predict_exit(x, ExitLevel.HEAVY)
+
+    t_heavy = measure_latency(run_heavy, min_run_time=1.0)
+    result = {
+        "data": args.data,
+        "quick": args.quick,
+        "acc_heavy": acc_heavy,
+        "acc_per_exit": {lv.key: records.correct[:, int(lv)].float().mean().item() for lv in ExitLevel},
+        "mflops_heavy": heavy_flops,
+        "mflops_per_exit_plain": dict(zip([lv.key for lv in ExitLevel], plain_flops, strict=True)),
+        "flops_ratio_oracle": oracle_flops / heavy_flops,
+        "oracle_tier_fractions": oracle_frac,
+        "test_images": len(records),
+    }
+    for kind in ("gate", "staged", "cascade"):
+        model = cal.routed(net, kind)
+        outs = [model(x) for x, _ in test]
+        tier = torch.cat([o.tier for o in outs])
+        labels = torch.cat([y for _, y in test])
+        acc = (torch.cat([o.logits.argmax(1) for o in outs]) == labels).float().mean().item()
+        mflops = torch.tensor([c.mflops for c in cal.tier_costs[kind]])[tier].mean().item()
+        t_routed = measure_latency(lambda model=model: [model(x) for x, _ in test], min_run_time=1.0)
+        entry = {
+            "acc": acc,
+            "flops_ratio": mflops / heavy_flops,
+            "wall_speedup": t_heavy / t_routed,
+            "tier_fractions": torch.bincount(tier, minlength=4).div(len(tier)).tolist(),
+            "knob": float(model.router.knob),
+            "tier_mflops": [c.mflops for c in cal.tier_costs[kind]],
+            "tier_latency_ms": [c.latency_ms for c in cal.tier_costs[kind]],
+        }
+        entry["meets_speed_goal"] = entry["wall_speedup"] >= 0.8 / entry["flops_ratio"]
+        result[kind] = entry
+        if kind == "gate":
+            result["routing_accuracy"] = (tier == oracle).float().mean().item()
+            expected_s = sum(cal.tier_costs[kind][t].latency_ms for t in tier.tolist()) / 1e3
+            result["latency_error"] = abs(expected_s - t_routed) / t_routed
+
+    # router overhead: features + gate on TINY tensors, against the HEAVY forward, same batch
+    gate = cal.routers["gate"]
+    with torch.no_grad():
+        maps = net.backbone.forward_features(example)
+        out0 = net.heads[0].forward_parts(maps[0])
+
+        def route_only():
+            f, _ = exit_features(example, maps[0], out0, net.heads[0], **cal.feature_kwargs)
+            gate.choose_tier(f, None)
+
+        t_route = measure_latency(route_only, min_run_time=1.0)
+        t_heavy_batch = measure_latency(lambda: net.predict_exit(example, ExitLevel.HEAVY), min_run_time=1.0)
+    result["overhead_time_ratio"] = t_route / t_heavy_batch
+
+    feats = records.features[:, 0][:256]
+    score = ExpectedTier(gate.logits_module())
+    explain = {}
+    for method in METHODS:
+        kwargs = {"n_samples": 50} if method in ("kernel_shap", "shapley_value_sampling") else {}
+        t = time.perf_counter()
+        res = explain_gate(score, feats, cal.baseline_features, method=method, **kwargs)
+        explain[method] = {
+            "ms_per_decision": 1e3 * (time.perf_counter() - t) / len(feats),
+            "max_delta": float(res.delta.max()),
+        }
+    result["explain_ms_per_decision"] = {m: v["ms_per_decision"] for m, v in explain.items()}
+    result["explain_max_delta"] = {m: v["max_delta"] for m, v in explain.items()}
+    result["calibration_fit"] = cal.fit_summary
+    result["seconds"] = {"train": train_s, "calibrate": calib_s, "total": time.time() - t0}
+    result["machine"] = machine()
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()

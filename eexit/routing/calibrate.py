@@ -1,0 +1,179 @@
+"""Fit every router on the calibration split and measure its tier costs: the ``Calibration``
+stored with the model (checkpoint and bundle)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from eexit.models.net import MultiExitNet
+from eexit.routing.calibration import ExitRecords, collect_records, fit_knob, oracle_tiers
+from eexit.routing.costs import TierCost, measure_tier_costs
+from eexit.routing.engine import RoutedClassifier
+from eexit.routing.features import FEATURE_NAMES
+from eexit.routing.routers import ROUTERS, ConfidenceCascade, OneShotGate, Router, StagedGate, build_router
+from eexit.types import ExitLevel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Calibration:
+    """Routers, their fitted knobs and tier costs, and the feature statistics.
+
+    Attributes:
+        routers: ``{kind: router}`` for ``gate``, ``staged`` and ``cascade``.
+        tier_costs: ``{kind: [TierCost] * 4}``.
+        baseline_features: ``(7,)`` mean TINY features of calibration images whose oracle tier
+            is TINY (the explanation baseline).
+        tier_profiles: ``{exit: {feature: [p10, p90]}}`` of TINY features per oracle tier.
+        fit_summary: accuracy and cost of each router at its knob on the knob-fitting half.
+        feature_kwargs: arguments of ``complexity_features``.
+    """
+
+    routers: dict[str, Router]
+    tier_costs: dict[str, list[TierCost]]
+    baseline_features: Tensor
+    tier_profiles: dict[str, dict[str, list[float]]]
+    fit_summary: dict[str, dict] = field(default_factory=dict)
+    feature_kwargs: dict = field(default_factory=dict)
+
+    def routed(self, net: MultiExitNet, kind: str = "gate") -> RoutedClassifier:
+        if kind not in self.routers:
+            raise ValueError(f"unknown router {kind!r}; calibrated: {sorted(self.routers)}")
+        return RoutedClassifier(net, self.routers[kind], self.feature_kwargs)
+
+    def to_state(self) -> dict:
+        """Plain, picklable and JSON-friendly (tensors as lists) state."""
+        return {
+            "routers": {
+                k: {"config": r.config(), "state": {n: t.tolist() for n, t in r.state_dict().items()}}
+                for k, r in self.routers.items()
+            },
+            "tier_costs": {k: [c.to_dict() for c in v] for k, v in self.tier_costs.items()},
+            "baseline_features": self.baseline_features.tolist(),
+            "tier_profiles": self.tier_profiles,
+            "fit_summary": self.fit_summary,
+            "feature_kwargs": self.feature_kwargs,
+            "feature_names": list(FEATURE_NAMES),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> Calibration:
+        routers = {}
+        for kind, entry in state["routers"].items():
+            router = build_router(entry["config"])
+            router.load_state_dict({n: torch.tensor(v) for n, v in entry["state"].items()})
+            routers[kind] = router.eval()
+        costs = {k: [TierCost(**c) for c in v] for k, v in state["tier_costs"].items()}
+        return cls(
+            routers,
+            costs,
+            torch.tensor(state["baseline_features"]),
+            state["tier_profiles"],
+            state.get("fit_summary", {}),
+            state.get("feature_kwargs", {}),
+        )
+
+
+def tier_profiles(features: Tensor, tiers: Tensor) -> dict[str, dict[str, list[float]]]:
+    """10th-90th percentile of each feature ``(N, 7)`` per tier ``(N,)``."""
+    out = {}
+    for level in ExitLevel:
+        sel = features[tiers == int(level)]
+        if len(sel) == 0:
+            continue
+        q = torch.quantile(sel.double(), torch.tensor([0.1, 0.9], dtype=torch.float64), dim=0)
+        out[level.key] = {name: [float(q[0, i]), float(q[1, i])] for i, name in enumerate(FEATURE_NAMES)}
+    return out
+
+
+def calibrate(
+    net: MultiExitNet,
+    calib_batches: Iterable[tuple[Tensor, Tensor]],
+    example: Tensor,
+    *,
+    max_drop: float = 0.005,
+    cost_key: str = "mflops",
+    seed: int = 0,
+    feature_kwargs: dict | None = None,
+    min_run_time: float = 0.3,
+    records: ExitRecords | None = None,
+) -> Calibration:
+    """Fit the three routers on the calibration split and measure their tier costs.
+
+    The split is halved with ``seed``: the gates learn on one half, the knobs are fitted on the
+    other (cheapest knob whose routed accuracy is within ``max_drop`` of HEAVY's).
+
+    Args:
+        net: the trained network (put in eval mode).
+        calib_batches: ``(x, y)`` batches of the calibration split.
+        example: a batch ``(B, C, H, W)`` to measure latency on.
+        max_drop: allowed accuracy drop against HEAVY when fitting knobs (0.005 = 0.5 points).
+        cost_key: ``"mflops"`` or ``"latency_ms"``: what the knob minimises.
+        seed: seed of the split and the gate fits.
+        feature_kwargs: arguments of ``complexity_features``.
+        min_run_time: seconds of latency timing per tier.
+        records: precomputed records of ``calib_batches`` (skips the forward passes).
+    """
+    net.eval()
+    feature_kwargs = dict(feature_kwargs or {})
+    records = records or collect_records(net, calib_batches, feature_kwargs)
+    perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))
+    fit_half, knob_half = records.subset(perm[: len(perm) // 2]), records.subset(perm[len(perm) // 2 :])
+    oracle = oracle_tiers(fit_half.correct)
+
+    routers: dict[str, Router] = {
+        "gate": OneShotGate().fit(fit_half.features[:, 0], oracle, seed=seed),
+        "staged": StagedGate().fit(fit_half.features, fit_half.correct, seed=seed),
+        "cascade": ConfidenceCascade(),
+    }
+    assert set(routers) == set(ROUTERS)
+    costs, summary = {}, {}
+    for kind, router in routers.items():
+        router.eval()
+        costs[kind] = measure_tier_costs(RoutedClassifier(net, router, feature_kwargs), example, min_run_time)
+        point = fit_knob(router, knob_half, [getattr(c, cost_key) for c in costs[kind]], max_drop)
+        summary[kind] = {
+            "knob": point.knob,
+            "accuracy": point.accuracy,
+            f"mean_{cost_key}": point.mean_cost,
+            "tier_fractions": point.tier_fractions,
+        }
+        log.info(
+            "router %s: knob %.4f, calib acc %.4f, mean %s %.3f",
+            kind,
+            point.knob,
+            point.accuracy,
+            cost_key,
+            point.mean_cost,
+        )
+
+    all_oracle = oracle_tiers(records.correct)
+    tiny_feats = records.features[:, 0]
+    baseline = tiny_feats[all_oracle == 0].mean(0) if (all_oracle == 0).any() else tiny_feats.mean(0)
+    return Calibration(routers, costs, baseline, tier_profiles(tiny_feats, all_oracle), summary, feature_kwargs)
+
+
+def calibrate_checkpoint(
+    path: str, calib_batches: Iterable[tuple[Tensor, Tensor]], example: Tensor, **kwargs
+) -> Calibration:
+    """Calibrate the network of a checkpoint and store the result in it (atomically: written to
+    a temporary file, then renamed), under ``checkpoint["eexit"]["calibration"]``."""
+    import os
+    from pathlib import Path
+
+    from eexit.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(path)
+    cal = calibrate(loaded.net, calib_batches, example, **kwargs)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt.setdefault("eexit", {})["calibration"] = cal.to_state()
+    tmp = Path(f"{path}.tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+    return cal

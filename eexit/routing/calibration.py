@@ -1,0 +1,147 @@
+"""Calibration on the held-out split: per-exit records, oracle tiers, knob sweeps and fits.
+
+Knobs are fitted here and nowhere else; the test split is never used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from eexit.models.net import MultiExitNet
+from eexit.routing.engine import exit_features
+from eexit.routing.routers import NUM_TIERS, Router
+from eexit.types import ExitLevel
+
+
+@dataclass
+class ExitRecords:
+    """What every exit says about every image of a split.
+
+    Attributes:
+        features: ``(N, 4, 7)`` complexity features of each exit (for its predicted class).
+        probs: ``(N, 4, K)`` softmax of each exit.
+        labels: ``(N,)``.
+    """
+
+    features: Tensor
+    probs: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def correct(self) -> Tensor:
+        """``(N, 4)`` bool: exit k predicts the label."""
+        return self.probs.argmax(dim=2) == self.labels.unsqueeze(1)
+
+    def subset(self, idx: Tensor) -> ExitRecords:
+        return ExitRecords(self.features[idx], self.probs[idx], self.labels[idx])
+
+
+@torch.no_grad()
+def collect_records(
+    net: MultiExitNet, batches: Iterable[tuple[Tensor, Tensor]], feature_kwargs: dict | None = None
+) -> ExitRecords:
+    """Run every exit on every image of ``batches`` and keep features, softmax and labels."""
+    feats, probs, labels = [], [], []
+    net.eval()
+    for x, y in batches:
+        maps = net.backbone.forward_features(x)
+        f_img, p_img = [], []
+        for head, stage_map in zip(net.heads, maps, strict=True):
+            out = head.forward_parts(stage_map)
+            f, _ = exit_features(x, stage_map, out, head, **(feature_kwargs or {}))
+            f_img.append(f)
+            p_img.append(torch.softmax(out.logits, dim=1))
+        feats.append(torch.stack(f_img, dim=1))
+        probs.append(torch.stack(p_img, dim=1))
+        labels.append(y)
+    return ExitRecords(torch.cat(feats), torch.cat(probs), torch.cat(labels))
+
+
+def oracle_tiers(correct: Tensor) -> Tensor:
+    """Smallest exit that is right, ``(N,)``; an image no exit gets right is labelled TINY
+    (more compute gains it nothing)."""
+    any_right = correct.any(dim=1)
+    first = correct.float().argmax(dim=1)
+    return torch.where(any_right, first, torch.zeros_like(first))
+
+
+@torch.no_grad()
+def simulate(router: Router, records: ExitRecords, knob: float) -> Tensor:
+    """The tier each image would be routed to at ``knob`` ``(N,)``, from recorded exit outputs."""
+    n = len(records)
+    if router.one_shot:
+        tier, _ = router.choose_tier(records.features[:, 0], records.probs[:, 0], knob=knob)
+        return tier
+    tier = torch.full((n,), NUM_TIERS - 1, dtype=torch.long)
+    undecided = torch.ones(n, dtype=torch.bool)
+    for level in list(ExitLevel)[:-1]:
+        k = int(level)
+        score = router.stop_score(level, records.features[:, k], records.probs[:, k])
+        stop = undecided & (score >= knob)
+        tier[stop] = k
+        undecided &= ~stop
+    return tier
+
+
+@dataclass
+class SweepPoint:
+    knob: float
+    accuracy: float
+    mean_cost: float
+    tier_fractions: list[float]
+
+
+def evaluate_tiers(tier: Tensor, records: ExitRecords, tier_cost: Sequence[float]) -> tuple[float, float, list[float]]:
+    """Accuracy, mean cost and tier distribution of a routing ``(N,)``."""
+    acc = records.correct.gather(1, tier.view(-1, 1)).float().mean().item()
+    cost = torch.as_tensor(tier_cost, dtype=torch.float64)[tier].mean().item()
+    fractions = torch.bincount(tier, minlength=NUM_TIERS).float().div(len(tier)).tolist()
+    return acc, cost, fractions
+
+
+def knob_candidates(router: Router, records: ExitRecords, num: int = 201) -> list[float]:
+    """Knob values worth trying: quantiles of the router's own scores, plus both ends."""
+    if router.one_shot:
+        cum = router.tier_probs(records.features[:, 0]).cumsum(dim=1)[:, :-1].flatten()
+        scores = cum
+    else:
+        scores = torch.cat(
+            [
+                router.stop_score(lv, records.features[:, int(lv)], records.probs[:, int(lv)])
+                for lv in list(ExitLevel)[:-1]
+            ]
+        )
+    qs = torch.quantile(scores.double(), torch.linspace(0, 1, num, dtype=torch.float64))
+    values = sorted({0.0, *qs.tolist(), 1.0 + 1e-6})
+    return values
+
+
+@torch.no_grad()
+def sweep(
+    router: Router, records: ExitRecords, tier_cost: Sequence[float], knobs: Sequence[float] | None = None
+) -> list[SweepPoint]:
+    """Accuracy and mean cost for each knob (ascending knobs -> non-decreasing cost)."""
+    knobs = knob_candidates(router, records) if knobs is None else sorted(knobs)
+    points = []
+    for q in knobs:
+        acc, cost, frac = evaluate_tiers(simulate(router, records, q), records, tier_cost)
+        points.append(SweepPoint(float(q), acc, cost, frac))
+    return points
+
+
+def fit_knob(router: Router, records: ExitRecords, tier_cost: Sequence[float], max_drop: float = 0.005) -> SweepPoint:
+    """The cheapest knob whose routed accuracy is within ``max_drop`` of HEAVY's on ``records``;
+    sets it on the router and returns its sweep point."""
+    target = records.correct[:, -1].float().mean().item() - max_drop
+    points = sweep(router, records, tier_cost)
+    ok = [p for p in points if p.accuracy >= target - 1e-9]
+    best = min(ok, key=lambda p: (p.mean_cost, -p.accuracy)) if ok else points[-1]
+    router.set_knob(best.knob)
+    return best

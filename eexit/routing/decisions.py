@@ -1,0 +1,101 @@
+"""One routing decision per image: tier, confidence, cost, prediction, features, attributions."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from torch import Tensor
+
+from eexit.routing.costs import TierCost
+from eexit.routing.engine import RoutedOutput
+from eexit.routing.features import FEATURE_NAMES
+from eexit.types import ExitLevel
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(float(value)) else None
+
+
+@dataclass
+class RoutingDecision:
+    """What the router decided for one image, and why.
+
+    Attributes:
+        tier: exit name (``"tiny"`` ... ``"heavy"``).
+        confidence: the router's probability for its decision.
+        latency_ms: expected milliseconds per image of that tier (measured at calibration).
+        mflops: FLOPs of that tier's path / 1e6, router included.
+        label: predicted class name.
+        label_index: predicted class index.
+        probability: softmax probability of the predicted class at the deciding exit.
+        features: the seven complexity features the router saw.
+        attributions: per-feature attribution of the router's output (positive = toward more
+            compute), or ``None`` when not explained.
+        attribution_delta: completeness gap of the attributions, or ``None``.
+        router: the router kind.
+    """
+
+    tier: str
+    confidence: float
+    latency_ms: float
+    mflops: float
+    label: str
+    label_index: int
+    probability: float
+    features: dict[str, float]
+    attributions: dict[str, float] | None = None
+    attribution_delta: float | None = None
+    router: str = "gate"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), allow_nan=False)
+
+
+def decisions_from_output(
+    out: RoutedOutput,
+    costs: Sequence[TierCost],
+    class_names: Sequence[str] | None = None,
+    router: str = "gate",
+    attributions: Tensor | None = None,
+    deltas: Tensor | None = None,
+) -> list[RoutingDecision]:
+    """Turn a routed batch into one ``RoutingDecision`` per image (input order).
+
+    Args:
+        out: the routed batch.
+        costs: the router's four tier costs.
+        class_names: names of the classes (default: the indices as strings).
+        router: the router kind recorded in each decision.
+        attributions: ``(B, 7)`` feature attributions, optional.
+        deltas: ``(B,)`` completeness gaps, optional.
+    """
+    probs = out.probs
+    conf, label = probs.max(dim=1)
+    decisions = []
+    for i in range(len(out.tier)):
+        t = int(out.tier[i])
+        li = int(label[i])
+        decisions.append(
+            RoutingDecision(
+                tier=ExitLevel(t).key,
+                confidence=_finite(out.confidence[i]) or 0.0,
+                latency_ms=costs[t].latency_ms,
+                mflops=costs[t].mflops,
+                label=class_names[li] if class_names else str(li),
+                label_index=li,
+                probability=_finite(conf[i]) or 0.0,
+                features={n: _finite(v) for n, v in zip(FEATURE_NAMES, out.features[i].tolist(), strict=True)},
+                attributions=None
+                if attributions is None
+                else {n: _finite(v) for n, v in zip(FEATURE_NAMES, attributions[i].tolist(), strict=True)},
+                attribution_delta=None if deltas is None else _finite(deltas[i]),
+                router=router,
+            )
+        )
+    return decisions

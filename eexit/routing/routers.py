@@ -1,0 +1,232 @@
+"""Three routers behind one interface, each with one monotone compute/accuracy knob.
+
+* ``OneShotGate``: right after TINY, an MLP on the standardised TINY features predicts the
+  oracle tier; the tier is the smallest ``t`` with ``P(oracle <= t) >= knob``. The tier, its
+  latency and its cost are known before any further compute.
+* ``StagedGate``: at each exit reached, a small model on that exit's standardised features
+  predicts "this exit is right"; the image stops when that probability is ``>= knob``.
+* ``ConfidenceCascade``: stop at the first exit whose max softmax is ``>= knob`` (the standard
+  baseline).
+
+A higher knob never routes an image to a cheaper tier (monotone), so sweeping it traces the
+accuracy/compute trade-off.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from eexit.types import ExitLevel
+
+NUM_TIERS = len(ExitLevel)
+
+
+class Standardize(nn.Module):
+    """``(x - mean) / std`` with the statistics stored as buffers (saved with the router)."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(num_features))
+        self.register_buffer("std", torch.ones(num_features))
+
+    def fit(self, x: Tensor) -> Standardize:
+        """Set the statistics from ``(N, F)`` samples."""
+        self.mean.copy_(x.mean(0))
+        self.std.copy_(x.std(0).clamp_min(1e-6))
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+def _mlp(num_in: int, hidden: int, num_out: int) -> nn.Sequential:
+    # nn.ReLU modules, not in place: Captum's DeepLift explains this network
+    return nn.Sequential(nn.Linear(num_in, hidden), nn.ReLU(), nn.Linear(hidden, num_out))
+
+
+def _fit_classifier(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    loss_fn,
+    epochs: int = 300,
+    lr: float = 0.01,
+    weight_decay: float = 1e-3,
+    seed: int = 0,
+) -> None:
+    """Full-batch training of a small model (calibration sets are a few thousand rows)."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+    model.zero_grad(set_to_none=True)
+
+
+class Router(nn.Module):
+    """Common interface. ``one_shot`` routers decide from TINY alone (``choose_tier``); staged
+    routers decide at each exit (``stop_score`` compared with the knob)."""
+
+    kind: ClassVar[str] = "router"
+    one_shot: ClassVar[bool] = False
+    needs_features: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("knob", torch.tensor(0.5))
+
+    def set_knob(self, value: float) -> None:
+        self.knob.fill_(float(value))
+
+    def stop_score(self, level: ExitLevel, features: Tensor, probs: Tensor) -> Tensor:
+        """``(B,)`` score in [0, 1]; the image stops at ``level`` when it is ``>= knob``."""
+        raise NotImplementedError
+
+    def choose_tier(self, features: Tensor, probs: Tensor, knob: float | None = None) -> tuple[Tensor, Tensor]:
+        """One-shot routers: ``(tier (B,), confidence (B,))`` from the TINY features."""
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """What rebuilds this router (with its ``state_dict``)."""
+        return {"kind": self.kind, "knob": float(self.knob)}
+
+
+class _ContinueProbability(nn.Module):
+    """``(B, 1)`` stop logit -> ``(B,)`` ``1 - sigmoid``."""
+
+    def forward(self, logit: Tensor) -> Tensor:
+        return 1.0 - torch.sigmoid(logit.squeeze(1))
+
+
+class OneShotGate(Router):
+    """MLP over the standardised TINY features -> oracle-tier probabilities ``(B, 4)``.
+
+    Args:
+        num_features: features per image (7).
+        hidden: hidden width.
+    """
+
+    kind = "gate"
+    one_shot = True
+
+    def __init__(self, num_features: int = 7, hidden: int = 32) -> None:
+        super().__init__()
+        self.num_features, self.hidden = num_features, hidden
+        self.scale = Standardize(num_features)
+        self.net = _mlp(num_features, hidden, NUM_TIERS)
+        self.set_knob(0.5)
+
+    def logits(self, features: Tensor) -> Tensor:
+        """``(B, F)`` raw features -> ``(B, 4)`` tier logits."""
+        return self.net(self.scale(features))
+
+    def logits_module(self) -> nn.Module:
+        """A module ``(B, F)`` raw features -> ``(B, 4)`` tier logits (what Captum explains)."""
+        return nn.Sequential(self.scale, self.net)
+
+    def tier_probs(self, features: Tensor) -> Tensor:
+        return torch.softmax(self.logits(features), dim=1)
+
+    def choose_tier(
+        self, features: Tensor, probs: Tensor | None = None, knob: float | None = None
+    ) -> tuple[Tensor, Tensor]:
+        q = float(self.knob) if knob is None else knob
+        cum = self.tier_probs(features).cumsum(dim=1)
+        cum[:, -1] = 1.0
+        tier = (cum < q).sum(dim=1).clamp_max(NUM_TIERS - 1)
+        return tier, cum.gather(1, tier.view(-1, 1)).squeeze(1)
+
+    def fit(self, features: Tensor, oracle_tier: Tensor, **kwargs) -> OneShotGate:
+        """Fit on calibration features ``(N, F)`` and oracle tiers ``(N,)``."""
+        self.scale.fit(features)
+        _fit_classifier(self.net, self.scale(features), oracle_tier, F.cross_entropy, **kwargs)
+        return self
+
+    def config(self) -> dict:
+        return {**super().config(), "num_features": self.num_features, "hidden": self.hidden}
+
+
+class StagedGate(Router):
+    """At each early exit, a small MLP on that exit's standardised features predicts
+    ``P(this exit is right)``; the image stops when it is ``>= knob``.
+
+    Args:
+        num_features: features per image (7).
+        hidden: hidden width of each exit's model.
+    """
+
+    kind = "staged"
+
+    def __init__(self, num_features: int = 7, hidden: int = 16) -> None:
+        super().__init__()
+        self.num_features, self.hidden = num_features, hidden
+        early = NUM_TIERS - 1
+        self.scales = nn.ModuleList(Standardize(num_features) for _ in range(early))
+        self.nets = nn.ModuleList(_mlp(num_features, hidden, 1) for _ in range(early))
+        self.set_knob(0.5)
+
+    def stop_logit(self, level: ExitLevel | int, features: Tensor) -> Tensor:
+        """``(B,)`` logit of "exit ``level`` is right"."""
+        return self.nets[int(level)](self.scales[int(level)](features)).squeeze(1)
+
+    def stop_score(self, level: ExitLevel, features: Tensor, probs: Tensor | None = None) -> Tensor:
+        return torch.sigmoid(self.stop_logit(level, features))
+
+    def continue_module(self, level: ExitLevel | int) -> nn.Module:
+        """A module ``(B, F)`` raw features -> ``(B,)`` continue-probability at ``level``."""
+        return nn.Sequential(self.scales[int(level)], self.nets[int(level)], _ContinueProbability())
+
+    def fit(self, features: Tensor, correct: Tensor, **kwargs) -> StagedGate:
+        """Fit on per-exit calibration features ``(N, 4, F)`` and correctness ``(N, 4)``."""
+        for k in range(NUM_TIERS - 1):
+            self.scales[k].fit(features[:, k])
+            _fit_classifier(
+                self.nets[k],
+                self.scales[k](features[:, k]),
+                correct[:, k].float().unsqueeze(1),
+                F.binary_cross_entropy_with_logits,
+                **kwargs,
+            )
+        return self
+
+    def config(self) -> dict:
+        return {**super().config(), "num_features": self.num_features, "hidden": self.hidden}
+
+
+class ConfidenceCascade(Router):
+    """Stop at the first exit whose max softmax probability is ``>= knob``."""
+
+    kind = "cascade"
+    needs_features = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.set_knob(0.9)
+
+    def stop_score(self, level: ExitLevel, features: Tensor | None, probs: Tensor) -> Tensor:
+        return probs.max(dim=1).values
+
+    def fit(self, *args, **kwargs) -> ConfidenceCascade:
+        return self
+
+
+ROUTERS: dict[str, type[Router]] = {cls.kind: cls for cls in (OneShotGate, StagedGate, ConfidenceCascade)}
+
+
+def build_router(config: dict) -> Router:
+    """Rebuild a router from ``Router.config()`` (load its ``state_dict`` afterwards)."""
+    config = dict(config)
+    kind = config.pop("kind")
+    if kind not in ROUTERS:
+        raise ValueError(f"unknown router kind {kind!r}; expected one of {sorted(ROUTERS)}")
+    knob = config.pop("knob", None)
+    router = ROUTERS[kind](**config)
+    if knob is not None:
+        router.set_knob(knob)
+    return router

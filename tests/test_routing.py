@@ -1,0 +1,123 @@
+"""Routed inference, calibration, knob sweeps and decisions on a small trained-in-test model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from eexit.data.synthetic import make_shapes
+from eexit.models import create_model
+from eexit.routing.calibrate import Calibration, calibrate
+from eexit.routing.calibration import collect_records, oracle_tiers, simulate, sweep
+from eexit.routing.decisions import decisions_from_output
+from eexit.types import ExitLevel
+
+KINDS = ("gate", "staged", "cascade")
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A micro network trained for a few steps on generated shapes (exits differ in accuracy)."""
+    torch.manual_seed(0)
+    net = create_model("resnet_micro", in_chans=1, num_classes=4)
+    x, y, _ = make_shapes(768, num_classes=4, image_size=16, seed=0)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for step in range(60):
+        idx = torch.randint(0, 512, (64,))
+        loss = sum(torch.nn.functional.cross_entropy(lg, y[idx]) for lg in net(x[idx]).logits)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    calib = [(x[512 + i : 512 + i + 64], y[512 + i : 512 + i + 64]) for i in range(0, 256, 64)]
+    cal = calibrate(net, calib, x[:32], min_run_time=0.01)
+    return net, cal, x[:256], y[:256], calib
+
+
+def test_oracle_tier_is_smallest_right_exit_and_tiny_when_none_is_right() -> None:
+    correct = torch.tensor([[0, 1, 1, 1], [1, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    assert oracle_tiers(correct).tolist() == [1, 0, 3, 0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stages_run_once_per_image_and_logits_equal_direct_exit(trained, kind: str) -> None:
+    net, cal, x, _, _ = trained
+    model = cal.routed(net, kind)
+    # a knob in the middle of the range gives a mix of tiers
+    records = collect_records(net, [(x, torch.zeros(len(x), dtype=torch.long))], cal.feature_kwargs)
+    points = sweep(model.router, records, [1, 2, 3, 4])
+    mixed = [p for p in points if max(p.tier_fractions) < 0.9]
+    if mixed:
+        model.router.set_knob(mixed[len(mixed) // 2].knob)
+    seen = {k: 0 for k in range(4)}
+    hooks = [
+        stage.register_forward_hook(lambda m, inp, out, k=k: seen.__setitem__(k, seen[k] + inp[0].shape[0]))
+        for k, stage in enumerate(net.backbone.stages)
+    ]
+    try:
+        out = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    tiers = out.tier
+    for k in range(4):
+        assert seen[k] == int((tiers >= k).sum()), f"stage {k} ran on {seen[k]} images"
+    for level in ExitLevel:
+        sel = tiers == int(level)
+        if sel.any():
+            direct = net.predict_exit(x[sel], level)
+            assert torch.allclose(out.logits[sel], direct, atol=1e-5), level.name
+    assert torch.equal(simulate(model.router, records, float(model.router.knob)), tiers)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_knob_sweep_is_monotone_on_the_calibration_split(trained, kind: str) -> None:
+    net, cal, _, _, calib = trained
+    records = collect_records(net, calib, cal.feature_kwargs)
+    router = cal.routers[kind]
+    points = sweep(router, records, [c.mflops for c in cal.tier_costs[kind]])
+    costs = [p.mean_cost for p in points]
+    assert costs == sorted(costs)
+    assert costs[0] < costs[-1]
+    previous = None
+    for p in points:
+        tier = simulate(router, records, p.knob)
+        if previous is not None:
+            assert (tier >= previous).all(), "a higher knob sent an image to a cheaper tier"
+        previous = tier
+
+
+def test_tier_costs_grow_with_the_tier_and_include_the_router(trained) -> None:
+    _, cal, _, _, _ = trained
+    for kind in KINDS:
+        flops = [c.mflops for c in cal.tier_costs[kind]]
+        assert flops == sorted(flops) and flops[0] > 0
+        assert all(c.latency_ms > 0 for c in cal.tier_costs[kind])
+    # the staged gate computes features at every exit it passes; the cascade computes none
+    assert cal.tier_costs["staged"][3].mflops > cal.tier_costs["cascade"][3].mflops
+
+
+def test_calibration_round_trips_through_its_state(trained) -> None:
+    net, cal, x, _, _ = trained
+    state = json.loads(json.dumps(cal.to_state()))
+    again = Calibration.from_state(state)
+    for kind in KINDS:
+        a, b = cal.routed(net, kind)(x), again.routed(net, kind)(x)
+        assert torch.equal(a.tier, b.tier)
+        assert torch.allclose(a.logits, b.logits)
+
+
+def test_decisions_serialise_to_json(trained) -> None:
+    net, cal, x, _, _ = trained
+    out = cal.routed(net, "gate")(x[:8], with_heatmap=True)
+    assert out.heatmap.shape == (8, 16, 16)
+    decisions = decisions_from_output(out, cal.tier_costs["gate"], ["a", "b", "c", "d"])
+    assert len(decisions) == 8
+    for d in decisions:
+        row = json.loads(d.to_json())
+        assert row["tier"] in {lv.key for lv in ExitLevel}
+        assert 0 <= row["confidence"] <= 1 and 0 <= row["probability"] <= 1
+        assert row["mflops"] > 0 and row["latency_ms"] > 0
+        assert len(row["features"]) == 7 and row["label"] in "abcd"
