@@ -24,7 +24,7 @@ def trained():
     net = create_model("resnet_micro", in_chans=1, num_classes=4)
     x, y, _ = make_shapes(768, num_classes=4, image_size=16, seed=0)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for step in range(60):
+    for _ in range(60):
         idx = torch.randint(0, 512, (64,))
         loss = sum(torch.nn.functional.cross_entropy(lg, y[idx]) for lg in net(x[idx]).logits)
         opt.zero_grad()

@@ -205,6 +205,8 @@ def _attribute(
     if method == "integrated_gradients":
         # chunks of ~1024 path points: 3x faster than one (B * n_steps)-row pass on a CPU
         kwargs.setdefault("internal_batch_size", max(_IG_CHUNK, int(kwargs.get("n_steps", 50))))
+        if "integration_method" in kwargs:  # Captum's ``method``, renamed to free explain_gate's
+            kwargs["method"] = kwargs.pop("integration_method")
         with torch.enable_grad():
             return IntegratedGradients(score_fn).attribute(x, baselines=b, **kwargs)
     kwargs.setdefault("perturbations_per_eval", kwargs.get("n_samples", 1) if method == "kernel_shap" else num_features)
@@ -220,7 +222,7 @@ def _attribute(
 
 
 def explain_gate(
-    score_fn: nn.Module,
+    score_fn: nn.Module | Callable[[Tensor], Tensor],
     features: Tensor,
     baseline: Tensor,
     method: str = DEFAULT_METHOD,
@@ -236,14 +238,16 @@ def explain_gate(
     Args:
         score_fn: module mapping features ``(B, F)`` to one score per image ``(B,)`` where
             higher means more compute, e.g. ``ExpectedTier(gate.logits_module())`` or
-            ``StagedGate.continue_module(level)``. Any callable works for the methods other
-            than ``deeplift``.
+            ``StagedGate.continue_module(level)`` (DeepLift is complete on it only if its
+            sigmoid is an ``nn.Sigmoid`` module; ``delta`` shows the gap otherwise). Any
+            callable works for the methods other than ``deeplift``.
         features: ``(B, F)`` features of the images to explain.
         baseline: ``(F,)`` or ``(1, F)`` reference features (mean features of the calibration
             images whose oracle tier is TINY).
         method: one of ``METHODS``.
         **method_kwargs: passed to the Captum method's ``attribute`` (e.g. ``n_steps`` and
-            ``internal_batch_size`` for integrated gradients, ``n_samples`` and
+            ``internal_batch_size`` for integrated gradients, whose Captum ``method`` is
+            passed as ``integration_method`` (e.g. ``"riemann_trapezoid"``), ``n_samples`` and
             ``perturbations_per_eval`` for the sampling methods), overriding the defaults.
 
     Returns:

@@ -98,10 +98,15 @@ class Router(nn.Module):
 
 
 class _ContinueProbability(nn.Module):
-    """``(B, 1)`` stop logit -> ``(B,)`` ``1 - sigmoid``."""
+    """``(B, 1)`` stop logit -> ``(B,)`` ``1 - sigmoid(logit) = sigmoid(-logit)``, with an
+    ``nn.Sigmoid`` module so that DeepLift applies its non-linear rule (exact completeness)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sigmoid = nn.Sigmoid()
 
     def forward(self, logit: Tensor) -> Tensor:
-        return 1.0 - torch.sigmoid(logit.squeeze(1))
+        return self.sigmoid(-logit).squeeze(1)
 
 
 class OneShotGate(Router):
