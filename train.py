@@ -5,7 +5,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from eexit.cli_output import print_exit_table
+from eexit.cli_output import print_exit_table, print_router_table
 from eexit.config import register_resolvers
 from eexit.training import train
 
@@ -14,8 +14,11 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics, _ = train(cfg)
+    metrics, objs = train(cfg)
     print_exit_table(metrics, title=f"{cfg.task_name}: per-exit accuracy")
+    if objs["calibration"] is not None:
+        print_router_table(objs["calibration"].fit_summary)
+    print(f"checkpoint: {objs['best_ckpt']}")
     return metrics.get("val/acc/heavy")
 
 

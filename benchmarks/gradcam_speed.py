@@ -40,6 +40,7 @@ def main() -> None:
         strides=(1, 2, 2, 1),
         head="mlp",
         head_conv=(96, 0, 0, 0),
+        head_conv_stride=2,
     ).eval()
     x = torch.randn(args.batch, args.chans, args.size, args.size)
 

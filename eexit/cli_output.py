@@ -26,3 +26,21 @@ def print_exit_table(
             row += [f"{100 * acc:.2f}%" if acc is not None else "-", f"{kl:.4f}" if kl is not None else "-"]
         table.add_row(*row)
     (console or Console()).print(table)
+
+
+def print_router_table(summary: dict[str, dict], console: Console | None = None) -> None:
+    """Print each calibrated router's knob, accuracy and FLOPs ratio (calibration split)."""
+    table = Table(title="routers (knob fitted on the calibration split)")
+    for col in ("router", "knob", "routed acc", "HEAVY acc", "FLOPs / HEAVY", "tiers T/L/M/H"):
+        table.add_column(col, justify="right" if col != "router" else "left")
+    for kind, s in summary.items():
+        tiers = "/".join(f"{100 * f:.0f}%" for f in s["tier_fractions"])
+        table.add_row(
+            kind,
+            f"{s['knob']:.3f}",
+            f"{100 * s['accuracy']:.2f}%",
+            f"{100 * s['accuracy_heavy']:.2f}%",
+            f"{s['flops_ratio']:.3f}",
+            tiers,
+        )
+    (console or Console()).print(table)

@@ -121,3 +121,29 @@ def test_decisions_serialise_to_json(trained) -> None:
         assert 0 <= row["confidence"] <= 1 and 0 <= row["probability"] <= 1
         assert row["mflops"] > 0 and row["latency_ms"] > 0
         assert len(row["features"]) == 7 and row["label"] in "abcd"
+
+
+@pytest.mark.parametrize("kind", ["gate", "staged"])
+def test_decision_attributions_sum_to_the_output_change_within_delta(trained, kind: str) -> None:
+    from eexit.routing.decisions import attribute_output
+
+    net, cal, x, _, _ = trained
+    model = cal.routed(net, kind)
+    out = model(x[:64])
+    res = attribute_output(cal, kind, out)
+    assert res.attributions.shape == (64, 7)
+    gap = (res.attributions.sum(1) - (res.output - res.baseline_output)).abs()
+    assert torch.all(gap <= res.delta + 1e-6)
+    assert res.delta.max().item() < 1e-4  # DeepLift is exact on these gates
+    if kind == "gate":  # the explained output is the expected tier of the one-shot gate
+        probs = cal.routers["gate"].tier_probs(out.features)
+        assert torch.allclose(res.output, (probs * torch.arange(4.0)).sum(1), atol=1e-5)
+    decisions = decisions_from_output(out, cal.tier_costs[kind], None, kind, res.attributions, res.delta)
+    assert json.loads(decisions[0].to_json())["attributions"].keys() == set(decisions[0].features)
+
+
+def test_cascade_has_no_feature_attributions(trained) -> None:
+    from eexit.routing.decisions import attribute_output
+
+    net, cal, x, _, _ = trained
+    assert attribute_output(cal, "cascade", cal.routed(net, "cascade")(x[:4])) is None

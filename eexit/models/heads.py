@@ -44,6 +44,7 @@ class ExitHead(nn.Module):
         conv_chs: channels of an optional conv + BN + ReLU before pooling; 0 uses the stage map
             itself as ``A``.
         conv_kernel: kernel size of that conv.
+        conv_stride: stride of that conv (2 halves the map before pooling: cheaper, coarser cam).
         hidden: hidden width of the MLP head (default: ``max(64, A's channels)``).
     """
 
@@ -55,6 +56,7 @@ class ExitHead(nn.Module):
         conv_chs: int = 0,
         conv_kernel: int = 1,
         hidden: int | None = None,
+        conv_stride: int = 1,
     ) -> None:
         super().__init__()
         if kind not in ("linear", "mlp"):
@@ -63,7 +65,7 @@ class ExitHead(nn.Module):
         self.num_classes = num_classes
         if conv_chs > 0:
             self.attention: nn.Module = nn.Sequential(
-                nn.Conv2d(in_chs, conv_chs, conv_kernel, padding=conv_kernel // 2, bias=False),
+                nn.Conv2d(in_chs, conv_chs, conv_kernel, stride=conv_stride, padding=conv_kernel // 2, bias=False),
                 nn.BatchNorm2d(conv_chs),
                 nn.ReLU(inplace=True),
             )

@@ -22,6 +22,7 @@ def build_multi_exit(
     head: HeadKind = "mlp",
     head_conv: int | Sequence[int] = 0,
     head_conv_kernel: int = 3,
+    head_conv_stride: int = 1,
     head_hidden: int | None = None,
     name: str = "custom",
 ) -> MultiExitNet:
@@ -40,6 +41,7 @@ def build_multi_exit(
         head_conv: channels of the conv before pooling in each head (one value for all or one
             per exit); 0 pools the stage map directly.
         head_conv_kernel: kernel size of that conv.
+        head_conv_stride: stride of that conv.
         head_hidden: hidden width of MLP heads.
         name: registry name recorded in the spec.
     """
@@ -56,6 +58,7 @@ def build_multi_exit(
         "head": head,
         "head_conv": head_conv if isinstance(head_conv, int) else list(head_conv),
         "head_conv_kernel": head_conv_kernel,
+        "head_conv_stride": head_conv_stride,
         "head_hidden": head_hidden,
     }
     backbone = ResNetBackbone(widths, depths, in_chans, stem, stem_stride, strides, block)
@@ -63,7 +66,9 @@ def build_multi_exit(
     if len(convs) != 4:
         raise ValueError(f"head_conv needs 1 or 4 values, got {len(convs)}")
     heads = [
-        ExitHead(info["num_chs"], num_classes, head, conv, head_conv_kernel, hidden=head_hidden)
+        ExitHead(
+            info["num_chs"], num_classes, head, conv, head_conv_kernel, hidden=head_hidden, conv_stride=head_conv_stride
+        )
         for info, conv in zip(backbone.feature_info, convs, strict=True)
     ]
     return MultiExitNet(backbone, heads, spec)
@@ -71,8 +76,8 @@ def build_multi_exit(
 
 @register_model
 def resnet_narrow(**kwargs) -> MultiExitNet:
-    """CPU-friendly narrow ResNet (32-64-128-128 planes, one basic block per stage)."""
-    kwargs.setdefault("widths", (32, 64, 128, 128))
+    """CPU-friendly narrow ResNet (32-64-128-256 planes, one basic block per stage)."""
+    kwargs.setdefault("widths", (32, 64, 128, 256))
     kwargs.setdefault("depths", (1, 1, 1, 1))
     return build_multi_exit(name="resnet_narrow", **kwargs)
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from eexit.models.net import MultiExitNet
 from eexit.routing.calibration import ExitRecords, collect_records, fit_knob, oracle_tiers
-from eexit.routing.costs import TierCost, measure_tier_costs
+from eexit.routing.costs import TierCost, count_flops, measure_tier_costs
 from eexit.routing.engine import RoutedClassifier
 from eexit.routing.features import FEATURE_NAMES
 from eexit.routing.routers import ROUTERS, ConfidenceCascade, OneShotGate, Router, StagedGate, build_router
@@ -29,7 +29,9 @@ class Calibration:
         routers: ``{kind: router}`` for ``gate``, ``staged`` and ``cascade``.
         tier_costs: ``{kind: [TierCost] * 4}``.
         baseline_features: ``(7,)`` mean TINY features of calibration images whose oracle tier
-            is TINY (the explanation baseline).
+            is TINY (the one-shot gate's explanation baseline).
+        exit_baselines: ``(4, 7)`` per exit, the mean features of calibration images that exit
+            gets right (the staged gate's "stop here" baseline at that exit).
         tier_profiles: ``{exit: {feature: [p10, p90]}}`` of TINY features per oracle tier.
         fit_summary: accuracy and cost of each router at its knob on the knob-fitting half.
         feature_kwargs: arguments of ``complexity_features``.
@@ -39,6 +41,7 @@ class Calibration:
     tier_costs: dict[str, list[TierCost]]
     baseline_features: Tensor
     tier_profiles: dict[str, dict[str, list[float]]]
+    exit_baselines: Tensor | None = None
     fit_summary: dict[str, dict] = field(default_factory=dict)
     feature_kwargs: dict = field(default_factory=dict)
 
@@ -56,6 +59,7 @@ class Calibration:
             },
             "tier_costs": {k: [c.to_dict() for c in v] for k, v in self.tier_costs.items()},
             "baseline_features": self.baseline_features.tolist(),
+            "exit_baselines": None if self.exit_baselines is None else self.exit_baselines.tolist(),
             "tier_profiles": self.tier_profiles,
             "fit_summary": self.fit_summary,
             "feature_kwargs": self.feature_kwargs,
@@ -75,6 +79,7 @@ class Calibration:
             costs,
             torch.tensor(state["baseline_features"]),
             state["tier_profiles"],
+            torch.tensor(state["exit_baselines"]) if state.get("exit_baselines") is not None else None,
             state.get("fit_summary", {}),
             state.get("feature_kwargs", {}),
         )
@@ -134,29 +139,40 @@ def calibrate(
     }
     assert set(routers) == set(ROUTERS)
     costs, summary = {}, {}
+    heavy_mflops = count_flops(net.predict_exit, example[:1], ExitLevel.HEAVY) / 1e6
     for kind, router in routers.items():
         router.eval()
         costs[kind] = measure_tier_costs(RoutedClassifier(net, router, feature_kwargs), example, min_run_time)
         point = fit_knob(router, knob_half, [getattr(c, cost_key) for c in costs[kind]], max_drop)
+        mean_mflops = sum(f * c.mflops for f, c in zip(point.tier_fractions, costs[kind], strict=True))
         summary[kind] = {
             "knob": point.knob,
             "accuracy": point.accuracy,
-            f"mean_{cost_key}": point.mean_cost,
+            "accuracy_heavy": knob_half.correct[:, -1].float().mean().item(),
+            "flops_ratio": mean_mflops / heavy_mflops,
             "tier_fractions": point.tier_fractions,
         }
         log.info(
-            "router %s: knob %.4f, calib acc %.4f, mean %s %.3f",
+            "router %s: knob %.4f, calib acc %.4f, FLOPs ratio %.3f",
             kind,
             point.knob,
             point.accuracy,
-            cost_key,
-            point.mean_cost,
+            summary[kind]["flops_ratio"],
         )
 
     all_oracle = oracle_tiers(records.correct)
     tiny_feats = records.features[:, 0]
     baseline = tiny_feats[all_oracle == 0].mean(0) if (all_oracle == 0).any() else tiny_feats.mean(0)
-    return Calibration(routers, costs, baseline, tier_profiles(tiny_feats, all_oracle), summary, feature_kwargs)
+    correct = records.correct
+    exit_baselines = torch.stack(
+        [
+            records.features[correct[:, k], k].mean(0) if correct[:, k].any() else records.features[:, k].mean(0)
+            for k in range(len(ExitLevel))
+        ]
+    )
+    return Calibration(
+        routers, costs, baseline, tier_profiles(tiny_feats, all_oracle), exit_baselines, summary, feature_kwargs
+    )
 
 
 def calibrate_checkpoint(

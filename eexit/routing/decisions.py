@@ -9,9 +9,11 @@ from dataclasses import asdict, dataclass
 
 from torch import Tensor
 
+from eexit.explain.gate_attribution import DEFAULT_METHOD, ExpectedTier, GateAttribution, explain_gate
+from eexit.routing.calibrate import Calibration
 from eexit.routing.costs import TierCost
 from eexit.routing.engine import RoutedOutput
-from eexit.routing.features import FEATURE_NAMES
+from eexit.routing.features import FEATURE_NAMES, NUM_FEATURES
 from eexit.types import ExitLevel
 
 
@@ -55,6 +57,42 @@ class RoutingDecision:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), allow_nan=False)
+
+
+def attribute_output(
+    calibration: Calibration, kind: str, out: RoutedOutput, method: str = DEFAULT_METHOD, **method_kwargs
+) -> GateAttribution | None:
+    """Captum attributions of each routing decision of a batch to the seven features.
+
+    One-shot gate: the expected tier ``sum_t t p_t(f)`` against the mean features of images
+    whose oracle tier is TINY. Staged gate: the continue-probability at the exit that decided,
+    against the mean features of images that exit gets right. Positive = toward more compute.
+    The cascade uses no features: ``None``.
+
+    Args:
+        calibration: the calibration holding the routers and baselines.
+        kind: ``"gate"``, ``"staged"`` or ``"cascade"``.
+        out: the routed batch (its ``features`` and ``decided_at``).
+        method: one of ``eexit.explain.gate_attribution.METHODS``.
+    """
+    router = calibration.routers[kind]
+    if kind == "gate":
+        return explain_gate(
+            ExpectedTier(router.logits_module()), out.features, calibration.baseline_features, method, **method_kwargs
+        )
+    if kind != "staged":
+        return None
+    b = len(out.tier)
+    attributions, deltas = out.features.new_zeros(b, NUM_FEATURES), out.features.new_zeros(b)
+    outputs, base_out = out.features.new_zeros(b), out.features.new_zeros(b)
+    for k in out.decided_at.unique().tolist():
+        sel = out.decided_at == k
+        res = explain_gate(
+            router.continue_module(k), out.features[sel], calibration.exit_baselines[k], method, **method_kwargs
+        )
+        attributions[sel], deltas[sel], outputs[sel] = res.attributions, res.delta, res.output
+        base_out[sel] = res.baseline_output
+    return GateAttribution(attributions, deltas, outputs, base_out, method)
 
 
 def decisions_from_output(
