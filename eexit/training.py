@@ -140,5 +140,10 @@ def run_calibration(ckpt_path: str, dm: SplitDataModule, router_cfg: DictConfig)
     x = torch.cat([b[0] for b in calib])[: router_cfg.get("latency_batch", 256)]
     log.info("calibrating routers on %d held-out images", sum(len(b[1]) for b in calib))
     return calibrate_checkpoint(
-        ckpt_path, calib, x, max_drop=router_cfg.get("max_drop", 0.005), cost_key=router_cfg.get("cost", "mflops")
+        ckpt_path,
+        calib,
+        x,
+        max_drop=router_cfg.get("max_drop", 0.005),
+        cost_key=router_cfg.get("cost", "mflops"),
+        min_run_time=router_cfg.get("latency_min_run_time", 0.3),
     )

@@ -9,6 +9,7 @@ import pytest
 from omegaconf import open_dict
 from omegaconf.errors import MissingMandatoryValue
 
+from eexit.checkpoint import load_checkpoint
 from eexit.config import ConfigError
 from eexit.training import train
 from tests.conftest import compose_train, needs_cifar, needs_fashion
@@ -26,6 +27,10 @@ def test_experiment_fast_dev_run_on_synthetic(tmp_path: Path, experiment: str) -
     if experiment == "egt":
         assert "train/loss/attn_kl" in metrics
     assert Path(objs["best_ckpt"]).is_file()
+    # calibration ran on the held-out split and is stored with the model
+    stored = load_checkpoint(objs["best_ckpt"]).extra["calibration"]
+    assert set(stored["routers"]) == {"gate", "staged", "cascade"}
+    assert objs["calibration"].fit_summary.keys() == stored["fit_summary"].keys()
 
 
 @needs_fashion
