@@ -24,7 +24,10 @@ def test_default_training_reaches_the_accuracy_goals(tmp_path: Path) -> None:
         timeout=1200,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    table = {m.group(1): float(m.group(3)) for m in re.finditer(r"(TINY|LIGHT|MEDIUM|HEAVY)\s*│\s*([\d.]+)%[^│]*│[^│]*│\s*([\d.]+)%", proc.stdout)}
+    table = {
+        m.group(1): float(m.group(3))
+        for m in re.finditer(r"(TINY|LIGHT|MEDIUM|HEAVY)\s*│\s*([\d.]+)%[^│]*│[^│]*│\s*([\d.]+)%", proc.stdout)
+    }
     assert set(table) == {"TINY", "LIGHT", "MEDIUM", "HEAVY"}, proc.stdout[-3000:]
     metrics_files = list(tmp_path.glob("train/runs/*/csv/*/metrics.csv"))
     assert len(metrics_files) == 1

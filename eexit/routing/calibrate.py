@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from eexit.models.net import MultiExitNet
-from eexit.routing.calibration import ExitRecords, collect_records, fit_knob, oracle_tiers
+from eexit.routing.calibration import ExitRecords, choose_knob, collect_records, oracle_tiers, sweep_folds
 from eexit.routing.costs import TierCost, count_flops, measure_tier_costs
 from eexit.routing.engine import RoutedClassifier
 from eexit.routing.features import FEATURE_NAMES
@@ -111,8 +111,10 @@ def calibrate(
 ) -> Calibration:
     """Fit the three routers on the calibration split and measure their tier costs.
 
-    The split is halved with ``seed``: the gates learn on one half, the knobs are fitted on the
-    other (cheapest knob whose routed accuracy is within ``max_drop`` of HEAVY's).
+    Each knob is the cheapest whose routed accuracy is within ``max_drop`` of HEAVY's on the
+    split. For the learned gates it is fitted by two-fold cross-fitting (each half routed by a
+    gate that learned on the other half), so the knob is not fitted on in-sample predictions;
+    the gate that is served learns on the whole split.
 
     Args:
         net: the trained network (put in eval mode).
@@ -128,27 +130,37 @@ def calibrate(
     net.eval()
     feature_kwargs = dict(feature_kwargs or {})
     records = records or collect_records(net, calib_batches, feature_kwargs)
+    # two-fold cross-fit: each fold's router learns on the other fold, the knob is fitted on the
+    # out-of-fold routing of the whole split, and the served router learns on the whole split
     perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))
-    fit_half, knob_half = records.subset(perm[: len(perm) // 2]), records.subset(perm[len(perm) // 2 :])
-    oracle = oracle_tiers(fit_half.correct)
+    halves = [perm[: len(perm) // 2], perm[len(perm) // 2 :]]
 
-    routers: dict[str, Router] = {
-        "gate": OneShotGate().fit(fit_half.features[:, 0], oracle, seed=seed),
-        "staged": StagedGate().fit(fit_half.features, fit_half.correct, seed=seed),
-        "cascade": ConfidenceCascade(),
-    }
+    def fit_router(kind: str, recs: ExitRecords) -> Router:
+        if kind == "gate":
+            return OneShotGate().fit(recs.features[:, 0], oracle_tiers(recs.correct), seed=seed).eval()
+        if kind == "staged":
+            return StagedGate().fit(recs.features, recs.correct, seed=seed).eval()
+        return ConfidenceCascade().eval()
+
+    routers: dict[str, Router] = {kind: fit_router(kind, records) for kind in ("gate", "staged", "cascade")}
     assert set(routers) == set(ROUTERS)
-    costs, summary = {}, {}
+    heavy_acc = records.correct[:, -1].float().mean().item()
     heavy_mflops = count_flops(net.predict_exit, example[:1], ExitLevel.HEAVY) / 1e6
+    costs, summary = {}, {}
     for kind, router in routers.items():
-        router.eval()
         costs[kind] = measure_tier_costs(RoutedClassifier(net, router, feature_kwargs), example, min_run_time)
-        point = fit_knob(router, knob_half, [getattr(c, cost_key) for c in costs[kind]], max_drop)
+        tier_cost = [getattr(c, cost_key) for c in costs[kind]]
+        if kind == "cascade":
+            folds = [(router, records)]
+        else:
+            folds = [(fit_router(kind, records.subset(halves[1 - i])), records.subset(halves[i])) for i in range(2)]
+        point = choose_knob(sweep_folds(folds, tier_cost), heavy_acc, max_drop)
+        router.set_knob(point.knob)
         mean_mflops = sum(f * c.mflops for f, c in zip(point.tier_fractions, costs[kind], strict=True))
         summary[kind] = {
             "knob": point.knob,
             "accuracy": point.accuracy,
-            "accuracy_heavy": knob_half.correct[:, -1].float().mean().item(),
+            "accuracy_heavy": heavy_acc,
             "flops_ratio": mean_mflops / heavy_mflops,
             "tier_fractions": point.tier_fractions,
         }

@@ -109,8 +109,7 @@ def evaluate_tiers(tier: Tensor, records: ExitRecords, tier_cost: Sequence[float
 def knob_candidates(router: Router, records: ExitRecords, num: int = 201) -> list[float]:
     """Knob values worth trying: quantiles of the router's own scores, plus both ends."""
     if router.one_shot:
-        cum = router.tier_probs(records.features[:, 0]).cumsum(dim=1)[:, :-1].flatten()
-        scores = cum
+        scores = router.tier_probs(records.features[:, 0]).cumsum(dim=1)[:, :-1].flatten()
     else:
         scores = torch.cat(
             [
@@ -119,29 +118,48 @@ def knob_candidates(router: Router, records: ExitRecords, num: int = 201) -> lis
             ]
         )
     qs = torch.quantile(scores.double(), torch.linspace(0, 1, num, dtype=torch.float64))
-    values = sorted({0.0, *qs.tolist(), 1.0 + 1e-6})
-    return values
+    return sorted({0.0, *qs.tolist(), 1.0 + 1e-6})
+
+
+Folds = Sequence[tuple[Router, ExitRecords]]
 
 
 @torch.no_grad()
+def sweep_folds(folds: Folds, tier_cost: Sequence[float], knobs: Sequence[float] | None = None) -> list[SweepPoint]:
+    """Sweep one knob over several (router, records) pairs evaluated together, e.g. out-of-fold
+    routers of a cross-fit, each on the records it did not learn from."""
+    if knobs is None:
+        knobs = sorted({q for router, records in folds for q in knob_candidates(router, records)})
+    records = ExitRecords(
+        torch.cat([r.features for _, r in folds]),
+        torch.cat([r.probs for _, r in folds]),
+        torch.cat([r.labels for _, r in folds]),
+    )
+    points = []
+    for q in sorted(knobs):
+        tier = torch.cat([simulate(router, recs, q) for router, recs in folds])
+        acc, cost, frac = evaluate_tiers(tier, records, tier_cost)
+        points.append(SweepPoint(float(q), acc, cost, frac))
+    return points
+
+
 def sweep(
     router: Router, records: ExitRecords, tier_cost: Sequence[float], knobs: Sequence[float] | None = None
 ) -> list[SweepPoint]:
     """Accuracy and mean cost for each knob (ascending knobs -> non-decreasing cost)."""
-    knobs = knob_candidates(router, records) if knobs is None else sorted(knobs)
-    points = []
-    for q in knobs:
-        acc, cost, frac = evaluate_tiers(simulate(router, records, q), records, tier_cost)
-        points.append(SweepPoint(float(q), acc, cost, frac))
-    return points
+    return sweep_folds([(router, records)], tier_cost, knob_candidates(router, records) if knobs is None else knobs)
+
+
+def choose_knob(points: Sequence[SweepPoint], heavy_accuracy: float, max_drop: float = 0.005) -> SweepPoint:
+    """The cheapest sweep point whose accuracy is within ``max_drop`` of HEAVY's (the most
+    accurate point when none is)."""
+    ok = [p for p in points if p.accuracy >= heavy_accuracy - max_drop - 1e-9]
+    return min(ok, key=lambda p: (p.mean_cost, -p.accuracy)) if ok else max(points, key=lambda p: p.accuracy)
 
 
 def fit_knob(router: Router, records: ExitRecords, tier_cost: Sequence[float], max_drop: float = 0.005) -> SweepPoint:
     """The cheapest knob whose routed accuracy is within ``max_drop`` of HEAVY's on ``records``;
     sets it on the router and returns its sweep point."""
-    target = records.correct[:, -1].float().mean().item() - max_drop
-    points = sweep(router, records, tier_cost)
-    ok = [p for p in points if p.accuracy >= target - 1e-9]
-    best = min(ok, key=lambda p: (p.mean_cost, -p.accuracy)) if ok else points[-1]
+    best = choose_knob(sweep(router, records, tier_cost), records.correct[:, -1].float().mean().item(), max_drop)
     router.set_knob(best.knob)
     return best

@@ -61,9 +61,6 @@ GRID = 4
 EDGE_THRESHOLD = 0.25
 """Default Sobel magnitude threshold of ``spatial_complexity``, in normalised units per pixel."""
 
-_SOBEL_X = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
-_sobel_cache: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
-
 
 def _normalised_cam(cam: Tensor) -> Tensor:
     """``(B, h, w)`` cam -> ``(B, N)`` float32 ``M / max M`` in [0, 1]; all-zero maps become ones."""
@@ -170,27 +167,14 @@ def feature_variance(cam: Tensor, grid: int = GRID) -> Tensor:
     return _region_spread(_normalised_cam(cam), h, w, grid)
 
 
-def _sobel_kernel(channels: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``(2, C, 3, 3)`` kernel: x and y Sobel of the channel-mean image, scaled by 1/8 (cached)."""
-    key = (channels, dtype, device)
-    kernel = _sobel_cache.get(key)
-    if kernel is None:
-        # a normal (non-inference) tensor, usable both inside and outside torch.inference_mode
-        with torch.inference_mode(False), torch.no_grad():
-            gx = torch.tensor(_SOBEL_X, dtype=torch.float64) / (8.0 * channels)
-            base = torch.stack([gx, gx.t()]).unsqueeze(1).expand(2, channels, 3, 3)
-            kernel = base.to(device=device, dtype=dtype).contiguous()
-        _sobel_cache[key] = kernel
-    return kernel
-
-
 @torch.no_grad()
 def spatial_complexity(image: Tensor, threshold: float = EDGE_THRESHOLD) -> Tensor:
     """Edge density of the input image.
 
-    One ``conv2d`` with a fixed ``(2, C, 3, 3)`` kernel gives the x and y Sobel responses of the
-    channel-mean image (by linearity) at every interior pixel; the feature is the fraction of
-    those pixels whose gradient magnitude exceeds ``threshold`` (compared squared, no sqrt).
+    The x and y Sobel responses (kernels scaled by 1/8) of the channel-mean image at every
+    interior pixel, computed separably with shifted differences and ``[1, 2, 1]`` smoothing (about
+    3x faster than a ``conv2d`` on CPU, same values); the feature is the fraction of those pixels
+    whose gradient magnitude exceeds ``threshold`` (compared squared, no sqrt).
 
     Args:
         image: ``(B, C, H, W)`` image normalised to roughly zero mean / unit std per channel.
@@ -206,8 +190,12 @@ def spatial_complexity(image: Tensor, threshold: float = EDGE_THRESHOLD) -> Tens
     if x.shape[-2] < 3 or x.shape[-1] < 3:
         pad_h, pad_w = max(0, 3 - x.shape[-2]), max(0, 3 - x.shape[-1])
         x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), mode="replicate")
-    g = F.conv2d(x, _sobel_kernel(x.shape[1], x.dtype, x.device))
-    mag2 = g.square().sum(dim=1)
+    m = x.mean(dim=1) if x.shape[1] > 1 else x[:, 0]
+    dx = m[:, :, 2:] - m[:, :, :-2]
+    dy = m[:, 2:, :] - m[:, :-2, :]
+    gx = dx[:, :-2] + 2 * dx[:, 1:-1] + dx[:, 2:]
+    gy = dy[:, :, :-2] + 2 * dy[:, :, 1:-1] + dy[:, :, 2:]
+    mag2 = (gx.square() + gy.square()) * (1.0 / 64.0)
     # 1[mag2 > t^2] = clamp(sign(mag2 - t^2), min=0), faster than a bool comparison on CPU
     return (mag2 - threshold * threshold).sign_().clamp_min_(0.0).flatten(1).float().mean(dim=1)
 
