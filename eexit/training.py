@@ -94,6 +94,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg)
     callbacks = _instantiate_dict(cfg.get("callbacks"))
     loggers = _instantiate_dict(cfg.get("logger"))
+    if not loggers:  # nothing to monitor into (logger=none)
+        callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.LearningRateMonitor)]
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -38,8 +38,6 @@ def test_non_finite_loss_stops_training_naming_step_and_term_and_keeps_last_chec
         "router.calibrate=false",
         "+callbacks.poison._target_=tests.test_reliability.PoisonWeightsAt",
         "+callbacks.poison.step=15",
-        "callbacks.model_checkpoint.monitor=null",
-        "callbacks.model_checkpoint.save_top_k=0",
     ]
     cfg = compose_train(tmp_path, overrides)
     with pytest.raises(FloatingPointError, match=r"non-finite train loss at global step 15 .*bad terms: .*tiny"):
