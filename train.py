@@ -15,6 +15,8 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     metrics, objs = train(cfg)
+    if not objs["trainer"].is_global_zero:  # DDP: one report, from rank zero
+        return None
     print_exit_table(metrics, title=f"{cfg.task_name}: per-exit accuracy")
     if objs["calibration"] is not None:
         print_router_table(objs["calibration"].fit_summary)

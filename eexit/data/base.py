@@ -1,0 +1,123 @@
+"""Common datamodule logic: a seeded train / val / calibration split and the loaders."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, random_split
+
+
+@dataclass
+class DataInfo:
+    """What a trained model must remember about its data (stored in checkpoints and bundles)."""
+
+    name: str
+    num_classes: int
+    in_chans: int
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    class_names: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SplitDataModule(pl.LightningDataModule):
+    """Base datamodule: the training pool is split, with a seed, into train / val / calib.
+
+    The calibration split (for the router) is never used for training or model selection, and
+    the test split is never used for calibration.
+
+    Args:
+        batch_size: batch size of every loader.
+        val_size: images (int) or fraction (float < 1) of the pool for validation.
+        calib_size: images or fraction of the pool for calibration.
+        seed: seed of the split.
+        num_workers: loader worker processes.
+        limit_train: keep only this many training images (``None``: all), for quick runs.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        val_size: int | float = 5000,
+        calib_size: int | float = 5000,
+        seed: int = 0,
+        num_workers: int = 0,
+        limit_train: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.val_size = val_size
+        self.calib_size = calib_size
+        self.split_seed = seed
+        self.num_workers = num_workers
+        self.limit_train = limit_train
+        self.data_train: Dataset | None = None
+        self.data_val: Dataset | None = None
+        self.data_calib: Dataset | None = None
+        self.data_test: Dataset | None = None
+
+    # subclasses provide these
+    @property
+    def info(self) -> DataInfo:
+        raise NotImplementedError
+
+    def load_pool(self) -> Dataset:
+        """The labelled training pool that is split into train / val / calib."""
+        raise NotImplementedError
+
+    def load_test(self) -> Dataset:
+        """The held-out test set."""
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    def _sizes(self, n: int) -> list[int]:
+        def count(size: int | float) -> int:
+            return int(round(size * n)) if isinstance(size, float) and size < 1 else int(size)
+
+        n_val, n_calib = count(self.val_size), count(self.calib_size)
+        if n_val + n_calib >= n:
+            raise ValueError(f"val_size + calib_size ({n_val} + {n_calib}) leave no training images out of {n}")
+        return [n - n_val - n_calib, n_val, n_calib]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data_train is None:
+            pool = self.load_pool()
+            generator = torch.Generator().manual_seed(self.split_seed)
+            self.data_train, self.data_val, self.data_calib = random_split(pool, self._sizes(len(pool)), generator)
+            if self.limit_train is not None and self.limit_train < len(self.data_train):
+                self.data_train = torch.utils.data.Subset(self.data_train, range(self.limit_train))
+        if self.data_test is None and stage in (None, "test", "predict", "calibrate"):
+            self.data_test = self.load_test()
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool = False) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a loader")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.data_train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.data_val)
+
+    def calib_dataloader(self) -> DataLoader:
+        return self._loader(self.data_calib)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.data_test is None:
+            self.data_test = self.load_test()
+        return self._loader(self.data_test)

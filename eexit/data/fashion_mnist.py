@@ -1,0 +1,103 @@
+"""Fashion-MNIST from Debian's ``dataset-fashion-mnist`` idx files (or torchvision's download)."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+from torchvision.datasets import FashionMNIST
+
+from eexit.data.base import DataInfo, SplitDataModule
+
+log = logging.getLogger(__name__)
+
+DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+MEAN, STD = 0.2860, 0.3530
+_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def prepare_raw_folder(root: Path, source_dir: Path) -> bool:
+    """Make ``root/FashionMNIST/raw`` hold the four idx files, unpacked from ``source_dir``.
+
+    Returns:
+        True if the folder is complete afterwards.
+    """
+    raw = root / "FashionMNIST" / "raw"
+    missing = [f for f in _FILES if not (raw / f).exists()]
+    if not missing:
+        return True
+    if not all((source_dir / f"{f}.gz").exists() or (source_dir / f).exists() for f in missing):
+        return False
+    raw.mkdir(parents=True, exist_ok=True)
+    for f in missing:
+        src = source_dir / f
+        if src.exists():
+            shutil.copyfile(src, raw / f)
+            continue
+        tmp = raw / f"{f}.partial"
+        with gzip.open(source_dir / f"{f}.gz", "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+        tmp.replace(raw / f)
+    log.info("Fashion-MNIST idx files unpacked from %s into %s", source_dir, raw)
+    return True
+
+
+class FashionMNISTDataModule(SplitDataModule):
+    """Fashion-MNIST, 28x28 grayscale, 10 classes, held in memory as normalised tensors.
+
+    Args:
+        data_dir: cache folder (``data_dir/FashionMNIST/raw``).
+        source_dir: where the Debian package puts the idx files.
+        download: allow torchvision to download when neither folder has the files.
+        image_size: resize to this size (28 keeps the originals).
+        **kwargs: see ``SplitDataModule``.
+    """
+
+    CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        source_dir: str = DEBIAN_DIR,
+        download: bool = False,
+        image_size: int = 28,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.data_dir = Path(data_dir)
+        self.source_dir = Path(source_dir)
+        self.download = download
+        self.image_size = image_size
+        self.check_available()
+
+    def check_available(self) -> None:
+        """Fail at start, naming the paths looked at, when the data cannot be had."""
+        if self.download or prepare_raw_folder(self.data_dir, self.source_dir):
+            return
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found: neither {self.data_dir / 'FashionMNIST' / 'raw'} nor {self.source_dir} "
+            "holds the idx files. Install the Debian package 'dataset-fashion-mnist', set data.source_dir, "
+            "or allow data.download=true where there is internet."
+        )
+
+    @property
+    def info(self) -> DataInfo:
+        return DataInfo("fashion_mnist", 10, 1, self.image_size, [MEAN], [STD], list(self.CLASSES))
+
+    def _tensors(self, train: bool) -> Dataset:
+        ds = FashionMNIST(str(self.data_dir), train=train, download=self.download)
+        x = ds.data.unsqueeze(1).float().div_(255.0)
+        if self.image_size != x.shape[-1]:
+            x = torch.nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
+        x = (x - MEAN) / STD
+        return TensorDataset(x, ds.targets.clone())
+
+    def load_pool(self) -> Dataset:
+        return self._tensors(train=True)
+
+    def load_test(self) -> Dataset:
+        return self._tensors(train=False)

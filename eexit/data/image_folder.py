@@ -1,0 +1,190 @@
+"""Any ``ImageFolder`` (``root/<split>/<class>/*.png``), and CIFAR-10 stored that way."""
+
+from __future__ import annotations
+
+import logging
+import tarfile
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import datasets, transforms
+
+from eexit.data.base import DataInfo, SplitDataModule
+
+log = logging.getLogger(__name__)
+
+
+class CorruptImageError(RuntimeError):
+    """An image file that cannot be read; the message names the file and the reason."""
+
+
+def load_image(path: str) -> Image.Image:
+    """Open an image fully (``ImageFolder``'s loader), naming the file on failure."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()
+            return img
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise CorruptImageError(f"cannot read image {path}: {err}") from err
+
+
+def readable(path: str) -> bool:
+    try:
+        load_image(path)
+        return True
+    except CorruptImageError:
+        return False
+
+
+class CheckedImageFolder(datasets.ImageFolder):
+    """``ImageFolder`` whose loader names the file it cannot read.
+
+    Args:
+        root: split folder.
+        transform: image transform.
+        bad_files: ``"fail"`` raises ``CorruptImageError`` on the first unreadable file;
+            ``"skip"`` checks every file once up front and leaves the unreadable ones out
+            (``skipped`` lists them).
+    """
+
+    def __init__(self, root: str, transform=None, bad_files: str = "fail") -> None:
+        if bad_files not in ("fail", "skip"):
+            raise ValueError(f"bad_files must be 'fail' or 'skip', got {bad_files!r}")
+        super().__init__(root, transform=transform, loader=load_image)
+        self.skipped: list[str] = []
+        if bad_files == "skip":
+            keep = [(p, t) for p, t in self.samples if readable(p)]
+            self.skipped = sorted({p for p, _ in self.samples} - {p for p, _ in keep})
+            self.samples = self.imgs = keep
+            self.targets = [t for _, t in keep]
+            if self.skipped:
+                log.warning("skipped %d unreadable images in %s, e.g. %s", len(self.skipped), root, self.skipped[0])
+
+
+class ImageFolderDataModule(SplitDataModule):
+    """Images in ``root/<train_dir>/<class>/...`` and ``root/<test_dir>/<class>/...``.
+
+    Args:
+        root: the folder holding the splits.
+        image_size: images are resized (and centre-cropped) to this square size.
+        mean: per-channel normalisation mean.
+        std: per-channel normalisation std.
+        in_chans: 1 reads images as grayscale, 3 as RGB.
+        augment: random crop (padding 4) and horizontal flip for training.
+        train_dir: name of the training split folder.
+        test_dir: name of the test split folder.
+        name: data set name recorded with the model.
+        bad_files: ``"fail"`` (default) stops at the first unreadable image, naming it;
+            ``"skip"`` leaves unreadable images out and counts them (``skipped_files``).
+        **kwargs: see ``SplitDataModule``.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 32,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.25, 0.25, 0.25),
+        in_chans: int = 3,
+        augment: bool = True,
+        train_dir: str = "train",
+        test_dir: str = "test",
+        name: str = "image_folder",
+        bad_files: str = "fail",
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if bad_files not in ("fail", "skip"):
+            raise ValueError(f"data.bad_files must be 'fail' or 'skip', got {bad_files!r}")
+        self.bad_files = bad_files
+        self.skipped_files: list[str] = []
+        self.root = Path(root)
+        self.image_size = image_size
+        self.mean, self.std = list(mean), list(std)
+        self.in_chans = in_chans
+        self.augment = augment
+        self.train_dir, self.test_dir = train_dir, test_dir
+        self.name = name
+        self.prepare_root()
+        for split in (train_dir, test_dir):
+            if not (self.root / split).is_dir():
+                raise FileNotFoundError(f"data folder not found: {self.root / split} (set data.root)")
+        self._classes = sorted(p.name for p in (self.root / train_dir).iterdir() if p.is_dir())
+        if not self._classes:
+            raise FileNotFoundError(f"no class folders in {self.root / train_dir}")
+
+    def prepare_root(self) -> None:
+        """Hook for subclasses that unpack or download into ``root`` first."""
+
+    @property
+    def info(self) -> DataInfo:
+        return DataInfo(self.name, len(self._classes), self.in_chans, self.image_size, self.mean, self.std, self._classes)
+
+    def transform(self, train: bool) -> transforms.Compose:
+        ops: list = [transforms.Grayscale(1)] if self.in_chans == 1 else [transforms.Lambda(lambda im: im.convert("RGB"))]
+        ops += [transforms.Resize(self.image_size), transforms.CenterCrop(self.image_size)]
+        if train and self.augment:
+            ops += [transforms.RandomCrop(self.image_size, padding=4), transforms.RandomHorizontalFlip()]
+        ops += [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
+        return transforms.Compose(ops)
+
+    def _folder(self, split: str, train: bool) -> Dataset:
+        ds = CheckedImageFolder(str(self.root / split), self.transform(train), self.bad_files)
+        self.skipped_files += ds.skipped
+        return ds
+
+    def load_pool(self) -> Dataset:
+        return self._folder(self.train_dir, train=True)
+
+    def load_test(self) -> Dataset:
+        return self._folder(self.test_dir, train=False)
+
+
+class CIFAR10DataModule(ImageFolderDataModule):
+    """CIFAR-10 from the offline ImageFolder tarball (``../shared/data/cifar10``) or a folder.
+
+    The tarball is unpacked once into ``data_dir``. Its train images are JPEG q75 copies and its
+    test split is the official test set (report as "CIFAR-10 (train images JPEG q75), official
+    test set").
+
+    Args:
+        source: the tarball ``cifar10-imagefolder.tar.gz`` or an unpacked folder with
+            ``train/`` and ``test/``.
+        data_dir: where the tarball is unpacked.
+        **kwargs: see ``ImageFolderDataModule``.
+    """
+
+    MEAN = (0.49421, 0.48513, 0.45041)
+    STD = (0.24665, 0.24289, 0.26159)
+
+    def __init__(self, source: str, data_dir: str = "data", **kwargs) -> None:
+        self.source = Path(source)
+        kwargs.setdefault("mean", self.MEAN)
+        kwargs.setdefault("std", self.STD)
+        kwargs.setdefault("name", "cifar10")
+        root = self.source if self.source.is_dir() else Path(data_dir) / "cifar10"
+        super().__init__(root=str(root), **kwargs)
+
+    def prepare_root(self) -> None:
+        if (self.root / self.train_dir).is_dir() and (self.root / self.test_dir).is_dir():
+            return
+        if not self.source.is_file():
+            raise FileNotFoundError(
+                f"CIFAR-10 not found: {self.source} is neither the tarball nor a folder with train/ and test/ "
+                "(set data.source)"
+            )
+        log.info("unpacking %s into %s", self.source, self.root)
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        # unpack beside the target, then rename: an interrupted unpack never looks complete
+        with tempfile.TemporaryDirectory(dir=self.root.parent, prefix=".unpack-") as tmp:
+            with tarfile.open(self.source) as tar:
+                tar.extractall(tmp, filter="data")
+            unpacked = [p for p in Path(tmp).iterdir() if p.is_dir()]
+            if len(unpacked) != 1 or not (unpacked[0] / self.train_dir).is_dir():
+                raise FileNotFoundError(f"{self.source} does not unpack to one folder with {self.train_dir}/ and {self.test_dir}/")
+            if not self.root.exists():
+                unpacked[0].rename(self.root)
