@@ -19,26 +19,12 @@ import time
 from pathlib import Path
 
 import torch
-from _common import ROOT, emit, machine
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
+from _common import compose_train_cfg, emit, machine
 
-from eexit.config import register_resolvers
 from eexit.training import build_datamodule, build_module, train
 from eexit.types import ExitLevel
 
 EARLY = [lv.key for lv in ExitLevel if lv != ExitLevel.HEAVY]
-
-
-def compose_cfg(overrides: list[str], out_dir: Path):
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-    return cfg
 
 
 def step_times(cfgs: dict[str, object], steps: int, batch_size: int) -> dict[str, float]:
@@ -86,7 +72,7 @@ def main() -> None:
             extra = (
                 [f"model.loss.attn_weight={args.attn_weight}"] if name == "egt" and args.attn_weight is not None else []
             )
-            cfg = compose_cfg([f"experiment={experiment}", *common, *extra], Path(tmp) / name)
+            cfg = compose_train_cfg([f"experiment={experiment}", *common, *extra], Path(tmp) / name)
             cfgs[name] = cfg
             metrics, _ = train(cfg)
             results[name] = metrics

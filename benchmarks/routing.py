@@ -17,13 +17,10 @@ import time
 from pathlib import Path
 
 import torch
-from _common import ROOT, emit, machine
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from _common import compose_train_cfg, emit, machine
 from omegaconf import open_dict
 
 from eexit.checkpoint import load_checkpoint
-from eexit.config import register_resolvers
 from eexit.explain.gate_attribution import METHODS, ExpectedTier, explain_gate
 from eexit.routing.calibrate import calibrate
 from eexit.routing.calibration import collect_records, evaluate_tiers, oracle_tiers
@@ -36,16 +33,6 @@ DATA_OVERRIDES = {
     "fashion_mnist": [],
     "cifar10": ["data=cifar10", "data.num_workers=2"],
 }
-
-
-def compose_cfg(overrides: list[str], out_dir: Path):
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-    return cfg
 
 
 def batches(loader, limit: int | None = None):
@@ -70,7 +57,7 @@ def main() -> None:
         overrides += ["data.limit_train=8000", "trainer.max_epochs=2"]
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_cfg(overrides, Path(tmp))
+        cfg = compose_train_cfg(overrides, Path(tmp))
         with open_dict(cfg):
             cfg.data.batch_size = args.batch
         if args.ckpt:

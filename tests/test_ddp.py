@@ -12,14 +12,25 @@ import torch
 
 from tests.conftest import ROOT
 
-COMMON = ["data=synthetic", "model=micro", "experiment=egt", "logger=csv", "trainer.max_epochs=3", "seed=7",
-          "router.latency_min_run_time=0.01", "router.latency_batch=16"]
+COMMON = [
+    "data=synthetic",
+    "model=micro",
+    "experiment=egt",
+    "logger=csv",
+    "trainer.max_epochs=3",
+    "seed=7",
+    "router.latency_min_run_time=0.01",
+    "router.latency_batch=16",
+]
 
 
 def _run(tmp: Path, extra: list[str]) -> dict[str, float]:
     proc = subprocess.run(
         [sys.executable, "train.py", *COMMON, f"paths.log_dir={tmp}", *extra],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = list(tmp.glob("train/runs/*/csv/*/metrics.csv"))

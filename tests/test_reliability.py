@@ -60,11 +60,10 @@ def _image_folder(root: Path, broken: dict[str, bytes]) -> None:
         (root / "train" / "c0" / name).write_bytes(content)
 
 
-def test_corrupt_training_image_is_named_in_the_error(tmp_path: Path) -> None:
-    _image_folder(tmp_path / "imgs", {"broken.png": b"\x89PNG\r\n\x1a\n not really"})
-    base = [
+def _folder_overrides(root: Path) -> list[str]:
+    return [
         "data=image_folder",
-        f"data.root={tmp_path / 'imgs'}",
+        f"data.root={root}",
         "data.image_size=16",
         "data.num_workers=0",
         "data.batch_size=4",
@@ -75,28 +74,18 @@ def test_corrupt_training_image_is_named_in_the_error(tmp_path: Path) -> None:
         "router.calibrate=false",
         "trainer.max_epochs=1",
     ]
-    cfg = compose_train(tmp_path, base)
+
+
+def test_corrupt_training_image_is_named_in_the_error(tmp_path: Path) -> None:
+    _image_folder(tmp_path / "imgs", {"broken.png": b"\x89PNG\r\n\x1a\n not really"})
+    cfg = compose_train(tmp_path, _folder_overrides(tmp_path / "imgs"))
     with pytest.raises(CorruptImageError, match=re.escape(str(tmp_path / "imgs" / "train" / "c0" / "broken.png"))):
         train(cfg)
 
 
 def test_skip_policy_leaves_out_and_counts_unreadable_images(tmp_path: Path) -> None:
     _image_folder(tmp_path / "imgs", {"broken.png": b"garbage", "empty.jpg": b""})
-    base = [
-        "data=image_folder",
-        f"data.root={tmp_path / 'imgs'}",
-        "data.image_size=16",
-        "data.num_workers=0",
-        "data.batch_size=4",
-        "data.val_size=2",
-        "data.calib_size=2",
-        "model=micro",
-        "logger=none",
-        "router.calibrate=false",
-        "debug=fdr",
-        "data.bad_files=skip",
-    ]
-    cfg = compose_train(tmp_path, base)
+    cfg = compose_train(tmp_path, [*_folder_overrides(tmp_path / "imgs"), "debug=fdr", "data.bad_files=skip"])
     _, objs = train(cfg)
     skipped = objs["datamodule"].skipped_files
     assert sorted(Path(p).name for p in skipped) == ["broken.png", "empty.jpg"]
