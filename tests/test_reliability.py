@@ -89,3 +89,27 @@ def test_skip_policy_leaves_out_and_counts_unreadable_images(tmp_path: Path) -> 
     _, objs = train(cfg)
     skipped = objs["datamodule"].skipped_files
     assert sorted(Path(p).name for p in skipped) == ["broken.png", "empty.jpg"]
+
+
+def test_same_seed_and_deterministic_flag_give_identical_weights(tmp_path: Path) -> None:
+    overrides = [
+        "data=synthetic",
+        "model=micro",
+        "logger=none",
+        "router.calibrate=false",
+        "trainer.max_epochs=2",
+        "trainer.deterministic=true",
+        "seed=123",
+        "test=false",
+    ]
+    weights = []
+    for run in ("a", "b"):
+        cfg = compose_train(tmp_path / run, overrides)
+        _, objs = train(cfg)
+        weights.append({k: v.clone() for k, v in objs["model"].net.state_dict().items()})
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    cfg = compose_train(tmp_path / "c", [*overrides[:-2], "seed=124", "test=false"])
+    _, objs = train(cfg)
+    other = objs["model"].net.state_dict()
+    assert not all(torch.equal(weights[0][k], other[k]) for k in weights[0]), "the seed must matter"
