@@ -121,3 +121,22 @@ def test_image_folder_trains_on_user_data(tmp_path: Path) -> None:
     metrics, objs = train(cfg)
     assert objs["datamodule"].info.class_names == ["class_0", "class_1", "class_2"]
     assert "test/acc/heavy" in metrics
+
+
+def test_evaluate_writes_per_exit_metrics_of_a_checkpoint(tmp_path: Path) -> None:
+    import json
+
+    from eexit.evaluation import evaluate
+
+    cfg = compose_train(tmp_path / "train", ["data=synthetic", "model=micro", *FAST])
+    _, objs = train(cfg)
+    cfg = compose_train(tmp_path / "eval", ["data=synthetic", f"ckpt_path={objs['best_ckpt']}"], config_name="eval")
+    metrics = evaluate(cfg)
+    written = json.loads((tmp_path / "eval" / "out" / "metrics.json").read_text())
+    assert written == pytest.approx(metrics)
+    assert {f"test/acc/{k}" for k in ("tiny", "light", "medium", "heavy")} <= written.keys()
+    cfg = compose_train(
+        tmp_path / "eval2", ["data=synthetic", f"ckpt_path={tmp_path / 'nope.ckpt'}"], config_name="eval"
+    )
+    with pytest.raises(ConfigError, match="ckpt_path"):
+        evaluate(cfg)
