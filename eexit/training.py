@@ -108,11 +108,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         # fast_dev_run and runs without a checkpoint callback: keep the final weights anyway
         best = str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
         trainer.save_checkpoint(best)
-    if cfg.get("test"):
-        use = best if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path else None
-        trainer.test(model, datamodule=dm, ckpt_path=use, weights_only=False) if use else trainer.test(
-            model, datamodule=dm
-        )
+    if cfg.get("test"):  # the best checkpoint (or the final weights just saved)
+        trainer.test(model, datamodule=dm, ckpt_path=best, weights_only=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     calibration = None
     router_cfg = cfg.get("router") or {}
