@@ -12,6 +12,7 @@ from eexit.models import create_model
 from eexit.routing.calibrate import Calibration, calibrate
 from eexit.routing.calibration import collect_records, oracle_tiers, simulate, sweep
 from eexit.routing.decisions import decisions_from_output
+from eexit.routing.routers import safe_to_stop
 from eexit.types import ExitLevel
 
 KINDS = ("gate", "staged", "cascade")
@@ -39,6 +40,17 @@ def trained():
 def test_oracle_tier_is_smallest_right_exit_and_tiny_when_none_is_right() -> None:
     correct = torch.tensor([[0, 1, 1, 1], [1, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 0]], dtype=torch.bool)
     assert oracle_tiers(correct).tolist() == [1, 0, 3, 0]
+
+
+def test_staged_target_stops_where_no_later_exit_does_better() -> None:
+    correct = torch.tensor(
+        [[1, 1, 1, 1], [0, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [1, 0, 0, 1]], dtype=torch.bool
+    )
+    expected = torch.tensor(
+        [[1, 1, 1], [0, 1, 1], [1, 1, 1], [1, 1, 1], [0, 0, 1], [1, 0, 0]], dtype=torch.bool
+    )  # rows: always right; right from LIGHT; never right (stop anywhere); only TINY; only MEDIUM;
+    # TINY and HEAVY right (LIGHT and MEDIUM would lose the image)
+    assert torch.equal(safe_to_stop(correct), expected)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -4,7 +4,8 @@
   oracle tier; the tier is the smallest ``t`` with ``P(oracle <= t) >= knob``. The tier, its
   latency and its cost are known before any further compute.
 * ``StagedGate``: at each exit reached, a small model on that exit's standardised features
-  predicts "this exit is right"; the image stops when that probability is ``>= knob``.
+  predicts "stopping here loses nothing" (this exit is right, or no later exit is); the image
+  stops when that probability is ``>= knob``.
 * ``ConfidenceCascade``: stop at the first exit whose max softmax is ``>= knob`` (the standard
   baseline).
 
@@ -157,9 +158,21 @@ class OneShotGate(Router):
         return {**super().config(), "num_features": self.num_features, "hidden": self.hidden}
 
 
+def safe_to_stop(correct: Tensor) -> Tensor:
+    """``(N, 4)`` bool correctness -> ``(N, 3)`` bool: stopping at early exit ``k`` loses
+    nothing, because exit ``k`` is right or no later exit is.
+
+    This is the staged gate's target. Unlike "exit ``k`` is right" (what a confidence cascade
+    estimates), it also stops images that more compute cannot fix.
+    """
+    later_right = correct.flip(1).cummax(dim=1).values.flip(1)[:, 1:]  # any exit > k is right
+    return correct[:, :-1] | ~later_right
+
+
 class StagedGate(Router):
     """At each early exit, a small MLP on that exit's standardised features predicts
-    ``P(this exit is right)``; the image stops when it is ``>= knob``.
+    ``P(stopping here loses nothing)`` (see ``safe_to_stop``); the image stops when it is
+    ``>= knob``.
 
     Args:
         num_features: features per image (7).
@@ -177,7 +190,7 @@ class StagedGate(Router):
         self.set_knob(0.5)
 
     def stop_logit(self, level: ExitLevel | int, features: Tensor) -> Tensor:
-        """``(B,)`` logit of "exit ``level`` is right"."""
+        """``(B,)`` logit of "stopping at exit ``level`` loses nothing"."""
         return self.nets[int(level)](self.scales[int(level)](features)).squeeze(1)
 
     def stop_score(self, level: ExitLevel, features: Tensor, probs: Tensor | None = None) -> Tensor:
@@ -189,12 +202,13 @@ class StagedGate(Router):
 
     def fit(self, features: Tensor, correct: Tensor, **kwargs) -> StagedGate:
         """Fit on per-exit calibration features ``(N, 4, F)`` and correctness ``(N, 4)``."""
+        target = safe_to_stop(correct)
         for k in range(NUM_TIERS - 1):
             self.scales[k].fit(features[:, k])
             _fit_classifier(
                 self.nets[k],
                 self.scales[k](features[:, k]),
-                correct[:, k].float().unsqueeze(1),
+                target[:, k].float().unsqueeze(1),
                 F.binary_cross_entropy_with_logits,
                 **kwargs,
             )
