@@ -76,7 +76,7 @@ def main() -> None:
     example = test[0][0]
 
     t1 = time.time()
-    cal = calibrate(net, calib, example)
+    cal = calibrate(net, calib, example, max_drop=cfg.router.max_drop, margin_se=cfg.router.margin_se)
     calib_s = time.time() - t1
     records = collect_records(net, test, cal.feature_kwargs)
     x1 = example[:1]

@@ -143,6 +143,7 @@ def run_calibration(ckpt_path: str, dm: SplitDataModule, router_cfg: DictConfig)
         calib,
         x,
         max_drop=router_cfg.get("max_drop", 0.005),
+        margin_se=router_cfg.get("margin_se", 1.0),
         cost_key=router_cfg.get("cost", "mflops"),
         min_run_time=router_cfg.get("latency_min_run_time", 0.3),
     )

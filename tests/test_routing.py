@@ -10,7 +10,7 @@ import torch
 from eexit.data.synthetic import make_shapes
 from eexit.models import create_model
 from eexit.routing.calibrate import Calibration, calibrate
-from eexit.routing.calibration import collect_records, oracle_tiers, simulate, sweep
+from eexit.routing.calibration import SweepPoint, choose_knob, collect_records, oracle_tiers, simulate, sweep
 from eexit.routing.decisions import decisions_from_output
 from eexit.routing.routers import safe_to_stop
 from eexit.types import ExitLevel
@@ -51,6 +51,16 @@ def test_staged_target_stops_where_no_later_exit_does_better() -> None:
     )  # rows: always right; right from LIGHT; never right (stop anywhere); only TINY; only MEDIUM;
     # TINY and HEAVY right (LIGHT and MEDIUM would lose the image)
     assert torch.equal(safe_to_stop(correct), expected)
+
+
+def test_knob_margin_keeps_standard_errors_between_the_drop_and_the_target() -> None:
+    cheap = SweepPoint(0.2, accuracy=0.90, mean_cost=1.0, tier_fractions=[1, 0, 0, 0], drop_se=0.01)
+    safe = SweepPoint(0.8, accuracy=0.915, mean_cost=2.0, tier_fractions=[0, 1, 0, 0], drop_se=0.002)
+    heavy = SweepPoint(1.0, accuracy=0.92, mean_cost=4.0, tier_fractions=[0, 0, 0, 1], drop_se=0.0)
+    points = [cheap, safe, heavy]
+    assert choose_knob(points, 0.92, max_drop=0.02, margin_se=0.0) is cheap  # drop 0.02 fits exactly
+    assert choose_knob(points, 0.92, max_drop=0.02, margin_se=1.0) is safe  # 0.02 + 0.01 > 0.02
+    assert choose_knob(points, 0.92, max_drop=0.0, margin_se=1.0) is heavy
 
 
 @pytest.mark.parametrize("kind", KINDS)

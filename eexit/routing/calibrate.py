@@ -103,6 +103,7 @@ def calibrate(
     example: Tensor,
     *,
     max_drop: float = 0.005,
+    margin_se: float = 1.0,
     cost_key: str = "mflops",
     seed: int = 0,
     feature_kwargs: dict | None = None,
@@ -121,6 +122,8 @@ def calibrate(
         calib_batches: ``(x, y)`` batches of the calibration split.
         example: a batch ``(B, C, H, W)`` to measure latency on.
         max_drop: allowed accuracy drop against HEAVY when fitting knobs (0.005 = 0.5 points).
+        margin_se: standard errors of the drop kept as a margin, so that the target holds on
+            unseen images too (0 fits the calibration split exactly).
         cost_key: ``"mflops"`` or ``"latency_ms"``: what the knob minimises.
         seed: seed of the split and the gate fits.
         feature_kwargs: arguments of ``complexity_features``.
@@ -154,7 +157,7 @@ def calibrate(
             folds = [(router, records)]
         else:
             folds = [(fit_router(kind, records.subset(halves[1 - i])), records.subset(halves[i])) for i in range(2)]
-        point = choose_knob(sweep_folds(folds, tier_cost), heavy_acc, max_drop)
+        point = choose_knob(sweep_folds(folds, tier_cost), heavy_acc, max_drop, margin_se)
         router.set_knob(point.knob)
         mean_mflops = sum(f * c.mflops for f, c in zip(point.tier_fractions, costs[kind], strict=True))
         summary[kind] = {
@@ -162,6 +165,7 @@ def calibrate(
             "accuracy": point.accuracy,
             "accuracy_heavy": heavy_acc,
             "flops_ratio": mean_mflops / heavy_mflops,
+            "drop_se": point.drop_se,
             "tier_fractions": point.tier_fractions,
         }
         log.info(

@@ -92,10 +92,21 @@ def simulate(router: Router, records: ExitRecords, knob: float) -> Tensor:
 
 @dataclass
 class SweepPoint:
+    """One knob setting on a split.
+
+    Attributes:
+        knob: the router's knob.
+        accuracy: routed accuracy.
+        mean_cost: mean tier cost per image.
+        tier_fractions: fraction of images per tier ``[TINY, LIGHT, MEDIUM, HEAVY]``.
+        drop_se: standard error of the accuracy drop against HEAVY (paired, per image).
+    """
+
     knob: float
     accuracy: float
     mean_cost: float
     tier_fractions: list[float]
+    drop_se: float = 0.0
 
 
 def evaluate_tiers(tier: Tensor, records: ExitRecords, tier_cost: Sequence[float]) -> tuple[float, float, list[float]]:
@@ -136,10 +147,13 @@ def sweep_folds(folds: Folds, tier_cost: Sequence[float], knobs: Sequence[float]
         torch.cat([r.labels for _, r in folds]),
     )
     points = []
+    heavy_right = records.correct[:, -1].float()
     for q in sorted(knobs):
         tier = torch.cat([simulate(router, recs, q) for router, recs in folds])
         acc, cost, frac = evaluate_tiers(tier, records, tier_cost)
-        points.append(SweepPoint(float(q), acc, cost, frac))
+        drop = heavy_right - records.correct.gather(1, tier.view(-1, 1)).squeeze(1).float()
+        drop_se = drop.std().item() / len(drop) ** 0.5 if len(drop) > 1 else 0.0
+        points.append(SweepPoint(float(q), acc, cost, frac, drop_se))
     return points
 
 
@@ -150,16 +164,25 @@ def sweep(
     return sweep_folds([(router, records)], tier_cost, knob_candidates(router, records) if knobs is None else knobs)
 
 
-def choose_knob(points: Sequence[SweepPoint], heavy_accuracy: float, max_drop: float = 0.005) -> SweepPoint:
-    """The cheapest sweep point whose accuracy is within ``max_drop`` of HEAVY's (the most
-    accurate point when none is)."""
-    ok = [p for p in points if p.accuracy >= heavy_accuracy - max_drop - 1e-9]
+def choose_knob(
+    points: Sequence[SweepPoint], heavy_accuracy: float, max_drop: float = 0.005, margin_se: float = 0.0
+) -> SweepPoint:
+    """The cheapest sweep point whose accuracy drop against HEAVY, plus ``margin_se`` standard
+    errors of that drop, is within ``max_drop`` (the most accurate point when none is).
+
+    ``margin_se`` > 0 keeps a statistical margin so that the target also holds on unseen images
+    (1.0: a one-sided bound at about 84% confidence); 0 fits the split exactly.
+    """
+    ok = [p for p in points if heavy_accuracy - p.accuracy + margin_se * p.drop_se <= max_drop + 1e-9]
     return min(ok, key=lambda p: (p.mean_cost, -p.accuracy)) if ok else max(points, key=lambda p: p.accuracy)
 
 
-def fit_knob(router: Router, records: ExitRecords, tier_cost: Sequence[float], max_drop: float = 0.005) -> SweepPoint:
-    """The cheapest knob whose routed accuracy is within ``max_drop`` of HEAVY's on ``records``;
-    sets it on the router and returns its sweep point."""
-    best = choose_knob(sweep(router, records, tier_cost), records.correct[:, -1].float().mean().item(), max_drop)
+def fit_knob(
+    router: Router, records: ExitRecords, tier_cost: Sequence[float], max_drop: float = 0.005, margin_se: float = 0.0
+) -> SweepPoint:
+    """The cheapest knob whose routed accuracy is within ``max_drop`` of HEAVY's on ``records``
+    (with ``margin_se`` as in ``choose_knob``); sets it on the router and returns its sweep point."""
+    heavy = records.correct[:, -1].float().mean().item()
+    best = choose_knob(sweep(router, records, tier_cost), heavy, max_drop, margin_se)
     router.set_knob(best.knob)
     return best
