@@ -6,7 +6,9 @@ acc, flops_ratio (mean routed FLOPs / HEAVY's, router included), wall_speedup (r
 inference vs always-HEAVY on the same test set) and tier distribution; flops_ratio_oracle,
 overhead_time_ratio (features + gate time / HEAVY time), routing_accuracy (one-shot tier ==
 oracle tier), latency_error (one-shot expected vs measured latency) and
-explain_ms_per_decision per attribution method.
+explain_ms_per_decision per attribution method; and ``curves``: each router's accuracy vs
+FLOPs-ratio trade-off on the test split (its knob swept; the fixed exits and the oracle as
+points). ``--plot FILE.png`` also draws them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from omegaconf import open_dict
 from eexit.checkpoint import load_checkpoint
 from eexit.explain.gate_attribution import METHODS, ExpectedTier, explain_gate
 from eexit.routing.calibrate import calibrate
-from eexit.routing.calibration import collect_records, evaluate_tiers, oracle_tiers
+from eexit.routing.calibration import collect_records, evaluate_tiers, oracle_tiers, sweep
 from eexit.routing.costs import count_flops, measure_latency
 from eexit.routing.engine import exit_features
 from eexit.training import build_datamodule, train
@@ -48,6 +50,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short training and subsets (< 5 min)")
     parser.add_argument("--ckpt", help="use this trained checkpoint instead of training")
     parser.add_argument("--batch", type=int, default=256, help="inference batch size")
+    parser.add_argument("--plot", help="write the trade-off curves to this PNG")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for training")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -126,6 +129,10 @@ def main() -> None:
             expected_s = sum(cal.tier_costs[kind][t].latency_ms for t in tier.tolist()) / 1e3
             result["latency_error"] = abs(expected_s - t_routed) / t_routed
 
+    result["curves"] = tradeoff_curves(cal, records, heavy_flops, plain_flops, oracle_flops, result)
+    if args.plot:
+        plot_curves(result["curves"], args.plot, f"{args.data}: routed accuracy vs compute (test split)")
+
     # router overhead: features + gate on TINY tensors, against the HEAVY forward, same batch
     gate = cal.routers["gate"]
     with torch.no_grad():
@@ -157,6 +164,53 @@ def main() -> None:
     result["seconds"] = {"train": train_s, "calibrate": calib_s, "total": time.time() - t0}
     result["machine"] = machine()
     emit(result)
+
+
+def tradeoff_curves(cal, records, heavy_flops: float, plain_flops: list[float], oracle_flops: float, result: dict):
+    """Accuracy vs FLOPs ratio: each router's knob swept on the test records (at most 40
+    points each, ascending cost), the fixed exits, the oracle and each router's calibrated knob."""
+    curves: dict = {"exits": {}, "calibrated": {}}
+    for kind in ("gate", "staged", "cascade"):
+        tier_cost = [c.mflops for c in cal.tier_costs[kind]]
+        points = sweep(cal.routers[kind], records, tier_cost)
+        step = max(1, len(points) // 40)
+        keep = points[::step] + ([points[-1]] if (len(points) - 1) % step else [])
+        curves[kind] = [[p.mean_cost / heavy_flops, p.accuracy] for p in keep]
+        curves["calibrated"][kind] = [result[kind]["flops_ratio"], result[kind]["acc"]]
+    for level, flops in zip(ExitLevel, plain_flops, strict=True):
+        curves["exits"][level.key] = [flops / heavy_flops, records.correct[:, int(level)].float().mean().item()]
+    curves["oracle"] = [oracle_flops / heavy_flops, records.correct.any(dim=1).float().mean().item()]
+    return curves
+
+
+def plot_curves(curves: dict, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for kind, color in (("gate", "tab:red"), ("staged", "tab:green"), ("cascade", "tab:blue")):
+        xs, ys = zip(*curves[kind], strict=True)
+        ax.plot(xs, [100 * y for y in ys], "-", color=color, label=kind)
+        cx, cy = curves["calibrated"][kind]
+        ax.plot([cx], [100 * cy], "o", color=color, markeredgecolor="black")
+    for name, (x, y) in curves["exits"].items():
+        ax.plot([x], [100 * y], "ks")
+        ax.annotate(name.upper(), (x, 100 * y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ox, oy = curves["oracle"]
+    ax.plot([ox], [100 * oy], "k*", markersize=10, label="oracle")
+    heavy = 100 * curves["exits"]["heavy"][1]
+    ax.set_ylim(min(100 * y for _, y in curves["exits"].values()) - 1, max(heavy, 100 * oy) + 1)
+    ax.axhline(heavy - 0.5, color="gray", ls=":", lw=1, label="HEAVY - 0.5 pt")
+    ax.set_xlabel("mean FLOPs / HEAVY FLOPs")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
