@@ -1,5 +1,7 @@
-"""Evaluation figures (matplotlib, Agg backend: no display needed). Each function writes one
-PNG and returns its path."""
+"""Evaluation figures. Each function writes one PNG and returns its path.
+
+Figures are built as ``matplotlib.figure.Figure`` objects (rendered by Agg on save), never
+through pyplot: no display is needed and no global backend or figure state is touched."""
 
 from __future__ import annotations
 
@@ -7,11 +9,9 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 from torch import Tensor
 
 from eexit.routing.features import FEATURE_NAMES
@@ -21,17 +21,17 @@ ROUTER_COLOURS = {"gate": "tab:red", "staged": "tab:purple", "cascade": "tab:blu
 TIER_COLOURS = {"tiny": "tab:green", "light": "tab:olive", "medium": "tab:orange", "heavy": "tab:red"}
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
 def tradeoff_plot(metrics: Mapping, path: Path) -> Path:
     """Accuracy vs mean MFLOPs: one curve per router, the calibrated knob marked, the fixed exits
     and the oracle as points."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.subplots()
     for kind, colour in ROUTER_COLOURS.items():
         curve = metrics.get(f"tradeoff/{kind}")
         if not curve:
@@ -60,7 +60,8 @@ def tradeoff_plot(metrics: Mapping, path: Path) -> Path:
 def confusion_plot(matrix: Sequence[Sequence[int]], path: Path, title: str = "gate tier vs oracle tier") -> Path:
     """Confusion matrix, rows = oracle tier, columns = routed tier."""
     mat = np.asarray(matrix, dtype=float)
-    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    fig = Figure(figsize=(4.2, 3.8))
+    ax = fig.subplots()
     ax.imshow(mat, cmap="Blues")
     names = [lv.name for lv in ExitLevel]
     ax.set_xticks(range(len(names)), names, rotation=30)
@@ -78,7 +79,8 @@ def confusion_plot(matrix: Sequence[Sequence[int]], path: Path, title: str = "ga
 
 def tier_distribution_plot(distribution: Mapping[str, Sequence[float]], path: Path) -> Path:
     """Grouped bars: share of images per tier for the oracle and each router."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     names = list(distribution)
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
@@ -91,7 +93,7 @@ def tier_distribution_plot(distribution: Mapping[str, Sequence[float]], path: Pa
     return _save(fig, path)
 
 
-def _overlay(ax: plt.Axes, image: np.ndarray, cam: np.ndarray | None) -> None:
+def _overlay(ax: Axes, image: np.ndarray, cam: np.ndarray | None) -> None:
     ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
     if cam is not None:
         ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
@@ -113,7 +115,8 @@ def heatmap_grid(
     b = images.shape[0]
     blocks = list(cams)
     cols = 1 + len(ExitLevel) * len(blocks)
-    fig, axes = plt.subplots(b, cols, figsize=(1.6 * cols, 1.6 * b), squeeze=False)
+    fig = Figure(figsize=(1.6 * cols, 1.6 * b))
+    axes = fig.subplots(b, cols, squeeze=False)
     imgs = images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     if imgs.shape[-1] == 1:
         imgs = imgs[..., 0]
@@ -156,7 +159,8 @@ def radar_plot(
 
     angles = np.linspace(0, 2 * math.pi, len(names), endpoint=False).tolist()
     angles_closed = [*angles, angles[0]]
-    fig, ax = plt.subplots(figsize=(6, 6), subplot_kw={"projection": "polar"})
+    fig = Figure(figsize=(6, 6))
+    ax = fig.subplots(subplot_kw={"projection": "polar"})
     for tier, prof in profiles.items():
         mid = scaled(np.array([(prof[n][0] + prof[n][1]) / 2 for n in names]))
         ax.plot(
@@ -185,7 +189,8 @@ def attribution_bars(attributions: Tensor, path: Path, titles: Sequence[str]) ->
     """
     attr = attributions.detach().float().cpu().numpy()
     b = attr.shape[0]
-    fig, axes = plt.subplots(1, b, figsize=(3.6 * b, 3.2), squeeze=False, sharey=True)
+    fig = Figure(figsize=(3.6 * b, 3.2))
+    axes = fig.subplots(1, b, squeeze=False, sharey=True)
     for i in range(b):
         ax = axes[0, i]
         colours = ["tab:red" if v > 0 else "tab:blue" for v in attr[i]]
@@ -200,7 +205,8 @@ def attribution_bars(attributions: Tensor, path: Path, titles: Sequence[str]) ->
 
 def curve_plot(curves: Mapping[str, Sequence[float]], path: Path, title: str, ylabel: str) -> Path:
     """Mean deletion or insertion curves, one line per exit."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     for name, ys in curves.items():
         xs = np.linspace(0, 1, len(ys))
         ax.plot(100 * xs, ys, label=name, color=TIER_COLOURS.get(name))
