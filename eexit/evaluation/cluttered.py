@@ -58,7 +58,8 @@ def cluttered_localization(
 
     Returns:
         ``{"cluttered/{score}/{exit}": mean}`` (scores of ``localization_metrics`` plus
-        ``acc``, and ``pointing_game`` per level as ``cluttered/pointing_game_level{i}/{exit}``)
+        ``acc``, and per level ``cluttered/pointing_game_level{i}/{exit}`` and
+        ``cluttered/acc_level{i}/{exit}``)
         and the cams of the first batch, ``[(b, S, S)] * 4``, for figures.
     """
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
@@ -81,11 +82,12 @@ def cluttered_localization(
             for name, v in scores.items():
                 key = f"cluttered/{name}/{level.key}"
                 sums[key] = sums.get(key, torch.zeros(())) + v.sum()
-            per_level[level.key].append(scores["pointing_game"])
+            per_level[level.key].append(torch.stack([scores["pointing_game"], scores["acc"]]))
     out = {k: float(v) / len(scenes) for k, v in sums.items()}
-    for key, hits in per_level.items():
-        hits_all = torch.cat(hits)
+    for key, rows in per_level.items():
+        hits, right = torch.cat(rows, dim=1)
         for li in scenes.levels.unique().tolist():
             sel = scenes.levels == li
-            out[f"cluttered/pointing_game_level{li}/{key}"] = float(hits_all[sel].mean())
+            out[f"cluttered/pointing_game_level{li}/{key}"] = float(hits[sel].mean())
+            out[f"cluttered/acc_level{li}/{key}"] = float(right[sel].mean())
     return out, first

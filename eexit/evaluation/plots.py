@@ -53,7 +53,7 @@ def tradeoff_plot(metrics: Mapping, path: Path) -> Path:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("accuracy vs compute (circles: calibrated knobs; squares: fixed exits)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     return _save(fig, path)
 
 
