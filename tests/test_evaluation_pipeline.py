@@ -125,3 +125,29 @@ def test_evaluate_refuses_bad_inputs_naming_the_key(tmp_path: Path, checkpoints)
     cfg = compose_train(tmp_path, [*SMALL, f"ckpt_path={egt}", "data.num_classes=3"], config_name="eval")
     with pytest.raises(ConfigError, match=r"'data'.*3 classes"):
         evaluate(cfg)
+
+
+def test_evaluate_sends_figures_tables_and_scalars_to_wandb_offline(
+    tmp_path: Path, checkpoints, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wandb
+
+    from tests.test_wandb_offline import _read_offline_run
+
+    for name, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config")):
+        monkeypatch.setenv(name, str(tmp_path / sub))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    egt, _ = checkpoints
+    small = [o for o in SMALL if not o.startswith("limit")] + ["limit=48", "eval.cluttered.num_images=16"]
+    cfg = compose_train(tmp_path, [*small, f"ckpt_path={egt}", "logger=wandb"], config_name="eval")
+    metrics = evaluate(cfg)
+    wandb.finish()
+    runs = list((tmp_path / "out").glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    logged = _read_offline_run(runs[0])
+    assert logged["routed/gate/accuracy"] == pytest.approx(metrics["routed/gate/accuracy"])
+    for figure in ("tradeoff", "heatmaps", "radar", "attributions"):
+        assert logged[f"eval/{figure}/_type"] == "image-file", figure
+    for table in ("fixed_exits", "routed_inference", "localisation_on_cluttered_scenes"):
+        assert logged[f"eval_tables/{table}/_type"] == "table-file", table

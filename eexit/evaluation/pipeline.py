@@ -265,5 +265,5 @@ def _log_to_loggers(cfg: DictConfig, metrics: dict, figures: dict) -> None:
             lg.experiment.log({f"eval/{p.stem}": wandb.Image(str(p), caption=c) for c, p in figures.items()})
             for t in metric_tables(metrics):
                 rows = [[str(v) for v in row] for row in t.rows]
-                lg.experiment.log({f"eval_tables/{t.title}": wandb.Table(columns=t.header, data=rows)})
+                lg.experiment.log({f"eval_tables/{t.slug}": wandb.Table(columns=t.header, data=rows)})
         lg.finalize("success")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,11 @@ class MetricTable:
     header: list[str]
     rows: list[list]
     note: str = ""
+
+    @property
+    def slug(self) -> str:
+        """The title as a short key, e.g. ``"fixed_exits"``."""
+        return re.sub(r"[^a-z0-9]+", "_", self.title.lower().split("(")[0].split(":")[0]).strip("_")
 
     def to_html(self) -> str:
         note = f'<p class="note">{html.escape(self.note)}</p>' if self.note else ""
