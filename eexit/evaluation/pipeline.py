@@ -39,6 +39,7 @@ from eexit.evaluation.routing_eval import exit_costs, routing_metrics
 from eexit.explain.gate_attribution import explain_gate
 from eexit.routing.calibrate import Calibration, calibrate
 from eexit.routing.calibration import collect_records
+from eexit.routing.costs import measure_tier_costs
 from eexit.types import ExitLevel
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,11 @@ def evaluate(cfg: DictConfig) -> dict:
     cal = _calibration(loaded, dm, cfg, x[: ec.latency_batch])
     log.info("evaluating %s on %d test images", loaded.path, len(y))
     records = collect_records(net, batches, cal.feature_kwargs)
-    costs = exit_costs(net, x[: ec.latency_batch], ec.latency_min_run_time)
+    example = x[: ec.latency_batch]
+    costs = exit_costs(net, example, ec.latency_min_run_time)
+    if ec.remeasure_tier_latency:  # routed and fixed-exit times from the same machine and batch
+        for kind in cal.routers:
+            cal.tier_costs[kind] = measure_tier_costs(cal.routed(net, kind), example, ec.latency_min_run_time)
     metrics, tiers = routing_metrics(cal, records, costs)
 
     consistency = consistency_metrics(net, batches, ec.top_fraction)
@@ -193,6 +198,8 @@ def evaluate(cfg: DictConfig) -> dict:
         "data": f"{info.name} test split, {len(y)} images" + (f" (limit={limit})" if limit else ""),
         "cluttered scenes": f"{len(scenes)} synthetic layouts of test objects, canvas {scenes.images.shape[-1]} px",
         "calibration": "stored in the checkpoint" if loaded.extra.get("calibration") else "fitted at evaluation",
+        "latency": f"ms per image in batches of {len(example)}, measured now on this machine"
+        + ("" if ec.remeasure_tier_latency else " (routed tiers: as measured at calibration)"),
     }
     metrics["meta"] = meta
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -225,7 +232,10 @@ def _figures(
     )
     m = min(len(scenes), cfg.eval.plots.num_heatmap_images)
     figs["Cluttered scenes: Grad-CAM of each exit (target class)"] = plots.heatmap_grid(
-        scenes.images[:m], {"model": [c[:m] for c in clutter_cams]}, plot_dir / "cluttered_heatmaps.png"
+        scenes.images[:m],
+        {"model": [c[:m] for c in clutter_cams]},
+        plot_dir / "cluttered_heatmaps.png",
+        masks=scenes.masks[:m],
     )
     for kind in ("deletion", "insertion"):
         figs[f"Mean {kind} curve per exit"] = plots.curve_plot(

@@ -102,7 +102,11 @@ def _overlay(ax: Axes, image: np.ndarray, cam: np.ndarray | None) -> None:
 
 
 def heatmap_grid(
-    images: Tensor, cams: Mapping[str, Sequence[Tensor]], path: Path, titles: Sequence[str] | None = None
+    images: Tensor,
+    cams: Mapping[str, Sequence[Tensor]],
+    path: Path,
+    titles: Sequence[str] | None = None,
+    masks: Tensor | None = None,
 ) -> Path:
     """Images (rows) x the four exits' cams (columns), one column block per model.
 
@@ -111,6 +115,7 @@ def heatmap_grid(
         cams: ``{model name: [(B, H, W)] * 4}`` maps at the image size, e.g. ``{"EGT": ...,
             "baseline": ...}``.
         titles: one row label per image.
+        masks: ``(B, H, W)`` ground-truth masks, outlined in green on the images.
     """
     b = images.shape[0]
     blocks = list(cams)
@@ -122,6 +127,8 @@ def heatmap_grid(
         imgs = imgs[..., 0]
     for i in range(b):
         _overlay(axes[i, 0], imgs[i], None)
+        if masks is not None and masks[i].any():
+            axes[i, 0].contour(masks[i].float().cpu().numpy(), levels=[0.5], colors="lime", linewidths=0.8)
         if titles:
             axes[i, 0].set_ylabel(titles[i], fontsize=7)
         for j, name in enumerate(blocks):

@@ -110,8 +110,8 @@ def metric_tables(metrics: Mapping) -> list[MetricTable]:
             "Routed inference",
             ["", "accuracy", "MFLOPs", "FLOPs / HEAVY", "ms / image", "knob", "oracle saving"],
             rows,
-            "Routers at the knob fitted on the calibration split; MFLOPs and ms per tier include the router "
-            "(measured at calibration). Last column: share of the oracle's FLOPs saving achieved.",
+            "Routers at the knob fitted on the calibration split; MFLOPs and ms per tier include the router; "
+            "latency: see the latency line above. Last column: share of the oracle's FLOPs saving achieved.",
         )
     )
     rows = [[name] + [_pct(f) for f in frac] for name, frac in m["routing/tier_distribution"].items()]
