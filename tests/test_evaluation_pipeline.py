@@ -73,6 +73,7 @@ def _expected_keys() -> list[str]:
     keys += [f"faithfulness/{m}/{e}" for m in ("deletion_auc", "insertion_auc") for e in EXITS]
     scores = [f"{s}@{p}" for s in ("iou", "dice", "precision", "recall") for p in (5, 10, 20, 50)]
     keys += [f"cluttered/{s}/{e}" for s in (*scores, "pointing_game", "energy", "acc") for e in EXITS]
+    keys.append("cluttered/mask_fraction")
     return keys
 
 

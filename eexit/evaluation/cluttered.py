@@ -59,7 +59,8 @@ def cluttered_localization(
     Returns:
         ``{"cluttered/{score}/{exit}": mean}`` (scores of ``localization_metrics`` plus
         ``acc``, and per level ``cluttered/pointing_game_level{i}/{exit}`` and
-        ``cluttered/acc_level{i}/{exit}``)
+        ``cluttered/acc_level{i}/{exit}``; ``cluttered/mask_fraction``, the targets' mean share
+        of the canvas, is the expected pointing game and energy of a random map)
         and the cams of the first batch, ``[(b, S, S)] * 4``, for figures.
     """
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
@@ -84,6 +85,8 @@ def cluttered_localization(
                 sums[key] = sums.get(key, torch.zeros(())) + v.sum()
             per_level[level.key].append(torch.stack([scores["pointing_game"], scores["acc"]]))
     out = {k: float(v) / len(scenes) for k, v in sums.items()}
+    # what a map that knows nothing scores: the pointing game and energy of a uniform random map
+    out["cluttered/mask_fraction"] = float(scenes.masks.float().mean())
     for key, rows in per_level.items():
         hits, right = torch.cat(rows, dim=1)
         for li in scenes.levels.unique().tolist():

@@ -206,7 +206,9 @@ def metric_tables(metrics: Mapping) -> list[MetricTable]:
                 ["exit", *cols],
                 rows,
                 "The cluttered layout is synthetic: real test objects pasted on larger canvases with distractors, "
-                "texture and reduced contrast. Maps explain the target's class; @k = top k% of pixels kept.",
+                "texture and reduced contrast. Maps explain the target's class; @k = top k% of pixels kept. "
+                f"Targets cover {m.get('cluttered/mask_fraction', float('nan')):.1%} of the canvas on average: "
+                "the pointing game and energy a random map would score.",
             )
         )
     return out
