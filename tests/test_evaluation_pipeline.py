@@ -152,3 +152,18 @@ def test_evaluate_sends_figures_tables_and_scalars_to_wandb_offline(
         assert logged[f"eval/{figure}/_type"] == "image-file", figure
     for table in ("fixed_exits", "routed_inference", "localisation_on_cluttered_scenes"):
         assert logged[f"eval_tables/{table}/_type"] == "table-file", table
+
+
+def test_checkpoint_without_calibration_is_calibrated_on_the_held_out_split(tmp_path: Path) -> None:
+    from eexit.checkpoint import load_checkpoint
+
+    cfg = compose_train(
+        tmp_path / "train", ["data=synthetic", "model=micro", "debug=fdr", "logger=none", "router.calibrate=false"]
+    )
+    _, objs = train(cfg)
+    assert "calibration" not in load_checkpoint(objs["best_ckpt"]).extra
+    small = [*SMALL, "router.latency_min_run_time=0.01", f"ckpt_path={objs['best_ckpt']}"]
+    metrics = evaluate(compose_train(tmp_path / "eval", small, config_name="eval"))
+    assert metrics["meta"]["calibration"] == "fitted at evaluation"
+    assert {"routed/gate/accuracy", "routed/staged/accuracy", "routed/cascade/accuracy"} <= metrics.keys()
+    assert "calibration" not in load_checkpoint(objs["best_ckpt"]).extra, "evaluation never writes the checkpoint"
