@@ -250,7 +250,11 @@ def _figures(
         )
         score, base, _ = gate_score_and_baseline(cal, "gate")
         attr = explain_gate(score, feats, base)
-        titles = [f"{lab}, E[tier] {o:.2f}" for lab, o in zip(labels, attr.output.tolist(), strict=True)]
+        p_tiny = cal.routers["gate"].tier_probs(feats)[:, 0].tolist()
+        titles = [
+            f"{lab}: E[tier] {o:.2f}, P(TINY) {p:.2f}, knob {float(cal.routers['gate'].knob):.2f}"
+            for lab, o, p in zip(labels, attr.output.tolist(), p_tiny, strict=True)
+        ]
         figs["Gate attributions (red: heavier, blue: lighter)"] = plots.attribution_bars(
             attr.attributions, plot_dir / "attributions.png", titles
         )
