@@ -70,6 +70,8 @@ def _expected_keys() -> list[str]:
     for prefix in ("", "baseline/"):
         keys += [f"{prefix}consistency/{m}/{e}" for m in ("kl", "cosine", "iou_top20") for e in EARLY]
     keys += [f"baseline/test/acc/{e}" for e in EXITS]
+    keys += [f"baseline/faithfulness/deletion_auc/{e}" for e in EXITS]
+    keys += [f"baseline/cluttered/pointing_game/{e}" for e in EXITS]
     keys += [f"faithfulness/{m}/{e}" for m in ("deletion_auc", "insertion_auc") for e in EXITS]
     scores = [f"{s}@{p}" for s in ("iou", "dice", "precision", "recall") for p in (5, 10, 20, 50)]
     keys += [f"cluttered/{s}/{e}" for s in (*scores, "pointing_game", "energy", "acc") for e in EXITS]

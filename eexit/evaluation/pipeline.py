@@ -9,7 +9,8 @@ Sections (keys in ``metrics.json``):
   ``tradeoff/{router}`` curves, ``routing/{gate,staged}/tier_accuracy|confusion_matrix``,
   ``routing/tier_distribution``, ``routing/tier_feature_ranges``;
 * attention consistency: ``consistency/{kl,cosine,iou_top20}/{early exit}`` and, with
-  ``baseline_ckpt_path``, ``baseline/consistency/...`` and ``baseline/test/acc/{exit}``;
+  ``baseline_ckpt_path``, ``baseline/consistency/...``, ``baseline/test/acc/{exit}``,
+  ``baseline/faithfulness/...`` and ``baseline/cluttered/...``;
 * faithfulness: ``faithfulness/{deletion,insertion}_auc[_random]/{exit}``;
 * gate explanations: ``gate_explanation/{gate,staged}/{infidelity,sensitivity_max,...}``;
 * cluttered scenes: ``cluttered/{acc,pointing_game,energy,iou@k,dice@k,...}/{exit}``.
@@ -185,6 +186,13 @@ def evaluate(cfg: DictConfig) -> dict:
     scenes = scenes_from_test(x, y, info.mean, info.std, cc.num_images, cc.canvas_factor, cc.seed)
     loc, clutter_cams = cluttered_localization(net, scenes, info.mean, info.std, tuple(cc.fractions), bs)
     metrics.update(loc)
+    if baseline is not None:  # the same explanation-quality figures for the second model
+        faith_b, _ = exit_faithfulness(
+            baseline.net, x[:n_faith], ec.faithfulness.steps, ec.faithfulness.baseline, cfg.seed or 0
+        )
+        metrics.update({f"baseline/faithfulness/{k}": v for k, v in faith_b.items()})
+        loc_b, _ = cluttered_localization(baseline.net, scenes, info.mean, info.std, tuple(cc.fractions), bs)
+        metrics.update({f"baseline/{k}": v for k, v in loc_b.items() if k != "cluttered/mask_fraction"})
 
     figures = _figures(
         cfg, info, metrics, curves, net, baseline, cal, records, tiers, x, y, scenes, clutter_cams, plot_dir

@@ -149,18 +149,20 @@ def metric_tables(metrics: Mapping) -> list[MetricTable]:
                 rows,
             )
         )
-    if "faithfulness/deletion_auc/tiny" in m:
+    for prefix, label in (("", ""), ("baseline/", ": baseline (second checkpoint)")):
+        if f"{prefix}faithfulness/deletion_auc/tiny" not in m:
+            continue
         rows = [
             [lv.name]
             + [
-                m[f"faithfulness/{k}/{lv.key}"]
+                m[f"{prefix}faithfulness/{k}/{lv.key}"]
                 for k in ("deletion_auc", "deletion_auc_random", "insertion_auc", "insertion_auc_random")
             ]
             for lv in ExitLevel
         ]
         out.append(
             MetricTable(
-                "Explanation faithfulness (Grad-CAM of each exit's prediction)",
+                f"Explanation faithfulness (Grad-CAM of each exit's prediction){label}",
                 ["exit", "deletion AUC", "deletion, random map", "insertion AUC", "insertion, random map"],
                 rows,
                 "Deletion: lower is better; insertion: higher is better; random maps for reference.",
@@ -198,17 +200,20 @@ def metric_tables(metrics: Mapping) -> list[MetricTable]:
         "precision@20",
         "recall@20",
     ]
-    if "cluttered/acc/tiny" in m:
-        rows = [[lv.name] + [m.get(f"cluttered/{c}/{lv.key}", "-") for c in cols] for lv in ExitLevel]
+    for prefix, label in (("", ""), ("baseline/", ": baseline (second checkpoint)")):
+        if f"{prefix}cluttered/acc/tiny" not in m:
+            continue
+        rows = [[lv.name] + [m.get(f"{prefix}cluttered/{c}/{lv.key}", "-") for c in cols] for lv in ExitLevel]
         out.append(
             MetricTable(
-                "Localisation on cluttered scenes",
+                f"Localisation on cluttered scenes{label}",
                 ["exit", *cols],
                 rows,
                 "The cluttered layout is synthetic: real test objects pasted on larger canvases with distractors, "
                 "texture and reduced contrast. Maps explain the target's class; @k = top k% of pixels kept. "
                 f"Targets cover {m.get('cluttered/mask_fraction', float('nan')):.1%} of the canvas on average: "
-                "the pointing game and energy a random map would score.",
+                "the pointing game and energy a random map would score. acc: classification of the scenes, "
+                "which a network trained on centred single objects is not expected to manage.",
             )
         )
     return out
