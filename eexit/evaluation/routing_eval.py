@@ -2,8 +2,9 @@
 oracle, trade-off curves, and how the gate's tiers compare with the oracle's, on test records.
 
 Routing is replayed with ``eexit.routing.calibration.simulate`` on recorded exit outputs (the
-same tiers as the batched engine, see tests/test_routing.py); tier costs are the ones measured
-at calibration (router included), fixed-exit costs are measured here without a router.
+same tiers as the batched engine, see tests/test_routing.py); tier costs are the calibration's
+``tier_costs`` (router included; ``evaluate`` re-times them on the evaluation machine by
+default), fixed-exit costs are measured here without a router.
 """
 
 from __future__ import annotations
