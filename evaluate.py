@@ -1,11 +1,17 @@
-"""Evaluate a trained checkpoint: ``python evaluate.py ckpt_path=... [data=...]``."""
+"""Evaluate a trained checkpoint: ``python evaluate.py ckpt_path=... [data=...] [baseline_ckpt_path=...]``.
+
+Writes metrics.json, plots/*.png and a self-contained report.html into the run folder.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
+from rich.console import Console
 
-from eexit.cli_output import print_exit_table
+from eexit.cli_output import print_eval_summary
 from eexit.config import register_resolvers
 from eexit.evaluation import evaluate
 
@@ -15,7 +21,8 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     metrics = evaluate(cfg)
-    print_exit_table(metrics, title=f"{cfg.ckpt_path}: per-exit test accuracy")
+    print_eval_summary(metrics)
+    Console().print(f"report: {Path(cfg.paths.output_dir) / 'report.html'}")
 
 
 if __name__ == "__main__":

@@ -44,3 +44,51 @@ def print_router_table(summary: dict[str, dict], console: Console | None = None)
             tiers,
         )
     (console or Console()).print(table)
+
+
+def print_eval_summary(metrics: dict, console: Console | None = None) -> None:
+    """Print the headline evaluation figures: per exit, then per router (test split)."""
+    console = console or Console()
+    table = Table(title="exits (test split)")
+    cols = ("exit", "acc", "MFLOPs", "ms/img", "attn KL", "deletion AUC", "insertion AUC", "pointing (clutter)")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "exit" else "right")
+    for lv in ExitLevel:
+        k = lv.key
+
+        def get(key: str, fmt: str = "{:.3f}") -> str:
+            value = metrics.get(key)
+            return "-" if value is None else fmt.format(value)
+
+        table.add_row(
+            lv.name,
+            get(f"test/acc/{k}", "{:.2%}"),
+            get(f"test/mflops/{k}", "{:.2f}"),
+            get(f"test/latency_ms/{k}", "{:.3f}"),
+            get(f"consistency/kl/{k}"),
+            get(f"faithfulness/deletion_auc/{k}"),
+            get(f"faithfulness/insertion_auc/{k}"),
+            get(f"cluttered/pointing_game/{k}", "{:.2%}"),
+        )
+    console.print(table)
+    table = Table(title="routing (knobs fitted on the calibration split)")
+    for col in ("", "acc", "FLOPs / HEAVY", "ms/img", "oracle saving", "tiers T/L/M/H"):
+        table.add_column(col, justify="left" if not col else "right")
+    table.add_row(
+        "always HEAVY", f"{metrics['heavy/accuracy']:.2%}", "1.000", f"{metrics['heavy/latency_ms']:.3f}", "-", "-"
+    )
+    tiers = metrics["routing/tier_distribution"]
+    for name in ("oracle", "gate", "staged", "cascade"):
+        p = "oracle" if name == "oracle" else f"routed/{name}"
+        if f"{p}/accuracy" not in metrics:
+            continue
+        saving = metrics.get(f"{p}/oracle_saving_fraction", 1.0)
+        table.add_row(
+            name,
+            f"{metrics[f'{p}/accuracy']:.2%}",
+            f"{metrics[f'{p}/flops_ratio']:.3f}",
+            f"{metrics[f'{p}/latency_ms']:.3f}",
+            f"{saving:.2f}",
+            "/".join(f"{100 * f:.0f}%" for f in tiers[name]),
+        )
+    console.print(table)

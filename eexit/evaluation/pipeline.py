@@ -1,0 +1,291 @@
+"""``evaluate(cfg)``: every evaluation figure of a trained model, as ``metrics.json``, PNG plots
+and one self-contained ``report.html`` in the output folder (importable for tests).
+
+Sections (keys in ``metrics.json``):
+
+* fixed exits: ``test/acc|mflops|latency_ms|flops_ratio/{exit}``;
+* routing: ``heavy/*``, ``oracle/*``, ``routed/{gate,staged,cascade}/*`` at the calibrated knob
+  (``oracle_saving_fraction``: share of the oracle's FLOPs saving achieved),
+  ``tradeoff/{router}`` curves, ``routing/{gate,staged}/tier_accuracy|confusion_matrix``,
+  ``routing/tier_distribution``, ``routing/tier_feature_ranges``;
+* attention consistency: ``consistency/{kl,cosine,iou_top20}/{early exit}`` and, with
+  ``baseline_ckpt_path``, ``baseline/consistency/...``, ``baseline/test/acc/{exit}``,
+  ``baseline/faithfulness/...`` and ``baseline/cluttered/...``;
+* faithfulness: ``faithfulness/{deletion,insertion}_auc[_random]/{exit}``;
+* gate explanations: ``gate_explanation/{gate,staged}/{infidelity,sensitivity_max,...}``;
+* cluttered scenes: ``cluttered/{acc,pointing_game,energy,iou@k,dice@k,...}/{exit}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from eexit.checkpoint import LoadedCheckpoint, load_checkpoint
+from eexit.config import ConfigError
+from eexit.data.base import SplitDataModule
+from eexit.evaluation import plots
+from eexit.evaluation.cluttered import cluttered_localization, scenes_from_test
+from eexit.evaluation.consistency import consistency_metrics, exit_cams
+from eexit.evaluation.faithfulness import exit_faithfulness
+from eexit.evaluation.gate_quality import gate_explanation_quality, gate_score_and_baseline
+from eexit.evaluation.report import metric_tables, write_report
+from eexit.evaluation.routing_eval import exit_costs, routing_metrics
+from eexit.explain.gate_attribution import explain_gate
+from eexit.routing.calibrate import Calibration, calibrate
+from eexit.routing.calibration import collect_records
+from eexit.routing.costs import measure_tier_costs
+from eexit.types import ExitLevel
+
+log = logging.getLogger(__name__)
+
+
+def load_model(cfg: DictConfig, key: str = "ckpt_path") -> LoadedCheckpoint:
+    """The network to evaluate, from ``cfg[key]``.
+
+    Exported bundles (``bundle_path``) are the place to plug in the bundle loader (built in
+    ``eexit.export``, another issue): it must return the same ``LoadedCheckpoint`` fields (net,
+    data info, ``extra["calibration"]``).
+    """
+    if key == "ckpt_path" and cfg.get("bundle_path"):
+        raise ConfigError("bundle_path", "evaluating an exported bundle is not supported yet; pass ckpt_path=...")
+    path = cfg.get(key)
+    if not path:
+        raise ConfigError(key, f"give the checkpoint to evaluate: evaluate.py {key}=...")
+    if not Path(path).is_file():
+        raise ConfigError(key, f"checkpoint not found: {path}")
+    return load_checkpoint(path)
+
+
+def _test_tensors(dm: SplitDataModule, limit: int | None) -> tuple[Tensor, Tensor]:
+    dm.setup("test")
+    xs, ys = [], []
+    seen = 0
+    for x, y in dm.test_dataloader():
+        xs.append(x)
+        ys.append(y)
+        seen += len(y)
+        if limit is not None and seen >= limit:
+            break
+    x, y = torch.cat(xs), torch.cat(ys)
+    return (x[:limit], y[:limit]) if limit is not None else (x, y)
+
+
+def _batches(x: Tensor, y: Tensor, size: int) -> list[tuple[Tensor, Tensor]]:
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
+
+
+def _calibration(loaded: LoadedCheckpoint, dm: SplitDataModule, cfg: DictConfig, example: Tensor) -> Calibration:
+    state = loaded.extra.get("calibration")
+    if state:
+        return Calibration.from_state(state)
+    log.warning("%s holds no calibration: calibrating on the held-out calibration split now", loaded.path)
+    dm.setup("calibrate")
+    rc = cfg.router
+    return calibrate(
+        loaded.net,
+        list(dm.calib_dataloader()),
+        example,
+        max_drop=rc.max_drop,
+        cost_key=rc.cost,
+        min_run_time=rc.latency_min_run_time,
+    )
+
+
+def _display(x: Tensor, mean: list[float], std: list[float]) -> Tensor:
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return (x * s + m).clamp(0, 1)
+
+
+def _upsampled(cams: list[Tensor], size: tuple[int, int]) -> list[Tensor]:
+    return [
+        torch.nn.functional.interpolate(c.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+        for c in cams
+    ]
+
+
+def _examples_per_tier(tier: Tensor, per_tier: int = 1) -> list[int]:
+    """The first image routed to each tier (up to ``per_tier`` each), in tier order."""
+    picks = []
+    for level in ExitLevel:
+        picks += torch.nonzero(tier == int(level)).flatten()[:per_tier].tolist()
+    return picks
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Evaluate ``cfg.ckpt_path`` on ``cfg.data``'s test split (first ``cfg.limit`` images).
+
+    Writes ``metrics.json``, ``plots/*.png`` and ``report.html`` into ``cfg.paths.output_dir``
+    and, with a ``logger``, logs the scalars (and, to W&B, the figures and tables).
+
+    Returns:
+        The metrics (see the module docstring for the keys).
+    """
+    loaded = load_model(cfg)
+    baseline = load_model(cfg, "baseline_ckpt_path") if cfg.get("baseline_ckpt_path") else None
+    from eexit.training import build_datamodule
+
+    dm = build_datamodule(cfg)
+    info = dm.info
+    net = loaded.net.eval()
+    for name, model in (("ckpt_path", net), ("baseline_ckpt_path", baseline.net if baseline else None)):
+        if model is not None and model.num_classes != info.num_classes:
+            raise ConfigError("data", f"{info.num_classes} classes, but {name} has {model.num_classes}")
+    limit = cfg.get("limit")
+    if limit is not None and limit < 1:
+        raise ConfigError("limit", f"must be >= 1 (or null for the whole test split), got {limit}")
+    x, y = _test_tensors(dm, limit)
+    bs = int(cfg.get("batch_size") or 256)
+    batches = _batches(x, y, bs)
+    out_dir = Path(cfg.paths.output_dir)
+    plot_dir = out_dir / "plots"
+    ec = cfg.eval
+    torch.manual_seed(cfg.get("seed") or 0)
+
+    cal = _calibration(loaded, dm, cfg, x[: ec.latency_batch])
+    log.info("evaluating %s on %d test images", loaded.path, len(y))
+    records = collect_records(net, batches, cal.feature_kwargs)
+    example = x[: ec.latency_batch]
+    costs = exit_costs(net, example, ec.latency_min_run_time)
+    if ec.remeasure_tier_latency:  # routed and fixed-exit times from the same machine and batch
+        for kind in cal.routers:
+            cal.tier_costs[kind] = measure_tier_costs(cal.routed(net, kind), example, ec.latency_min_run_time)
+    metrics, tiers = routing_metrics(cal, records, costs)
+
+    consistency = consistency_metrics(net, batches, ec.top_fraction)
+    metrics.update({f"consistency/{k}": v for k, v in consistency.items() if not k.startswith("acc/")})
+    if baseline is not None:
+        base = consistency_metrics(baseline.net.eval(), batches, ec.top_fraction)
+        metrics.update({f"baseline/consistency/{k}": v for k, v in base.items() if not k.startswith("acc/")})
+        metrics.update({f"baseline/test/{k}": v for k, v in base.items() if k.startswith("acc/")})
+
+    n_faith = min(len(y), ec.faithfulness.num_images)
+    faith, curves = exit_faithfulness(net, x[:n_faith], ec.faithfulness.steps, ec.faithfulness.baseline, cfg.seed or 0)
+    metrics.update({f"faithfulness/{k}": v for k, v in faith.items()})
+
+    feats = records.features[: ec.gate_quality.num_images, 0]
+    for kind in ("gate", "staged"):
+        if kind in cal.routers:
+            q = gate_explanation_quality(
+                cal,
+                kind,
+                feats,
+                n_perturb_samples=ec.gate_quality.n_perturb_samples,
+                perturb_radius=ec.gate_quality.perturb_radius,
+            )
+            metrics.update({f"gate_explanation/{kind}/{k}": v for k, v in q.items()})
+
+    cc = ec.cluttered
+    scenes = scenes_from_test(x, y, info.mean, info.std, cc.num_images, cc.canvas_factor, cc.seed)
+    loc, clutter_cams = cluttered_localization(net, scenes, info.mean, info.std, tuple(cc.fractions), bs)
+    metrics.update(loc)
+    if baseline is not None:  # the same explanation-quality figures for the second model
+        faith_b, _ = exit_faithfulness(
+            baseline.net, x[:n_faith], ec.faithfulness.steps, ec.faithfulness.baseline, cfg.seed or 0
+        )
+        metrics.update({f"baseline/faithfulness/{k}": v for k, v in faith_b.items()})
+        loc_b, _ = cluttered_localization(baseline.net, scenes, info.mean, info.std, tuple(cc.fractions), bs)
+        metrics.update({f"baseline/{k}": v for k, v in loc_b.items() if k != "cluttered/mask_fraction"})
+
+    figures = _figures(
+        cfg, info, metrics, curves, net, baseline, cal, records, tiers, x, y, scenes, clutter_cams, plot_dir
+    )
+    for key, value in list(metrics.items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FloatingPointError(f"evaluation produced a non-finite value for {key}")
+    meta = {
+        "checkpoint": str(loaded.path),
+        "baseline checkpoint": str(baseline.path) if baseline else "-",
+        "data": f"{info.name} test split, {len(y)} images" + (f" (limit={limit})" if limit else ""),
+        "cluttered scenes": f"{len(scenes)} synthetic layouts of test objects, canvas {scenes.images.shape[-1]} px",
+        "calibration": "stored in the checkpoint" if loaded.extra.get("calibration") else "fitted at evaluation",
+        "latency": f"ms per image in batches of {len(example)}, measured now on this machine"
+        + ("" if ec.remeasure_tier_latency else " (routed tiers: as measured at calibration)"),
+    }
+    metrics["meta"] = meta
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True, allow_nan=False))
+    write_report(out_dir / "report.html", metrics, figures, f"eexit evaluation: {info.name}", meta)
+    log.info("metrics, plots and report written to %s", out_dir)
+    _log_to_loggers(cfg, metrics, figures)
+    return metrics
+
+
+def _figures(
+    cfg, info, metrics, curves, net, baseline, cal, records, tiers, x, y, scenes, clutter_cams, plot_dir
+) -> dict:
+    """Draw every figure; ``{caption: png path}``."""
+    figs = {"Accuracy vs compute": plots.tradeoff_plot(metrics, plot_dir / "tradeoff.png")}
+    figs["Tier distribution"] = plots.tier_distribution_plot(
+        metrics["routing/tier_distribution"], plot_dir / "tiers.png"
+    )
+    figs["One-shot gate tier vs oracle tier"] = plots.confusion_plot(
+        metrics["routing/gate/confusion_matrix"], plot_dir / "gate_confusion.png"
+    )
+    n = min(len(y), cfg.eval.plots.num_heatmap_images)
+    xs = x[:n]
+    size = tuple(x.shape[-2:])
+    cams = {"EGT" if baseline is not None else "model": _upsampled(exit_cams(net, xs)[1], size)}
+    if baseline is not None:
+        cams["baseline"] = _upsampled(exit_cams(baseline.net, xs)[1], size)
+    figs["Grad-CAM of each exit (HEAVY's class)"] = plots.heatmap_grid(
+        _display(xs, info.mean, info.std), cams, plot_dir / "heatmaps.png"
+    )
+    m = min(len(scenes), cfg.eval.plots.num_heatmap_images)
+    figs["Cluttered scenes: Grad-CAM of each exit (target class)"] = plots.heatmap_grid(
+        scenes.images[:m],
+        {"model": [c[:m] for c in clutter_cams]},
+        plot_dir / "cluttered_heatmaps.png",
+        masks=scenes.masks[:m],
+    )
+    for kind in ("deletion", "insertion"):
+        figs[f"Mean {kind} curve per exit"] = plots.curve_plot(
+            curves[kind], plot_dir / f"{kind}.png", f"{kind} (most relevant pixels first)", "probability of the class"
+        )
+    picks = _examples_per_tier(tiers["gate"])
+    if picks:
+        labels = [f"#{i} -> {ExitLevel(int(tiers['gate'][i])).name}" for i in picks]
+        feats = records.features[picks, 0]
+        figs["Complexity features vs tier profiles"] = plots.radar_plot(
+            feats, cal.tier_profiles, plot_dir / "radar.png", labels
+        )
+        score, base, _ = gate_score_and_baseline(cal, "gate")
+        attr = explain_gate(score, feats, base)
+        p_tiny = cal.routers["gate"].tier_probs(feats)[:, 0].tolist()
+        titles = [
+            f"{lab}: E[tier] {o:.2f}, P(TINY) {p:.2f}, knob {float(cal.routers['gate'].knob):.2f}"
+            for lab, o, p in zip(labels, attr.output.tolist(), p_tiny, strict=True)
+        ]
+        figs["Gate attributions (red: heavier, blue: lighter)"] = plots.attribution_bars(
+            attr.attributions, plot_dir / "attributions.png", titles
+        )
+    return figs
+
+
+def _log_to_loggers(cfg: DictConfig, metrics: dict, figures: dict) -> None:
+    """Scalars to every configured logger; figures (``wandb.Image``) and tables
+    (``wandb.Table``) to W&B as well."""
+    from eexit.training import _instantiate_dict
+
+    loggers = _instantiate_dict(cfg.get("logger"))
+    if not loggers:
+        return
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        lg.log_metrics(scalars)
+        if type(lg).__name__ == "WandbLogger":
+            import wandb
+
+            lg.experiment.log({f"eval/{p.stem}": wandb.Image(str(p), caption=c) for c, p in figures.items()})
+            for t in metric_tables(metrics):
+                rows = [[str(v) for v in row] for row in t.rows]
+                lg.experiment.log({f"eval_tables/{t.slug}": wandb.Table(columns=t.header, data=rows)})
+        lg.finalize("success")

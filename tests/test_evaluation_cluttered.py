@@ -1,0 +1,83 @@
+"""The cluttered-scene set: deterministic per seed, masks that cover the (unoccluded) target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from eexit.data.cluttered import LEVELS, ClutterLevel, make_cluttered
+from tests.conftest import FASHION_DIR, needs_fashion
+
+
+def _objects(m: int = 30, size: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bright blobs on a black background (like Fashion-MNIST items), three classes."""
+    g = torch.Generator().manual_seed(seed)
+    objects = torch.zeros(m, 1, size, size)
+    for i in range(m):
+        r, c = torch.randint(0, size // 2, (2,), generator=g).tolist()
+        objects[i, 0, r : r + size // 2 + 1, c : c + size // 2 + 1] = 0.4 + 0.6 * torch.rand(1, generator=g)
+    return objects, torch.arange(m) % 3
+
+
+def test_same_seed_same_scenes_other_seed_other_scenes() -> None:
+    objects, labels = _objects()
+    a = make_cluttered(objects, labels, 12, 24, seed=5)
+    b = make_cluttered(objects, labels, 12, 24, seed=5)
+    c = make_cluttered(objects, labels, 12, 24, seed=6)
+    for name in ("images", "masks", "labels", "levels", "boxes", "source_index"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert not torch.equal(a.images, c.images)
+    assert a.images.shape == (12, 1, 24, 24) and a.masks.shape == (12, 24, 24)
+    assert a.images.min() >= 0 and a.images.max() <= 1
+
+
+@pytest.mark.parametrize("silhouette", [True, False])
+def test_masks_cover_the_visible_target(silhouette: bool) -> None:
+    objects, labels = _objects()
+    s = make_cluttered(objects, labels, 16, 26, seed=1, silhouette=silhouette)
+    for i in range(len(s)):
+        top, left, h, w = s.boxes[i].tolist()
+        src = objects[s.source_index[i], 0]
+        level = LEVELS[int(s.levels[i])]
+        assert s.labels[i] == labels[s.source_index[i]]
+        assert int(s.levels[i]) == i % len(LEVELS)
+        expected = torch.zeros(26, 26, dtype=torch.bool)
+        expected[top : top + h, left : left + w] = src > 0.1 if silhouette else True
+        assert torch.equal(s.masks[i], expected), i  # the mask is the target's pixels, nothing else
+        inside = s.images[i, 0][s.masks[i]]
+        # pasted last: every target pixel shows the object at the level's contrast (not occluded)
+        target_pixels = (src * level.contrast)[expected[top : top + h, left : left + w]]
+        assert torch.allclose(inside, target_pixels), i
+
+
+def test_levels_control_clutter() -> None:
+    objects, labels = _objects()
+    clean, busy = ClutterLevel(0, 0.0, 1.0), ClutterLevel(3, 0.3, 0.6)
+    s = make_cluttered(objects, labels, 20, 30, levels=(clean, busy), seed=2)
+    outside = [s.images[i, 0][~s.masks[i]] for i in range(len(s))]
+    for i in range(len(s)):
+        if s.levels[i] == 0:
+            assert outside[i].abs().max() == 0, "a clean scene has nothing outside the target"
+        else:
+            assert outside[i].mean() > 0.05, "texture and distractors fill a busy scene"
+    with pytest.raises(ValueError, match="canvas_size"):
+        make_cluttered(objects, labels, 2, 8)
+    with pytest.raises(ValueError, match="two classes"):
+        make_cluttered(objects, torch.zeros_like(labels), 2, 30)
+
+
+@needs_fashion
+def test_fashion_mnist_objects_use_silhouette_masks(tmp_path: Path) -> None:
+    from torchvision.datasets import FashionMNIST
+
+    from eexit.data.fashion_mnist import prepare_raw_folder
+
+    prepare_raw_folder(tmp_path, FASHION_DIR)
+    ds = FashionMNIST(str(tmp_path), train=False, download=False)
+    x = ds.data[:64].unsqueeze(1).float() / 255
+    s = make_cluttered(x, ds.targets[:64], 8, 56, seed=0)  # silhouette mode chosen from the dark borders
+    boxes = s.boxes[:, 2] * s.boxes[:, 3]
+    cover = s.masks.flatten(1).sum(1)
+    assert (cover > 0).all() and (cover < boxes).all(), "silhouettes, not whole boxes"

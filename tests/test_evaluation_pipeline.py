@@ -1,0 +1,172 @@
+"""``evaluate.py`` end to end on a calibrated fast_dev_run checkpoint: metrics.json holds every
+section, report.html is self-contained and every inline image decodes."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from eexit.config import ConfigError
+from eexit.evaluation import evaluate
+from eexit.training import train
+from eexit.types import ExitLevel
+from tests.conftest import compose_train
+
+SMALL = [
+    "data=synthetic",
+    "limit=96",
+    "batch_size=32",
+    "eval.latency_min_run_time=0.01",
+    "eval.faithfulness.num_images=32",
+    "eval.faithfulness.steps=8",
+    "eval.gate_quality.num_images=32",
+    "eval.cluttered.num_images=32",
+]
+EXITS = [lv.key for lv in ExitLevel]
+EARLY = EXITS[:-1]
+ROUTERS = ("gate", "staged", "cascade")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """An EGT and a lambda = 0 fast_dev_run checkpoint on generated shapes, both calibrated."""
+    out = []
+    for experiment in ("egt", "baseline"):
+        tmp = tmp_path_factory.mktemp(experiment)
+        cfg = compose_train(
+            tmp, [f"experiment={experiment}", "data=synthetic", "model=micro", "debug=fdr", "logger=none"]
+        )
+        _, objs = train(cfg)
+        out.append(objs["best_ckpt"])
+    return out[0], out[1]
+
+
+def _expected_keys() -> list[str]:
+    keys = [
+        "heavy/accuracy",
+        "heavy/mflops",
+        "heavy/latency_ms",
+        "oracle/accuracy",
+        "oracle/mflops",
+        "oracle/flops_ratio",
+    ]
+    keys += [f"test/{m}/{e}" for m in ("acc", "mflops", "latency_ms", "flops_ratio") for e in EXITS]
+    for r in ROUTERS:
+        keys += [
+            f"routed/{r}/{m}"
+            for m in ("knob", "accuracy", "mflops", "latency_ms", "flops_ratio", "oracle_saving_fraction")
+        ]
+        keys.append(f"tradeoff/{r}")
+    for r in ("gate", "staged"):
+        keys += [f"routing/{r}/tier_accuracy", f"routing/{r}/confusion_matrix"]
+        keys += [f"gate_explanation/{r}/{m}" for m in ("infidelity", "sensitivity_max")]
+    keys += ["routing/tier_distribution", "routing/tier_feature_ranges"]
+    for prefix in ("", "baseline/"):
+        keys += [f"{prefix}consistency/{m}/{e}" for m in ("kl", "cosine", "iou_top20") for e in EARLY]
+    keys += [f"baseline/test/acc/{e}" for e in EXITS]
+    keys += [f"baseline/faithfulness/deletion_auc/{e}" for e in EXITS]
+    keys += [f"baseline/cluttered/pointing_game/{e}" for e in EXITS]
+    keys += [f"faithfulness/{m}/{e}" for m in ("deletion_auc", "insertion_auc") for e in EXITS]
+    scores = [f"{s}@{p}" for s in ("iou", "dice", "precision", "recall") for p in (5, 10, 20, 50)]
+    keys += [f"cluttered/{s}/{e}" for s in (*scores, "pointing_game", "energy", "acc") for e in EXITS]
+    keys.append("cluttered/mask_fraction")
+    return keys
+
+
+def test_evaluate_writes_every_metric_plot_and_a_self_contained_report(tmp_path: Path, checkpoints) -> None:
+    egt, base = checkpoints
+    cfg = compose_train(tmp_path, [*SMALL, f"ckpt_path={egt}", f"baseline_ckpt_path={base}"], config_name="eval")
+    metrics = evaluate(cfg)
+    out = tmp_path / "out"
+    written = json.loads((out / "metrics.json").read_text())
+    assert written == json.loads(json.dumps(metrics))
+    missing = [k for k in _expected_keys() if k not in written]
+    assert not missing, missing
+    assert "limit=96" in written["meta"]["data"]
+
+    # values that must hold whatever the weights
+    assert written["oracle/accuracy"] >= max(written[f"test/acc/{e}"] for e in EXITS)
+    assert written["oracle/mflops"] <= written["heavy/mflops"]
+    for r in ROUTERS:
+        assert sum(written["routing/tier_distribution"][r]) == pytest.approx(1.0)
+        costs = [p["mflops"] for p in written[f"tradeoff/{r}"]]
+        assert costs == sorted(costs)
+    assert sum(map(sum, written["routing/gate/confusion_matrix"])) == 96
+    for e in EXITS:
+        assert 0 <= written[f"cluttered/pointing_game/{e}"] <= 1
+        assert 0 <= written[f"faithfulness/deletion_auc/{e}"] <= 1
+
+    html = (out / "report.html").read_text()
+    sources = re.findall(r'<img [^>]*src="([^"]+)"', html)
+    pngs = sorted((out / "plots").glob("*.png"))
+    assert len(sources) == len(pngs) >= 8
+    for src in sources:
+        assert src.startswith("data:image/png;base64,"), src[:40]
+        img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        img.load()
+        assert img.width > 50 and img.height > 50
+    text = re.sub(r'src="data:[^"]+"', "", html)  # base64 payloads may hold any letters
+    assert "http" not in text and "href" not in text and "src=" not in text, "the report must open offline"
+    assert "synthetic" in html  # the report says the cluttered layout is synthetic
+
+
+def test_evaluate_refuses_bad_inputs_naming_the_key(tmp_path: Path, checkpoints) -> None:
+    egt, _ = checkpoints
+    for override, key in (
+        ("bundle_path=/some/bundle", "bundle_path"),
+        ("limit=0", "limit"),
+        (f"baseline_ckpt_path={tmp_path / 'none.ckpt'}", "baseline_ckpt_path"),
+    ):
+        cfg = compose_train(tmp_path, [*SMALL, f"ckpt_path={egt}", override], config_name="eval")
+        with pytest.raises(ConfigError, match=key):
+            evaluate(cfg)
+    cfg = compose_train(tmp_path, [*SMALL, f"ckpt_path={egt}", "data.num_classes=3"], config_name="eval")
+    with pytest.raises(ConfigError, match=r"'data'.*3 classes"):
+        evaluate(cfg)
+
+
+def test_evaluate_sends_figures_tables_and_scalars_to_wandb_offline(
+    tmp_path: Path, checkpoints, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wandb
+
+    from tests.test_wandb_offline import _read_offline_run
+
+    for name, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config")):
+        monkeypatch.setenv(name, str(tmp_path / sub))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    egt, _ = checkpoints
+    small = [o for o in SMALL if not o.startswith("limit")] + ["limit=48", "eval.cluttered.num_images=16"]
+    cfg = compose_train(tmp_path, [*small, f"ckpt_path={egt}", "logger=wandb"], config_name="eval")
+    metrics = evaluate(cfg)
+    wandb.finish()
+    runs = list((tmp_path / "out").glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    logged = _read_offline_run(runs[0])
+    assert logged["routed/gate/accuracy"] == pytest.approx(metrics["routed/gate/accuracy"])
+    for figure in ("tradeoff", "heatmaps", "radar", "attributions"):
+        assert logged[f"eval/{figure}/_type"] == "image-file", figure
+    for table in ("fixed_exits", "routed_inference", "localisation_on_cluttered_scenes"):
+        assert logged[f"eval_tables/{table}/_type"] == "table-file", table
+
+
+def test_checkpoint_without_calibration_is_calibrated_on_the_held_out_split(tmp_path: Path) -> None:
+    from eexit.checkpoint import load_checkpoint
+
+    cfg = compose_train(
+        tmp_path / "train", ["data=synthetic", "model=micro", "debug=fdr", "logger=none", "router.calibrate=false"]
+    )
+    _, objs = train(cfg)
+    assert "calibration" not in load_checkpoint(objs["best_ckpt"]).extra
+    small = [*SMALL, "router.latency_min_run_time=0.01", f"ckpt_path={objs['best_ckpt']}"]
+    metrics = evaluate(compose_train(tmp_path / "eval", small, config_name="eval"))
+    assert metrics["meta"]["calibration"] == "fitted at evaluation"
+    assert {"routed/gate/accuracy", "routed/staged/accuracy", "routed/cascade/accuracy"} <= metrics.keys()
+    assert "calibration" not in load_checkpoint(objs["best_ckpt"]).extra, "evaluation never writes the checkpoint"
