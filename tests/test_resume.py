@@ -122,6 +122,48 @@ def test_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_run(tmp_pat
     assert calib_a["routers"] == calib_b["routers"]
 
 
+class FailAtStep(pl.Callback):
+    """Fault injection in-process: an exception before the given global step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"injected failure at step {self.step}")
+
+
+@pytest.mark.parametrize(("fail_at", "resume_step"), [(12, 12), (17, 15)], ids=["epoch_boundary", "mid_epoch"])
+def test_resume_in_process_gives_the_weights_of_an_uninterrupted_run(
+    tmp_path: Path, fail_at: int, resume_step: int
+) -> None:
+    overrides = [
+        "data=synthetic",
+        "model=micro",
+        "experiment=egt",
+        "logger=none",
+        "trainer.max_epochs=2",
+        "trainer.deterministic=true",
+        "seed=11",
+        "callbacks.last_checkpoint.every_n_train_steps=5",
+        "router.calibrate=false",
+        "test=false",
+    ]
+    _, objs = train(compose_train(tmp_path / "a", overrides))
+    weights_a = {k: v.clone() for k, v in objs["model"].state_dict().items()}
+
+    failing = [*overrides, "+callbacks.fail._target_=tests.test_resume.FailAtStep", f"+callbacks.fail.step={fail_at}"]
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(compose_train(tmp_path / "b", failing))
+    last = tmp_path / "b" / "out" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == resume_step
+
+    _, objs = train(compose_train(tmp_path / "c", [*overrides, f"ckpt_path={last}"]))
+    weights_b = objs["model"].state_dict()
+    assert objs["trainer"].global_step == 2 * STEPS_PER_EPOCH
+    assert _max_diff(weights_a, weights_b) <= 1e-6
+
+
 def test_ckpt_path_last_without_a_last_checkpoint_names_the_key(tmp_path: Path) -> None:
     cfg = compose_train(tmp_path, ["data=synthetic", "model=micro", "logger=none", "ckpt_path=last"])
     with pytest.raises(ConfigError, match=r"ckpt_path.*no last\.ckpt"):
