@@ -80,20 +80,23 @@ def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:
     return ckpt_path
 
 
-def continue_checkpoints_in(callbacks: list, ckpt_path: str) -> None:
+def continue_checkpoints_in(callbacks: list, ckpt_path: str, default_dir: str) -> None:
     """Resuming a run: its checkpoint callbacks go on writing into the resumed run's folder.
 
     ``ModelCheckpoint`` restores its best / top-k bookkeeping only when its folder is the one
     in the checkpoint; a fresh run folder would forget the best epoch before the crash. Only a
-    checkpoint inside a ``checkpoints/`` folder (one of our runs) moves the callbacks.
+    checkpoint inside a ``checkpoints/`` folder (one of our runs) moves the callbacks, and only
+    those writing to this run's own ``default_dir`` (a callback given another folder keeps it).
     """
     folder = Path(ckpt_path).resolve().parent
     if folder.name != "checkpoints":
         return
-    log.info("resuming: checkpoints go on in %s", folder)
-    for cb in callbacks:
-        if isinstance(cb, pl.callbacks.ModelCheckpoint):
-            cb.dirpath = os.path.realpath(folder)
+    default = os.path.realpath(default_dir)
+    moved = [cb for cb in callbacks if isinstance(cb, pl.callbacks.ModelCheckpoint) and cb.dirpath == default]
+    for cb in moved:
+        cb.dirpath = os.path.realpath(folder)
+    if moved:
+        log.info("resuming: checkpoints go on in %s", folder)
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
@@ -118,7 +121,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     if ckpt_path is not None:
-        continue_checkpoints_in(callbacks, ckpt_path)
+        continue_checkpoints_in(callbacks, ckpt_path, str(Path(cfg.paths.output_dir) / "checkpoints"))
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path, weights_only=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 

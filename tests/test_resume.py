@@ -162,6 +162,9 @@ def test_resume_in_process_gives_the_weights_of_an_uninterrupted_run(
     weights_b = objs["model"].state_dict()
     assert objs["trainer"].global_step == 2 * STEPS_PER_EPOCH
     assert _max_diff(weights_a, weights_b) <= 1e-6
+    # the resumed run's checkpoints went on in the failed run's folder
+    assert torch.load(last, weights_only=False)["global_step"] == 2 * STEPS_PER_EPOCH
+    assert not (tmp_path / "c" / "out" / "checkpoints").exists()
 
 
 def test_ckpt_path_last_without_a_last_checkpoint_names_the_key(tmp_path: Path) -> None:
