@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import hydra
@@ -79,6 +80,25 @@ def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:
     return ckpt_path
 
 
+def continue_checkpoints_in(callbacks: list, ckpt_path: str, default_dir: str) -> None:
+    """Resuming a run: its checkpoint callbacks go on writing into the resumed run's folder.
+
+    ``ModelCheckpoint`` restores its best / top-k bookkeeping only when its folder is the one
+    in the checkpoint; a fresh run folder would forget the best epoch before the crash. Only a
+    checkpoint inside a ``checkpoints/`` folder (one of our runs) moves the callbacks, and only
+    those writing to this run's own ``default_dir`` (a callback given another folder keeps it).
+    """
+    folder = Path(ckpt_path).resolve().parent
+    if folder.name != "checkpoints":
+        return
+    default = os.path.realpath(default_dir)
+    moved = [cb for cb in callbacks if isinstance(cb, pl.callbacks.ModelCheckpoint) and cb.dirpath == default]
+    for cb in moved:
+        cb.dirpath = os.path.realpath(folder)
+    if moved:
+        log.info("resuming: checkpoints go on in %s", folder)
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     """Fit and test the model described by ``cfg``.
 
@@ -100,7 +120,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    if ckpt_path is not None:
+        continue_checkpoints_in(callbacks, ckpt_path, str(Path(cfg.paths.output_dir) / "checkpoints"))
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path, weights_only=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""

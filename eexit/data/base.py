@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, random_split
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 
 @dataclass
@@ -30,6 +32,13 @@ class SplitDataModule(pl.LightningDataModule):
 
     The calibration split (for the router) is never used for training or model selection, and
     the test split is never used for calibration.
+
+    The training loader is resumable: a ``StatefulDataLoader`` (torchdata) over a
+    ``StatefulDistributedSampler`` that shuffles with a generator seeded by ``seed + epoch``, so
+    the order of an epoch depends only on the seed and the epoch, and a checkpoint taken in the
+    middle of an epoch stores how many samples were drawn (Lightning saves and restores the
+    loader's ``state_dict``). Under DDP the sampler takes the trainer's world size and rank, so
+    the ranks of one step together see the single-process batch of that step.
 
     Args:
         batch_size: batch size of every loader.
@@ -108,8 +117,22 @@ class SplitDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.data_train, shuffle=True)
+    def train_dataloader(self) -> StatefulDataLoader:
+        """The shuffled, resumable training loader (see the class docstring)."""
+        if self.data_train is None:
+            raise RuntimeError("call setup() before asking for a loader")
+        trainer = getattr(self, "trainer", None)
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = StatefulDistributedSampler(
+            self.data_train, num_replicas=replicas, rank=rank, shuffle=True, seed=self.split_seed
+        )
+        return StatefulDataLoader(
+            self.data_train,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.data_val)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from eexit.lit.resume import RNG_KEY, collect_rng_states, resume_train_loader
 from eexit.losses import MultiExitLoss
 from eexit.models.net import MultiExitNet
 from eexit.types import ExitLevel
@@ -64,6 +65,7 @@ class MultiExitModule(pl.LightningModule):
         )
         self.data_info: dict | None = None
         self.extra_state: dict = {}
+        self._resume_rng: dict | None = None
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """``(B, C, H, W)`` -> four ``(B, K)`` logits."""
@@ -164,10 +166,17 @@ class MultiExitModule(pl.LightningModule):
         if dm is not None and hasattr(dm, "info"):
             self.data_info = dm.info.to_dict()
 
+    def on_train_start(self) -> None:
+        if self.trainer.ckpt_path:  # resuming: loader position and random state as saved
+            resume_train_loader(self.trainer, self._resume_rng)
+            self._resume_rng = None
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["eexit"] = {"spec": self.net.spec, "data": self.data_info, **self.extra_state}
+        checkpoint[RNG_KEY] = collect_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resume_rng = checkpoint.get(RNG_KEY)
         meta = checkpoint.get("eexit", {})
         self.data_info = meta.get("data")
         self.extra_state = {k: v for k, v in meta.items() if k not in ("spec", "data")}

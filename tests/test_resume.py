@@ -1,0 +1,180 @@
+"""Resume after SIGKILL in the middle of an epoch: the same weights and metrics as an uninterrupted run."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from eexit.config import ConfigError
+from eexit.training import train
+from tests.conftest import ROOT, compose_train
+
+# synthetic: 384 training images / 32 = 12 steps an epoch; last.ckpt every 5 steps (and at each
+# epoch end); killed before step 17, so the newest checkpoint is step 15: epoch 1, after 3 batches
+STEPS_PER_EPOCH = 12
+COMMON = [
+    "data=synthetic",
+    "model=micro",
+    "experiment=egt",
+    "logger=csv",
+    "trainer.max_epochs=3",
+    "trainer.deterministic=true",
+    "seed=11",
+    "callbacks.last_checkpoint.every_n_train_steps=5",
+    "router.latency_min_run_time=0.01",
+    "router.latency_batch=16",
+]
+KILL_AT = 17
+
+
+class KillAtStep(pl.Callback):
+    """Fault injection: the process SIGKILLs itself before the given global step (no cleanup runs)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _train_py(log_dir: Path, run: str, extra: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            *COMMON,
+            f"paths.log_dir={log_dir}",
+            f"hydra.run.dir={log_dir}/train/runs/{run}",
+            *extra,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def _final_metrics(run_dir: Path) -> dict[str, float]:
+    (path,) = run_dir.glob("csv/*/metrics.csv")
+    last: dict[str, float] = {}
+    for row in csv.DictReader(path.open()):
+        last.update({k: float(v) for k, v in row.items() if v not in ("", None)})
+    return {k: v for k, v in last.items() if k.startswith(("val/", "test/"))}
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.mark.slow
+def test_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    a = _train_py(tmp_path / "a", "a", [])
+    assert a.returncode == 0, a.stderr[-3000:]
+
+    killed = _train_py(
+        tmp_path / "b",
+        "killed",
+        ["+callbacks.kill._target_=tests.test_resume.KillAtStep", f"+callbacks.kill.step={KILL_AT}"],
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    last = tmp_path / "b/train/runs/killed/checkpoints/last.ckpt"
+    state = torch.load(last, weights_only=False)
+    assert state["global_step"] == 15 and state["epoch"] == 1, "the newest checkpoint must be in the middle of epoch 1"
+    assert state["global_step"] % STEPS_PER_EPOCH != 0
+    assert "combined_loader" in state["loops"]["fit_loop"]["state_dict"], "the loader position must be saved"
+
+    resumed = _train_py(tmp_path / "b", "resumed", ["ckpt_path=last"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "ended before the epoch ended" not in resumed.stderr  # Lightning's non-resumable-loader warning
+    assert f"Restoring states from the checkpoint path at {last}" in resumed.stdout + resumed.stderr
+
+    # the same final weights (checkpoints of the resumed run go on in the killed run's folder)
+    final_a = torch.load(tmp_path / "a/train/runs/a/checkpoints/last.ckpt", weights_only=False)
+    final_b = torch.load(last, weights_only=False)
+    assert final_a["global_step"] == final_b["global_step"] == 3 * STEPS_PER_EPOCH
+    assert _max_diff(final_a["state_dict"], final_b["state_dict"]) <= 1e-6
+    for key in ("optimizer_states", "lr_schedulers"):
+        assert repr(final_a[key]) == repr(final_b[key]), key
+
+    # the same final validation and test metrics (test from the same best epoch)
+    metrics_a = _final_metrics(tmp_path / "a/train/runs/a")
+    metrics_b = _final_metrics(tmp_path / "b/train/runs/resumed")
+    assert metrics_a.keys() == metrics_b.keys() and any(k.startswith("test/") for k in metrics_a)
+    assert max(abs(metrics_a[k] - metrics_b[k]) for k in metrics_a) <= 1e-6
+
+    # calibration ran after the resumed fit, into the same best checkpoint, with the same routers
+    (best_a,) = (tmp_path / "a/train/runs/a/checkpoints").glob("epoch_*.ckpt")
+    (best_b,) = (tmp_path / "b/train/runs/killed/checkpoints").glob("epoch_*.ckpt")
+    assert best_a.name == best_b.name
+    calib_a = torch.load(best_a, weights_only=False)["eexit"]["calibration"]
+    calib_b = torch.load(best_b, weights_only=False)["eexit"]["calibration"]
+    assert calib_a["routers"] == calib_b["routers"]
+
+
+class FailAtStep(pl.Callback):
+    """Fault injection in-process: an exception before the given global step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"injected failure at step {self.step}")
+
+
+@pytest.mark.parametrize(("fail_at", "resume_step"), [(12, 12), (17, 15)], ids=["epoch_boundary", "mid_epoch"])
+def test_resume_in_process_gives_the_weights_of_an_uninterrupted_run(
+    tmp_path: Path, fail_at: int, resume_step: int
+) -> None:
+    overrides = [
+        "data=synthetic",
+        "model=micro",
+        "experiment=egt",
+        "logger=none",
+        "trainer.max_epochs=2",
+        "trainer.deterministic=true",
+        "seed=11",
+        "callbacks.last_checkpoint.every_n_train_steps=5",
+        "router.calibrate=false",
+        "test=false",
+    ]
+    _, objs = train(compose_train(tmp_path / "a", overrides))
+    weights_a = {k: v.clone() for k, v in objs["model"].state_dict().items()}
+
+    failing = [*overrides, "+callbacks.fail._target_=tests.test_resume.FailAtStep", f"+callbacks.fail.step={fail_at}"]
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(compose_train(tmp_path / "b", failing))
+    last = tmp_path / "b" / "out" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == resume_step
+
+    _, objs = train(compose_train(tmp_path / "c", [*overrides, f"ckpt_path={last}"]))
+    weights_b = objs["model"].state_dict()
+    assert objs["trainer"].global_step == 2 * STEPS_PER_EPOCH
+    assert _max_diff(weights_a, weights_b) <= 1e-6
+    # the resumed run's checkpoints went on in the failed run's folder
+    assert torch.load(last, weights_only=False)["global_step"] == 2 * STEPS_PER_EPOCH
+    assert not (tmp_path / "c" / "out" / "checkpoints").exists()
+
+
+def test_ckpt_path_last_without_a_last_checkpoint_names_the_key(tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, ["data=synthetic", "model=micro", "logger=none", "ckpt_path=last"])
+    with pytest.raises(ConfigError, match=r"ckpt_path.*no last\.ckpt"):
+        train(cfg)
+
+
+def test_ckpt_path_that_does_not_exist_names_the_key_and_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.ckpt"
+    cfg = compose_train(tmp_path, ["data=synthetic", "model=micro", "logger=none", f"ckpt_path={missing}"])
+    with pytest.raises(ConfigError, match=rf"ckpt_path.*{missing}"):
+        train(cfg)
