@@ -322,32 +322,29 @@ def _check_consistency(manifest: dict, file: Path) -> None:
         raise BundleError(f"{file} is inconsistent: " + "; ".join(problems))
 
 
+def _listing(names: list[str], limit: int = 5) -> str:
+    return "; ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
 def _check_tensors(net: MultiExitNet, tensors: dict[str, torch.Tensor], file: Path) -> None:
-    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    found = {k.removeprefix("net."): tuple(v.shape) for k, v in tensors.items() if k.startswith("net.")}
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
+    """Parameter names and shapes the spec builds against the file's ``net.*`` tensors."""
+    expected = {f"net.{k}": tuple(v.shape) for k, v in net.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items() if k.startswith("net.")}
     shapes = [
-        f"{k}: spec builds {list(expected[k])}, file has {list(found[k])}"
-        for k in sorted(set(expected) & set(found))
-        if expected[k] != found[k]
+        f"{k}: spec builds {list(shape)}, file has {list(found[k])}"
+        for k, shape in expected.items()
+        if k in found and found[k] != shape
     ]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            parts.append(
-                "shape mismatch " + "; ".join(shapes[:5]) + (f" (+{len(shapes) - 5} more)" if len(shapes) > 5 else "")
-            )
-        if missing:
-            parts.append(
-                f"missing from the file: {', '.join(missing[:5])}"
-                + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
-            )
-        if unexpected:
-            parts.append(
-                f"not in the spec: {', '.join(unexpected[:5])}"
-                + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else "")
-            )
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    parts = []
+    if shapes:
+        parts.append(f"shape mismatch {_listing(shapes)}")
+    if missing:
+        parts.append(f"missing from the file: {_listing(missing)}")
+    if unexpected:
+        parts.append(f"not built by the spec: {_listing(unexpected)}")
+    if parts:
         raise BundleError(
             f"the spec in {file.parent / MANIFEST_NAME} does not match the weights in {file}: " + "; ".join(parts)
         )
