@@ -139,7 +139,7 @@ def _wide_to_array(im: Image.Image, size: int) -> np.ndarray:
     if f.size != (size, size):
         new, box = _resize_box(f.width, f.height, size)
         f = f.resize(new, Image.Resampling.BILINEAR).crop(box)
-    return np.asarray(f, dtype=np.float32)
+    return np.array(f, dtype=np.float32)
 
 
 def to_array(im: Image.Image, channels: int, size: int) -> np.ndarray:
