@@ -68,10 +68,10 @@ def _read(path: str) -> bytes:
         raise ImageError(path, "no file matches this pattern")
     p = Path(path)
     try:
-        if p.is_dir():
-            raise ImageError(path, "is a directory")
         with open(p, "rb") as f:
             data = f.read()
+    except IsADirectoryError:
+        raise ImageError(path, "is a directory") from None
     except FileNotFoundError:
         raise ImageError(path, "no such file") from None
     except PermissionError:
@@ -103,8 +103,10 @@ def decode(path: str) -> Image.Image:
         raise ImageError(path, reason) from None
     if im.width == 0 or im.height == 0:
         raise ImageError(path, f"image has no pixels ({im.width}x{im.height})")
-    with contextlib.suppress(Exception):  # a broken EXIF block: keep the pixels as stored
-        im = ImageOps.exif_transpose(im)
+    # Pillow keeps EXIF in ``info`` (JPEG, PNG, WebP, ...) or in TIFF tags: skip the parse otherwise
+    if im.format == "TIFF" or "exif" in im.info or "Raw profile type exif" in im.info:
+        with contextlib.suppress(Exception):  # a broken EXIF block: keep the pixels as stored
+            im = ImageOps.exif_transpose(im)
     return im
 
 
@@ -161,8 +163,9 @@ def to_array(im: Image.Image, channels: int, size: int) -> np.ndarray:
     return a[..., None] if a.ndim == 2 else a
 
 
-def load_image(path: str, channels: int, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """One file -> a normalised ``(channels, size, size)`` float32 tensor.
+def load_array(path: str, channels: int, size: int, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """One file -> a normalised ``(channels, size, size)`` float32 array (``mean``/``std`` of
+    shape ``(channels, 1, 1)``); the fast path of ``load_image`` for batches.
 
     Raises:
         ImageError: the file cannot be used; the reason is in the message.
@@ -172,8 +175,21 @@ def load_image(path: str, channels: int, size: int, mean: Sequence[float], std: 
         a = to_array(im, channels, size)
     except (OSError, ValueError) as err:
         raise ImageError(path, f"cannot convert mode {im.mode} to the model's {channels} channel(s): {err}") from None
-    x = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
-    x = (x - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
-    if not torch.isfinite(x).all():
+    x = (a.transpose(2, 0, 1) - mean) / std
+    if not np.isfinite(x).all():
         raise ImageError(path, "image has non-finite pixel values")
-    return x
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def norm_arrays(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """``mean``/``std`` as float32 ``(C, 1, 1)`` arrays for ``load_array``."""
+    return np.asarray(mean, np.float32).reshape(-1, 1, 1), np.asarray(std, np.float32).reshape(-1, 1, 1)
+
+
+def load_image(path: str, channels: int, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """One file -> a normalised ``(channels, size, size)`` float32 tensor.
+
+    Raises:
+        ImageError: the file cannot be used; the reason is in the message.
+    """
+    return torch.from_numpy(load_array(path, channels, size, *norm_arrays(mean, std)))

@@ -13,26 +13,28 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from eexit.bundle import Bundle
 from eexit.routing.decisions import attribute_output, decisions_from_output
 from eexit.routing.engine import RoutedOutput
-from eexit.serve.images import ImageError, load_image
+from eexit.serve.images import ImageError, load_array, norm_arrays
 from eexit.types import ExitLevel
 
 log = logging.getLogger(__name__)
 
-Loaded = list[tuple[str, Tensor | None, str | None]]
+Loaded = list[tuple[str, np.ndarray | None, str | None]]
 
 
 def _load_chunk(paths: Sequence[str], bundle: Bundle) -> Loaded:
     size = bundle.input_size[0]
+    mean, std = norm_arrays(bundle.mean, bundle.std)
     out: Loaded = []
     for p in paths:
         try:
-            out.append((p, load_image(p, bundle.channels, size, bundle.mean, bundle.std), None))
+            out.append((p, load_array(p, bundle.channels, size, mean, std), None))
         except ImageError as err:
             out.append((p, None, err.reason))
         except Exception as err:  # never lose the other inputs' results
@@ -114,7 +116,7 @@ def predict_rows(
             good = [t for _, t, _ in loaded if t is not None]
             rows_good: list[dict] = []
             if good:
-                x = torch.stack(good)
+                x = torch.from_numpy(np.stack(good))
                 out = _route(bundle, router, x, tier, out_dir is not None)
                 expl = attribute_output(bundle.calibration, router, out) if attributions else None
                 decisions = decisions_from_output(
@@ -125,7 +127,7 @@ def predict_rows(
                     None if expl is None else expl.attributions,
                     None if expl is None else expl.delta,
                 )
-                rows_good = [d.to_dict() for d in decisions]
+                rows_good = [dict(vars(d)) for d in decisions]  # shallow: asdict's deep copy costs
             g = 0
             for path, tensor, error in loaded:
                 if tensor is None:
