@@ -109,10 +109,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.bundle:
-            bundle_dir = args.bundle
+            bundle_dir = source = args.bundle
         else:
             ckpt = Path(args.ckpt) if args.ckpt else newest_calibrated_checkpoint()
-            bundle_dir = str(export_bundle(ckpt, tmp / "bundle"))
+            bundle_dir, source = str(export_bundle(ckpt, tmp / "bundle")), f"exported from {ckpt}"
         bundle = load_bundle(bundle_dir)
         folder = tmp / "images"
         folder.mkdir()
@@ -136,7 +136,7 @@ def main() -> None:
     emit(
         {
             "benchmark": "predict_throughput",
-            "bundle": str(bundle_dir),
+            "bundle": source,
             "router": bundle.serve_router,
             "num_images": args.num_images,
             "batch_size": args.batch,
