@@ -36,6 +36,10 @@ def _export(args: argparse.Namespace) -> int:
 
     out = export_bundle(args.checkpoint, args.out_dir, serve=args.router)
     Console(stderr=True).print(f"bundle written to [bold]{out}[/bold]")
+    if args.onnx:
+        from eexit.serve.onnx import export_onnx
+
+        Console(stderr=True).print(f"ONNX pieces written to [bold]{export_onnx(out)}[/bold]")
     return 0
 
 
@@ -90,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint")
     export.add_argument("out_dir")
     export.add_argument("--router", default="gate", help="router served by default (gate, staged, cascade)")
+    export.add_argument("--onnx", action="store_true", help="also write ONNX pieces to OUT_DIR/onnx (the onnx extra)")
     export.set_defaults(func=_export)
     predict = sub.add_parser("predict", help="route images through a bundle; one JSON line per input on stdout")
     predict.add_argument("--bundle", required=True, help="bundle directory (from `eexit export` or train.py)")
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, ImportError) as err:
         Console(stderr=True).print(f"[red]error:[/red] {err}")
         return 2
 
