@@ -21,6 +21,8 @@ def main(cfg: DictConfig) -> float | None:
     if objs["calibration"] is not None:
         print_router_table(objs["calibration"].fit_summary)
     print(f"checkpoint: {objs['best_ckpt']}")
+    if objs.get("bundle"):
+        print(f"bundle: {objs['bundle']}  (eexit predict --bundle {objs['bundle']} IMAGES...)")
     return metrics.get("val/acc/heavy")
 
 

@@ -31,6 +31,56 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from eexit.bundle import export_bundle
+
+    out = export_bundle(args.checkpoint, args.out_dir, serve=args.router)
+    Console(stderr=True).print(f"bundle written to [bold]{out}[/bold]")
+    if args.onnx:
+        from eexit.serve.onnx import export_onnx
+
+        Console(stderr=True).print(f"ONNX pieces written to [bold]{export_onnx(out)}[/bold]")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from eexit.bundle import load_bundle
+    from eexit.serve.images import expand_inputs
+    from eexit.serve.predict import predict_rows
+
+    bundle = load_bundle(args.bundle)
+    paths = expand_inputs(args.inputs)
+    err = Console(stderr=True)
+    show = not args.no_progress and len(paths) > args.batch_size
+    failed = 0
+    progress = Progress(
+        TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err, disable=not show
+    )
+    with progress:
+        task = progress.add_task("predict", total=len(paths))
+        rows = predict_rows(
+            bundle,
+            paths,
+            router=args.router,
+            batch_size=args.batch_size,
+            force_tier=args.tier,
+            explain_dir=args.explain,
+            attributions=not args.no_attributions,
+            on_batch=lambda n: progress.advance(task, n),
+        )
+        for row in rows:
+            failed += "error" in row
+            sys.stdout.write(json.dumps(row, allow_nan=False) + "\n")
+    sys.stdout.flush()
+    if failed:
+        err.print(f"[yellow]{failed} of {len(paths)} inputs could not be used (see their 'error' lines)[/yellow]")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eexit", description="Explainable early-exit image classification")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="show what a checkpoint holds (spec, data, calibration)")
     info.add_argument("checkpoint")
     info.set_defaults(func=_info)
+    export = sub.add_parser(
+        "export", help="write a serving bundle (safetensors + bundle.json) of a calibrated checkpoint"
+    )
+    export.add_argument("checkpoint")
+    export.add_argument("out_dir")
+    export.add_argument("--router", default="gate", help="router served by default (gate, staged, cascade)")
+    export.add_argument("--onnx", action="store_true", help="also write ONNX pieces to OUT_DIR/onnx (the onnx extra)")
+    export.set_defaults(func=_export)
+    predict = sub.add_parser("predict", help="route images through a bundle; one JSON line per input on stdout")
+    predict.add_argument("--bundle", required=True, help="bundle directory (from `eexit export` or train.py)")
+    predict.add_argument("inputs", nargs="+", help="image files, folders (recursive) or globs")
+    predict.add_argument("--router", default=None, help="router kind (default: the bundle's served router)")
+    predict.add_argument("--tier", default=None, help="force every image to this exit (tiny, light, medium, heavy)")
+    predict.add_argument(
+        "--explain", default=None, metavar="OUT", help="write cam overlay, radar and attribution charts here"
+    )
+    predict.add_argument("--batch-size", type=int, default=256)
+    predict.add_argument("--no-attributions", action="store_true", help="skip the Captum attributions")
+    predict.add_argument("--no-progress", action="store_true", help="never show the progress bar")
+    predict.set_defaults(func=_predict)
     return parser
 
 
@@ -45,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, ImportError) as err:
         Console(stderr=True).print(f"[red]error:[/red] {err}")
         return 2
 

@@ -104,7 +104,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
 
     Returns:
         The metrics (``train/...``, ``val/...``, ``test/...``) and a dict of the objects used
-        (``datamodule``, ``model``, ``trainer``, ``best_ckpt``).
+        (``datamodule``, ``model``, ``trainer``, ``best_ckpt``, ``calibration``, ``bundle``: the
+        directory of the exported serving bundle, or ``None`` without calibration).
     """
     validate_train_config(cfg)
     if cfg.get("seed") is not None:
@@ -143,12 +144,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
                     metrics[f"calib/{kind}/{key}"] = value
         for lg in loggers:
             lg.log_metrics({k: v for k, v in metrics.items() if k.startswith("calib/")})
+    bundle = None
+    if calibration is not None:  # rank zero: the serving bundle of the calibrated best checkpoint
+        from eexit.bundle import export_bundle
+
+        bundle = str(export_bundle(best, Path(cfg.paths.output_dir) / "bundle", serve=router_cfg.get("serve", "gate")))
     return metrics, {
         "datamodule": dm,
         "model": model,
         "trainer": trainer,
         "best_ckpt": best,
         "calibration": calibration,
+        "bundle": bundle,
     }
 
 

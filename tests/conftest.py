@@ -46,3 +46,15 @@ def compose_train(tmp_path: Path, overrides: list[str] | None = None, config_nam
 def quick_overrides() -> list[str]:
     """A run on the generated shapes with the micro network, one batch of each split."""
     return ["data=synthetic", "model=micro", "debug=fdr", "logger=none", "callbacks=none"]
+
+
+@pytest.fixture(scope="session")
+def calibrated_run(tmp_path_factory) -> dict:
+    """One real ``train()`` run (micro network, generated shapes, fast_dev_run) whose best
+    checkpoint is calibrated and exported as a bundle: ``{"ckpt", "bundle", "data"}``."""
+    from eexit.training import train
+
+    tmp = tmp_path_factory.mktemp("calibrated_run")
+    cfg = compose_train(tmp, ["data=synthetic", "model=micro", "debug=fdr", "logger=none", "callbacks=none"])
+    _, objs = train(cfg)
+    return {"ckpt": objs["best_ckpt"], "bundle": objs["bundle"], "data": objs["datamodule"].info}

@@ -71,7 +71,7 @@ class Calibration:
         routers = {}
         for kind, entry in state["routers"].items():
             router = build_router(entry["config"])
-            router.load_state_dict({n: torch.tensor(v) for n, v in entry["state"].items()})
+            router.load_state_dict({n: torch.as_tensor(v) for n, v in entry["state"].items()})
             routers[kind] = router.eval()
         costs = {k: [TierCost(**c) for c in v] for k, v in state["tier_costs"].items()}
         return cls(

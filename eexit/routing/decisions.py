@@ -113,26 +113,28 @@ def decisions_from_output(
         attributions: ``(B, 7)`` feature attributions, optional.
         deltas: ``(B,)`` completeness gaps, optional.
     """
-    probs = out.probs
-    conf, label = probs.max(dim=1)
+    conf_t, label_t = out.probs.max(dim=1)
+    # plain Python lists once per batch: per-element tensor indexing dominates otherwise
+    tiers, labels, probs = out.tier.tolist(), label_t.tolist(), conf_t.tolist()
+    confidence, features = out.confidence.tolist(), out.features.tolist()
+    attr = None if attributions is None else attributions.tolist()
+    delta = None if deltas is None else deltas.tolist()
     decisions = []
-    for i in range(len(out.tier)):
-        t = int(out.tier[i])
-        li = int(label[i])
+    for i, (t, li) in enumerate(zip(tiers, labels, strict=True)):
         decisions.append(
             RoutingDecision(
                 tier=ExitLevel(t).key,
-                confidence=_finite(out.confidence[i]) or 0.0,
+                confidence=_finite(confidence[i]) or 0.0,
                 latency_ms=costs[t].latency_ms,
                 mflops=costs[t].mflops,
                 label=class_names[li] if class_names else str(li),
                 label_index=li,
-                probability=_finite(conf[i]) or 0.0,
-                features={n: _finite(v) for n, v in zip(FEATURE_NAMES, out.features[i].tolist(), strict=True)},
+                probability=_finite(probs[i]) or 0.0,
+                features={n: _finite(v) for n, v in zip(FEATURE_NAMES, features[i], strict=True)},
                 attributions=None
-                if attributions is None
-                else {n: _finite(v) for n, v in zip(FEATURE_NAMES, attributions[i].tolist(), strict=True)},
-                attribution_delta=None if deltas is None else _finite(deltas[i]),
+                if attr is None
+                else {n: _finite(v) for n, v in zip(FEATURE_NAMES, attr[i], strict=True)},
+                attribution_delta=None if delta is None else _finite(delta[i]),
                 router=router,
             )
         )

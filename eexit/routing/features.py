@@ -98,8 +98,25 @@ def _region_spread(mn: Tensor, h: int, w: int, grid: int) -> Tensor:
     """Population std of the ``grid x grid`` region means of ``Mn`` ``(B, N)`` -> ``(B,)`` in [0, 0.5]."""
     if grid < 1:
         raise ValueError(f"grid must be >= 1, got {grid}")
-    regions = F.adaptive_avg_pool2d(mn.view(-1, 1, h, w), grid).flatten(1)
+    if torch.onnx.is_in_onnx_export():
+        # ONNX cannot export adaptive pooling whose grid does not divide the map: the same
+        # region means as separable pooling matrices (equal up to float rounding)
+        ph, pw = _pool_matrix(h, grid, mn), _pool_matrix(w, grid, mn)
+        regions = torch.einsum("ih,bhw,jw->bij", ph, mn.view(-1, h, w), pw).flatten(1)
+    else:
+        regions = F.adaptive_avg_pool2d(mn.view(-1, 1, h, w), grid).flatten(1)
     return regions.std(dim=1, correction=0)
+
+
+def _pool_matrix(n: int, grid: int, like: Tensor) -> Tensor:
+    """``(grid, n)`` rows averaging adaptive pooling's bins ``[floor(i n / g), ceil((i + 1) n / g))``
+    (built from Python numbers, so an ONNX trace records it as a constant)."""
+    n = int(n)
+    rows = []
+    for i in range(grid):
+        lo, hi = (i * n) // grid, -(-((i + 1) * n) // grid)
+        rows.append([1.0 / (hi - lo) if lo <= j < hi else 0.0 for j in range(n)])
+    return torch.tensor(rows, dtype=like.dtype, device=like.device)
 
 
 @torch.no_grad()

@@ -1,0 +1,418 @@
+"""Export a trained, calibrated model as a bundle and load it back with torch and safetensors only.
+
+A bundle is a directory:
+
+* ``model.safetensors``: the network's weights (``net.*``) and the routers' weights
+  (``router.<kind>.*``); no pickle. Its metadata seals a copy of the manifest (below), so an
+  edited ``bundle.json`` is detected.
+* ``bundle.json``: the manifest: architecture spec, classes, input size and normalisation, the
+  tier table of every router (exit, MFLOPs, latency), the served router and every router's knob,
+  feature statistics, the explanation baselines, package versions and the weights' sha256.
+
+Loading checks, in order: the weights file's sha256 against the manifest, the manifest against
+the copy sealed in the weights file, the spec's consistency with the data section, and the
+spec's parameter names and shapes against the tensors in the file. Any mismatch raises
+``BundleError`` saying what differs. This module (and what it imports) uses neither Lightning
+nor Hydra, W&B or torchmetrics: a bundle serves where only torch is installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import eexit
+from eexit.models.net import MultiExitNet
+from eexit.models.registry import create_model
+from eexit.routing.calibrate import Calibration
+from eexit.routing.engine import RoutedClassifier
+from eexit.types import ExitLevel
+
+log = logging.getLogger(__name__)
+
+FORMAT = "eexit-bundle"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "bundle.json"
+WEIGHTS_NAME = "model.safetensors"
+SEAL_KEY = "eexit.manifest"
+RESIZE_RULE = "shorter side to size (bilinear, antialiased), then centre crop to size x size"
+SCALE_RULE = "pixel / full scale of the mode (255; 65535 for 16-bit), then (x - mean) / std per channel"
+ALPHA_RULE = "transparent pixels are composited over black"
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be served as it is; the message says which file and what differs."""
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    out = {"eexit": eexit.__version__, "python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("safetensors", "torchvision", "pillow", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _differences(a: Any, b: Any, path: str = "", limit: int = 5) -> list[str]:
+    """Paths (``spec.widths[1]``) where two JSON values differ, with both values; at most ``limit``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in a:
+                out.append(f"{sub}: missing from {MANIFEST_NAME} (export had {_short(b[key])})")
+            elif key not in b:
+                out.append(f"{sub}: added in {MANIFEST_NAME} ({_short(a[key])}), not in the export")
+            else:
+                out += _differences(a[key], b[key], sub, limit)
+            if len(out) >= limit:
+                break
+        return out[:limit]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        out = []
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            out += _differences(x, y, f"{path}[{i}]", limit)
+            if len(out) >= limit:
+                break
+        return out[:limit]
+    if a != b:
+        return [f"{path}: {MANIFEST_NAME} has {_short(a)}, the export had {_short(b)}"]
+    return []
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def build_manifest(
+    spec: dict, data: dict, calibration: Calibration, serve: str, source: str | None = None
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The manifest (without its ``weights`` section) and the router tensors of a calibration.
+
+    Args:
+        spec: the network's spec (``MultiExitNet.spec``).
+        data: the data section (``DataInfo.to_dict()``): classes, channels, size, mean, std.
+        calibration: the fitted routers, tier costs and statistics.
+        serve: the router used by default when serving.
+        source: where the model came from (recorded only).
+    """
+    if serve not in calibration.routers:
+        raise BundleError(f"router {serve!r} to serve is not calibrated; calibrated: {sorted(calibration.routers)}")
+    state = calibration.to_state()
+    router_tensors: dict[str, torch.Tensor] = {}
+    routers = {}
+    for kind, router in calibration.routers.items():
+        for name, tensor in router.state_dict().items():
+            router_tensors[f"router.{kind}.{name}"] = tensor.detach().cpu().contiguous()
+        routers[kind] = {
+            "config": state["routers"][kind]["config"],
+            "tiers": state["tier_costs"][kind],
+            "fit_summary": state["fit_summary"].get(kind, {}),
+        }
+    size = int(data["image_size"])
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": source,
+        "spec": spec,
+        "data": data,
+        "class_names": list(data.get("class_names") or [str(i) for i in range(int(data["num_classes"]))]),
+        "input": {
+            "channels": int(data["in_chans"]),
+            "size": [size, size],
+            "mean": list(data["mean"]),
+            "std": list(data["std"]),
+            "resize": RESIZE_RULE,
+            "scale": SCALE_RULE,
+            "alpha": ALPHA_RULE,
+        },
+        "serve": {"router": serve, "knob": state["routers"][serve]["config"]["knob"]},
+        "routers": routers,
+        "feature_statistics": {
+            "names": state["feature_names"],
+            "feature_kwargs": state["feature_kwargs"],
+            "tier_profiles": state["tier_profiles"],
+        },
+        "explanation": {
+            "method": "deeplift",
+            "baseline_features": state["baseline_features"],
+            "exit_baselines": state["exit_baselines"],
+        },
+        "versions": _versions(),
+    }
+    return manifest, router_tensors
+
+
+def export_bundle(ckpt_path: str | Path, out_dir: str | Path, serve: str = "gate") -> Path:
+    """Write the bundle of a calibrated checkpoint written by ``MultiExitModule``.
+
+    Args:
+        ckpt_path: the Lightning checkpoint (must hold ``eexit.calibration``).
+        out_dir: the bundle directory (created; existing bundle files are replaced).
+        serve: the router ``eexit predict`` uses by default.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``ckpt_path``.
+        BundleError: the checkpoint holds no calibration or no data section.
+    """
+    from eexit.checkpoint import load_checkpoint  # reads the Lightning checkpoint (pickle): export only
+
+    loaded = load_checkpoint(ckpt_path)
+    if "calibration" not in loaded.extra:
+        raise BundleError(f"{ckpt_path} holds no router calibration; run calibration first (train.py does it)")
+    if not loaded.data:
+        raise BundleError(f"{ckpt_path} has no data section (classes, input size, normalisation)")
+    calibration = Calibration.from_state(loaded.extra["calibration"])
+    return write_bundle(loaded.net, loaded.data, calibration, out_dir, serve, source=str(Path(ckpt_path).name))
+
+
+def write_bundle(
+    net: MultiExitNet,
+    data: dict,
+    calibration: Calibration,
+    out_dir: str | Path,
+    serve: str = "gate",
+    source: str | None = None,
+) -> Path:
+    """Write a bundle from a network, its data section and its calibration (see ``export_bundle``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest, router_tensors = build_manifest(net.spec, data, calibration, serve, source)
+    tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tensors.update(router_tensors)
+    weights = out / WEIGHTS_NAME
+    tmp = out / f".{WEIGHTS_NAME}.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt", SEAL_KEY: _canonical(manifest)})
+    tmp.replace(weights)
+    manifest["weights"] = {
+        "file": WEIGHTS_NAME,
+        "sha256": file_sha256(weights),
+        "bytes": weights.stat().st_size,
+        "tensors": len(tensors),
+    }
+    tmp = out / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+    tmp.replace(out / MANIFEST_NAME)
+    os.chmod(weights, (out / MANIFEST_NAME).stat().st_mode & 0o777)  # as readable as the manifest
+    log.info("bundle written to %s (%d tensors, sha256 %s)", out, len(tensors), manifest["weights"]["sha256"][:12])
+    return out
+
+
+@dataclass
+class Bundle:
+    """A verified bundle, ready to serve.
+
+    Attributes:
+        net: the network in eval mode.
+        calibration: routers (with knobs), tier costs and statistics.
+        manifest: the parsed ``bundle.json``.
+        path: the bundle directory.
+    """
+
+    net: MultiExitNet
+    calibration: Calibration
+    manifest: dict
+    path: Path
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest["class_names"])
+
+    @property
+    def serve_router(self) -> str:
+        return str(self.manifest["serve"]["router"])
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        h, w = self.manifest["input"]["size"]
+        return int(h), int(w)
+
+    @property
+    def channels(self) -> int:
+        return int(self.manifest["input"]["channels"])
+
+    @property
+    def mean(self) -> list[float]:
+        return [float(v) for v in self.manifest["input"]["mean"]]
+
+    @property
+    def std(self) -> list[float]:
+        return [float(v) for v in self.manifest["input"]["std"]]
+
+    def flops_ratio(self, router: str | None = None) -> float:
+        """Mean FLOPs of the routed path over HEAVY's on the calibration split, at the knob."""
+        return float(self.calibration.fit_summary[router or self.serve_router]["flops_ratio"])
+
+    def routed(self, router: str | None = None) -> RoutedClassifier:
+        """The routed classifier of ``router`` (default: the bundle's served router)."""
+        return self.calibration.routed(self.net, router or self.serve_router)
+
+
+def _read_manifest(path: Path) -> dict:
+    file = path / MANIFEST_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"not a bundle: {file} does not exist")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{file} is not valid JSON: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{file} is not an eexit bundle manifest (format {manifest.get('format')!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{file}: bundle format version {manifest.get('format_version')!r}; this eexit reads {FORMAT_VERSION}"
+        )
+    for key in ("spec", "data", "class_names", "input", "serve", "routers", "explanation", "weights"):
+        if key not in manifest:
+            raise BundleError(f"{file}: section {key!r} is missing")
+    return manifest
+
+
+def _check_consistency(manifest: dict, file: Path) -> None:
+    spec, data, inp = manifest["spec"], manifest["data"], manifest["input"]
+    problems = []
+    if int(spec.get("num_classes", -1)) != len(manifest["class_names"]):
+        problems.append(
+            f"spec.num_classes is {spec.get('num_classes')} but there are {len(manifest['class_names'])} class names"
+        )
+    if int(spec.get("in_chans", -1)) != int(inp["channels"]):
+        problems.append(f"spec.in_chans is {spec.get('in_chans')} but input.channels is {inp['channels']}")
+    if not (len(inp["mean"]) == len(inp["std"]) == int(inp["channels"])):
+        problems.append(
+            f"input.mean / input.std have {len(inp['mean'])} / {len(inp['std'])} values for {inp['channels']} channels"
+        )
+    if any(float(s) <= 0 for s in inp["std"]):
+        problems.append(f"input.std must be positive, got {inp['std']}")
+    if manifest["serve"]["router"] not in manifest["routers"]:
+        problems.append(f"serve.router {manifest['serve']['router']!r} is not one of {sorted(manifest['routers'])}")
+    if int(data.get("num_classes", -1)) != int(spec.get("num_classes", -2)):
+        problems.append(f"data.num_classes {data.get('num_classes')} != spec.num_classes {spec.get('num_classes')}")
+    if problems:
+        raise BundleError(f"{file} is inconsistent: " + "; ".join(problems))
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    return "; ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _check_tensors(net: MultiExitNet, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """Parameter names and shapes the spec builds against the file's ``net.*`` tensors."""
+    expected = {f"net.{k}": tuple(v.shape) for k, v in net.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items() if k.startswith("net.")}
+    shapes = [
+        f"{k}: spec builds {list(shape)}, file has {list(found[k])}"
+        for k, shape in expected.items()
+        if k in found and found[k] != shape
+    ]
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    parts = []
+    if shapes:
+        parts.append(f"shape mismatch {_listing(shapes)}")
+    if missing:
+        parts.append(f"missing from the file: {_listing(missing)}")
+    if unexpected:
+        parts.append(f"not built by the spec: {_listing(unexpected)}")
+    if parts:
+        raise BundleError(
+            f"the spec in {file.parent / MANIFEST_NAME} does not match the weights in {file}: " + "; ".join(parts)
+        )
+
+
+def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> Bundle:
+    """Load and verify a bundle.
+
+    Raises:
+        FileNotFoundError: the directory, its manifest or its weights file is missing.
+        BundleError: the weights' hash, the sealed manifest, the spec or the tensors do not
+            match; the message says what differs.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"bundle directory not found: {path}")
+    manifest = _read_manifest(path)
+    weights = path / str(manifest["weights"].get("file", WEIGHTS_NAME))
+    if not weights.is_file():
+        raise FileNotFoundError(f"bundle weights not found: {weights}")
+    recorded, actual = manifest["weights"].get("sha256"), file_sha256(weights)
+    if actual != recorded:
+        raise BundleError(
+            f"{weights} was changed after export: its sha256 is {actual}, {MANIFEST_NAME} records {recorded}"
+        )
+    with safe_open(str(weights), framework="pt") as f:
+        sealed = (f.metadata() or {}).get(SEAL_KEY)
+    if sealed is None:
+        raise BundleError(f"{weights} carries no sealed manifest (key {SEAL_KEY!r} in its metadata)")
+    body = {k: v for k, v in manifest.items() if k != "weights"}
+    if _canonical(body) != sealed:
+        diffs = _differences(body, json.loads(sealed))
+        raise BundleError(
+            f"{path / MANIFEST_NAME} was edited after export (it differs from the copy sealed in {weights.name}): "
+            + "; ".join(diffs or ["formatting of values"])
+        )
+    _check_consistency(manifest, path / MANIFEST_NAME)
+    spec = dict(manifest["spec"])
+    try:
+        net = create_model(spec.pop("name"), **spec)
+    except (TypeError, ValueError, KeyError) as err:
+        raise BundleError(f"the spec in {path / MANIFEST_NAME} builds no network: {err}") from None
+    tensors = load_file(str(weights), device=str(map_location))
+    _check_tensors(net, tensors, weights)
+    net.load_state_dict({k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")})
+    net.eval()
+
+    routers_state = {}
+    for kind, entry in manifest["routers"].items():
+        prefix = f"router.{kind}."
+        routers_state[kind] = {
+            "config": entry["config"],
+            "state": {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)},
+        }
+    state = {
+        "routers": routers_state,
+        "tier_costs": {kind: entry["tiers"] for kind, entry in manifest["routers"].items()},
+        "baseline_features": manifest["explanation"]["baseline_features"],
+        "exit_baselines": manifest["explanation"]["exit_baselines"],
+        "tier_profiles": manifest["feature_statistics"]["tier_profiles"],
+        "fit_summary": {kind: entry.get("fit_summary", {}) for kind, entry in manifest["routers"].items()},
+        "feature_kwargs": manifest["feature_statistics"].get("feature_kwargs", {}),
+    }
+    try:
+        calibration = Calibration.from_state(state)
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        raise BundleError(f"the routers in {path} cannot be rebuilt: {err}") from None
+    for kind, costs in calibration.tier_costs.items():
+        if [c.exit for c in costs] != [lv.key for lv in ExitLevel]:
+            raise BundleError(f"{path / MANIFEST_NAME}: routers.{kind}.tiers must list {[lv.key for lv in ExitLevel]}")
+    return Bundle(net, calibration, manifest, path)

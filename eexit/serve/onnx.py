@@ -1,0 +1,171 @@
+"""ONNX export of the one-shot routed pieces and an onnxruntime runner (the ``onnx`` extra).
+
+Pieces, each with a dynamic batch axis:
+
+* ``first.onnx``: image ``(B, C, H, W)`` -> stem + S1 map ``h1``, TINY logits, TINY features ``(B, 7)``
+* ``gate.onnx``: TINY features -> tier ``(B,)`` (int64) and the gate's confidence, knob baked in
+* ``stage1.onnx`` ... ``stage3.onnx``: previous map -> next map and that exit's logits
+
+``OnnxRoutedRunner`` runs them as ``RoutedClassifier`` does with the one-shot gate: S1 for every
+image, then each further stage only for the images whose tier needs it. It needs numpy and
+onnxruntime only. Exporting needs torch and onnx.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from eexit.types import ExitLevel
+
+PIECES = ("first", "gate", "stage1", "stage2", "stage3")
+META_NAME = "routing.json"
+
+
+def export_onnx(
+    bundle_dir: str | Path, out_dir: str | Path | None = None, opset: int = 17, knob: float | None = None
+) -> Path:
+    """Export the bundle's network and its one-shot gate as ONNX pieces.
+
+    Args:
+        bundle_dir: a bundle (``eexit export``); loaded and verified first.
+        out_dir: where to write (default: ``<bundle>/onnx``).
+        opset: ONNX opset version.
+        knob: the gate's knob to bake in (default: the bundle's calibrated knob).
+
+    Returns:
+        The directory holding the ``.onnx`` files and ``routing.json`` (classes, input, knob).
+    """
+    import torch
+    from torch import Tensor, nn
+
+    try:
+        import onnx  # noqa: F401  (torch.onnx.export needs it)
+    except ImportError:
+        raise ImportError("ONNX export needs the onnx package: pip install 'eexit[onnx]'") from None
+
+    from eexit.bundle import load_bundle
+    from eexit.routing.engine import exit_features
+
+    bundle = load_bundle(bundle_dir)
+    net, cal = bundle.net, bundle.calibration
+    gate = cal.routers["gate"]
+    if knob is not None:
+        gate.set_knob(knob)
+    out = Path(out_dir) if out_dir is not None else Path(bundle_dir) / "onnx"
+    out.mkdir(parents=True, exist_ok=True)
+
+    class First(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            h = self.net.backbone.forward_stage(0, self.net.backbone.forward_stem(x))
+            parts = self.net.heads[0].forward_parts(h)
+            f, _ = exit_features(x, h, parts, self.net.heads[0], **cal.feature_kwargs)
+            return h, parts.logits, f
+
+    class Stage(nn.Module):
+        def __init__(self, k: int) -> None:
+            super().__init__()
+            self.net, self.k = net, k
+
+        def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+            h = self.net.backbone.forward_stage(self.k, h)
+            return h, self.net.heads[self.k](h)
+
+    class Gate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = gate
+
+        def forward(self, f: Tensor) -> tuple[Tensor, Tensor]:
+            return self.gate.choose_tier(f)
+
+    size = bundle.input_size
+    x = torch.zeros(2, bundle.channels, *size)
+    with torch.no_grad():
+        h1, _, f = First()(x)
+        maps = [h1]
+        for k in range(1, len(ExitLevel)):
+            maps.append(Stage(k)(maps[-1])[0])
+
+    def save(module: nn.Module, name: str, example: Tensor, inputs: list[str], outputs: list[str]) -> None:
+        axes = {n: {0: "batch"} for n in inputs + outputs}
+        with warnings.catch_warnings():  # shape checks traced as constants: the input size is fixed
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(
+                module.eval(),
+                (example,),
+                str(out / f"{name}.onnx"),
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_axes=axes,
+                opset_version=opset,
+                dynamo=False,
+            )
+
+    save(First(), "first", x, ["image"], ["map", "logits", "features"])
+    save(Gate(), "gate", f, ["features"], ["tier", "confidence"])
+    for k in range(1, len(ExitLevel)):
+        save(Stage(k), f"stage{k}", maps[k - 1], ["map_in"], ["map", "logits"])
+    meta = {
+        "class_names": bundle.class_names,
+        "input": bundle.manifest["input"],
+        "router": "gate",
+        "knob": float(gate.knob),
+        "tiers": bundle.manifest["routers"]["gate"]["tiers"],
+        "bundle_sha256": bundle.manifest["weights"]["sha256"],
+    }
+    (out / META_NAME).write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
+    return out
+
+
+class OnnxRoutedRunner:
+    """Routed inference with onnxruntime on the pieces written by ``export_onnx``.
+
+    Args:
+        onnx_dir: the directory of the pieces.
+        providers: onnxruntime execution providers (default: CPU).
+    """
+
+    def __init__(self, onnx_dir: str | Path, providers: list[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        d = Path(onnx_dir)
+        missing = [p for p in PIECES if not (d / f"{p}.onnx").is_file()]
+        if missing:
+            raise FileNotFoundError(f"{d} lacks ONNX pieces: {', '.join(f'{p}.onnx' for p in missing)}")
+        opts = ort.SessionOptions()
+        self.sessions = {
+            p: ort.InferenceSession(str(d / f"{p}.onnx"), opts, providers=providers or ["CPUExecutionProvider"])
+            for p in PIECES
+        }
+        self.meta = json.loads((d / META_NAME).read_text())
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Route a normalised batch ``(B, C, H, W)`` float32.
+
+        Returns:
+            ``logits (B, K)`` of the deciding exit, ``tier (B,)``, ``confidence (B,)`` and the
+            TINY ``features (B, 7)``.
+        """
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        h, logits0, feats = self.sessions["first"].run(None, {"image": x})
+        tier, confidence = self.sessions["gate"].run(None, {"features": feats})
+        logits = np.zeros_like(logits0)
+        logits[tier == 0] = logits0[tier == 0]
+        active = np.flatnonzero(tier > 0)
+        h = h[active]
+        for k in range(1, len(ExitLevel)):
+            if len(active) == 0:
+                break
+            h, lg = self.sessions[f"stage{k}"].run(None, {"map_in": np.ascontiguousarray(h)})
+            stop = tier[active] == k
+            logits[active[stop]] = lg[stop]
+            active, h = active[~stop], h[~stop]
+        return {"logits": logits, "tier": tier, "confidence": confidence, "features": feats}

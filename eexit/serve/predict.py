@@ -1,0 +1,146 @@
+"""Batched routed prediction over image files: one JSON-ready row per input, in input order.
+
+Rows of images hold the path and the ``RoutingDecision`` (label, probability, tier, confidence,
+latency_ms, mflops, features, attributions); rows of inputs that could not be used hold the path
+and an ``error``. The next batch is decoded in a background thread while the model runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from eexit.bundle import Bundle
+from eexit.routing.decisions import attribute_output, decisions_from_output
+from eexit.routing.engine import RoutedOutput
+from eexit.serve.images import ImageError, load_array, norm_arrays
+from eexit.types import ExitLevel
+
+log = logging.getLogger(__name__)
+
+Loaded = list[tuple[str, np.ndarray | None, str | None]]
+
+
+def _load_chunk(paths: Sequence[str], bundle: Bundle) -> Loaded:
+    size = bundle.input_size[0]
+    mean, std = norm_arrays(bundle.mean, bundle.std)
+    out: Loaded = []
+    for p in paths:
+        try:
+            out.append((p, load_array(p, bundle.channels, size, mean, std), None))
+        except ImageError as err:
+            out.append((p, None, err.reason))
+        except Exception as err:  # never lose the other inputs' results
+            out.append((p, None, f"cannot read: {type(err).__name__}: {err}"))
+    return out
+
+
+def _safe_name(index: int, path: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem)[:60] or "image"
+    return f"{index:06d}_{stem}"
+
+
+def _explain_one(
+    bundle: Bundle, router: str, x: Tensor, heatmap: Tensor, row: dict, out_dir: Path, index: int
+) -> dict[str, str]:
+    from eexit.explain.figures import attribution_bars, cam_overlay, radar_chart, save
+
+    base = out_dir / _safe_name(index, row["path"])
+    files = {}
+    title = f"{row['label']} ({row['probability']:.2f}) - exit {row['tier'].upper()}"
+    files["cam"] = str(save(cam_overlay(x, bundle.mean, bundle.std, heatmap, title), f"{base}_cam.png"))
+    if router != "cascade":  # the cascade routes on confidence alone: no features to show
+        profiles = bundle.calibration.tier_profiles
+        radar_title = f"features vs tiers' typical TINY profiles; routed {row['tier'].upper()}"
+        files["radar"] = str(save(radar_chart(row["features"], profiles, radar_title), f"{base}_radar.png"))
+        if row.get("attributions"):
+            bars_title = f"why {row['tier'].upper()} ({router} router)"
+            files["attributions"] = str(save(attribution_bars(row["attributions"], bars_title), f"{base}_attr.png"))
+    return files
+
+
+@torch.no_grad()
+def _route(bundle: Bundle, router: str, x: Tensor, force_tier: int | None, with_heatmap: bool) -> RoutedOutput:
+    return bundle.routed(router)(x, force_tier=force_tier, with_heatmap=with_heatmap)
+
+
+def predict_rows(
+    bundle: Bundle,
+    paths: Sequence[str],
+    router: str | None = None,
+    batch_size: int = 256,
+    force_tier: ExitLevel | int | None = None,
+    explain_dir: str | Path | None = None,
+    attributions: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> Iterator[dict]:
+    """Route every image of ``paths`` and yield one row per path, in order.
+
+    Args:
+        bundle: the loaded bundle.
+        paths: image files (see ``eexit.serve.images.expand_inputs``).
+        router: router kind (default: the bundle's served router).
+        batch_size: images per routed batch.
+        force_tier: send every image to this exit (the router still runs).
+        explain_dir: also write each image's cam overlay, radar chart and attribution chart here.
+        attributions: compute the features' Captum attributions of each decision.
+        on_batch: called with the number of inputs of each finished batch (progress).
+
+    Yields:
+        ``{"path", **RoutingDecision}`` for images, ``{"path", "error"}`` for unusable inputs.
+    """
+    router = router or bundle.serve_router
+    if router not in bundle.calibration.routers:
+        raise ValueError(f"unknown router {router!r}; this bundle has {sorted(bundle.calibration.routers)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    tier = None if force_tier is None else int(ExitLevel.parse(force_tier))
+    out_dir = Path(explain_dir) if explain_dir is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    costs = bundle.calibration.tier_costs[router]
+    chunks = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
+    index = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eexit-decode") as pool:
+        pending = pool.submit(_load_chunk, chunks[0], bundle) if chunks else None
+        for c in range(len(chunks)):
+            loaded = pending.result()
+            pending = pool.submit(_load_chunk, chunks[c + 1], bundle) if c + 1 < len(chunks) else None
+            good = [t for _, t, _ in loaded if t is not None]
+            rows_good: list[dict] = []
+            if good:
+                x = torch.from_numpy(np.stack(good))
+                out = _route(bundle, router, x, tier, out_dir is not None)
+                expl = attribute_output(bundle.calibration, router, out) if attributions else None
+                decisions = decisions_from_output(
+                    out,
+                    costs,
+                    bundle.class_names,
+                    router,
+                    None if expl is None else expl.attributions,
+                    None if expl is None else expl.delta,
+                )
+                rows_good = [dict(vars(d)) for d in decisions]  # shallow: asdict's deep copy costs
+            g = 0
+            for path, tensor, error in loaded:
+                if tensor is None:
+                    yield {"path": path, "error": error}
+                else:
+                    row = {"path": path, **rows_good[g]}
+                    if out_dir is not None:
+                        try:
+                            row["explanation"] = _explain_one(bundle, router, x[g], out.heatmap[g], row, out_dir, index)
+                        except (OSError, ValueError) as err:
+                            row["explanation_error"] = f"{type(err).__name__}: {err}"
+                    g += 1
+                    yield row
+                index += 1
+            if on_batch is not None:
+                on_batch(len(loaded))

@@ -1,0 +1,153 @@
+"""Bundles: export from a real Lightning checkpoint, load with torch + safetensors, refuse tampering."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from eexit.bundle import MANIFEST_NAME, SEAL_KEY, WEIGHTS_NAME, BundleError, export_bundle, file_sha256, load_bundle
+from eexit.checkpoint import load_checkpoint
+from eexit.data.synthetic import make_shapes
+from eexit.routing.calibrate import Calibration
+from eexit.routing.decisions import decisions_from_output
+from eexit.types import ExitLevel
+
+
+@pytest.fixture
+def bundle_copy(calibrated_run, tmp_path: Path) -> Path:
+    """A private copy of the run's bundle, safe to tamper with."""
+    return Path(shutil.copytree(calibrated_run["bundle"], tmp_path / "bundle"))
+
+
+def test_train_exports_a_bundle_without_pickle(calibrated_run) -> None:
+    bundle = Path(calibrated_run["bundle"])
+    assert sorted(p.name for p in bundle.iterdir()) == [MANIFEST_NAME, WEIGHTS_NAME]
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    assert manifest["weights"]["sha256"] == file_sha256(bundle / WEIGHTS_NAME)
+    info = calibrated_run["data"]
+    assert manifest["class_names"] == info.class_names
+    assert manifest["input"]["size"] == [info.image_size, info.image_size]
+    assert manifest["input"]["mean"] == info.mean and manifest["input"]["std"] == info.std
+    for kind, entry in manifest["routers"].items():
+        assert [t["exit"] for t in entry["tiers"]] == [lv.key for lv in ExitLevel], kind
+        assert 0 <= entry["config"]["knob"] <= 1.0 + 1e-6
+    assert len(manifest["explanation"]["baseline_features"]) == 7
+    assert {"torch", "safetensors", "eexit"} <= set(manifest["versions"])
+    # the weights file is safetensors (a JSON header, no pickle opcodes)
+    raw = (bundle / WEIGHTS_NAME).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    assert "net.heads.3.classifier.2.weight" in header and "router.gate.net.0.weight" in header
+    assert b"\x80\x04\x95" not in raw[:16]
+
+
+def test_loaded_bundle_equals_the_lightning_checkpoint(calibrated_run) -> None:
+    ckpt = load_checkpoint(calibrated_run["ckpt"])
+    cal = Calibration.from_state(ckpt.extra["calibration"])
+    bundle = load_bundle(calibrated_run["bundle"])
+    x, _, _ = make_shapes(96, num_classes=4, image_size=16, seed=5)
+    with torch.no_grad():
+        ref, got = ckpt.net(x).logits, bundle.net(x).logits
+    for level in ExitLevel:
+        assert (ref[level] - got[level]).abs().max().item() <= 1e-5, level.name
+    names = bundle.class_names
+    for kind in ("gate", "staged", "cascade"):
+        for knob in (None, 0.3, 0.6, 0.9):  # the calibrated knob and a spread of tiers
+            a, b = cal.routed(ckpt.net, kind), bundle.routed(kind)
+            if knob is not None:
+                a.router.set_knob(knob)
+                b.router.set_knob(knob)
+            out_a, out_b = a(x), b(x)
+            assert torch.equal(out_a.tier, out_b.tier), (kind, knob)
+            assert (out_a.logits - out_b.logits).abs().max().item() <= 1e-5
+            rows_a = [d.to_dict() for d in decisions_from_output(out_a, cal.tier_costs[kind], names, kind)]
+            rows_b = [
+                d.to_dict() for d in decisions_from_output(out_b, bundle.calibration.tier_costs[kind], names, kind)
+            ]
+            assert rows_a == rows_b, (kind, knob)
+
+
+def test_export_command_writes_the_same_weights(calibrated_run, tmp_path: Path) -> None:
+    from eexit.cli import main
+
+    assert main(["export", calibrated_run["ckpt"], str(tmp_path / "b"), "--router", "staged"]) == 0
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.serve_router == "staged"
+    with (
+        safe_open(str(tmp_path / "b" / WEIGHTS_NAME), "pt") as f,
+        safe_open(str(Path(calibrated_run["bundle"]) / WEIGHTS_NAME), "pt") as g,
+    ):
+        assert set(f.keys()) == set(g.keys())
+        for key in f.keys():  # noqa: SIM118  (safe_open has no __iter__)
+            assert torch.equal(f.get_tensor(key), g.get_tensor(key)), key
+
+
+def test_export_refuses_an_uncalibrated_checkpoint(calibrated_run, tmp_path: Path) -> None:
+    ckpt = torch.load(calibrated_run["ckpt"], map_location="cpu", weights_only=False)
+    del ckpt["eexit"]["calibration"]
+    path = tmp_path / "raw.ckpt"
+    torch.save(ckpt, path)
+    with pytest.raises(BundleError, match="no router calibration"):
+        export_bundle(path, tmp_path / "b")
+
+
+def test_one_changed_weight_byte_is_refused(bundle_copy: Path) -> None:
+    weights = bundle_copy / WEIGHTS_NAME
+    raw = bytearray(weights.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    raw[8 + n + 100] ^= 0x01  # one bit of one tensor value
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match=r"model\.safetensors was changed after export: its sha256 is [0-9a-f]{64}"):
+        load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "names"),
+    [
+        (("spec", "widths", 3), 32, r"spec\.widths\[3\]: bundle\.json has 32, the export had 16"),
+        (("routers", "gate", "config", "knob"), 0.01, r"routers\.gate\.config\.knob: bundle\.json has 0\.01"),
+        (("input", "mean", 0), 0.5, r"input\.mean\[0\]"),
+    ],
+)
+def test_an_edited_manifest_is_refused_naming_what_differs(bundle_copy: Path, path, value, names: str) -> None:
+    file = bundle_copy / MANIFEST_NAME
+    manifest = json.loads(file.read_text())
+    node = manifest
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    file.write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=rf"bundle\.json was edited after export .*{names}"):
+        load_bundle(bundle_copy)
+
+
+def test_a_resealed_spec_that_does_not_fit_the_weights_is_refused(bundle_copy: Path) -> None:
+    """Someone edits the spec and re-seals the file: the tensor shapes still give it away."""
+    file, weights = bundle_copy / MANIFEST_NAME, bundle_copy / WEIGHTS_NAME
+    manifest = json.loads(file.read_text())
+    manifest["spec"]["widths"][3] = 32
+    body = {k: v for k, v in manifest.items() if k != "weights"}
+    save_file(
+        load_file(str(weights)),
+        str(weights),
+        metadata={"format": "pt", SEAL_KEY: json.dumps(body, sort_keys=True, separators=(",", ":"))},
+    )
+    manifest["weights"]["sha256"] = file_sha256(weights)
+    file.write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"does not match the weights .*shape mismatch net\.backbone\.stages\.3"):
+        load_bundle(bundle_copy)
+
+
+def test_missing_or_foreign_bundles_are_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="bundle directory not found"):
+        load_bundle(tmp_path / "nope")
+    (tmp_path / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(BundleError, match="is not valid JSON"):
+        load_bundle(tmp_path)

@@ -1,0 +1,50 @@
+"""ONNX pieces of the one-shot routed path give the same decisions as torch (the ``onnx`` extra)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+import torch
+
+from eexit.bundle import load_bundle
+from eexit.data.synthetic import make_shapes
+from eexit.serve.onnx import OnnxRoutedRunner, export_onnx
+
+
+@pytest.mark.parametrize("knob", [None, 0.5, 0.9])
+def test_onnx_decisions_equal_torch_decisions(calibrated_run, tmp_path: Path, knob: float | None) -> None:
+    bundle = load_bundle(calibrated_run["bundle"])
+    runner = OnnxRoutedRunner(export_onnx(calibrated_run["bundle"], tmp_path / "onnx", knob=knob))
+    routed = bundle.routed("gate")
+    if knob is not None:
+        routed.router.set_knob(knob)
+    x, _, _ = make_shapes(200, num_classes=4, image_size=16, seed=7)
+    ref = routed(x)
+    got = runner(x.numpy())
+    assert np.array_equal(got["tier"], ref.tier.numpy())
+    if knob == 0.9:  # the later pieces run too
+        assert (got["tier"] > 0).any()
+    assert np.array_equal(got["logits"].argmax(1), ref.logits.argmax(1).numpy())
+    assert np.abs(got["logits"] - ref.logits.numpy()).max() <= 1e-4
+    assert np.abs(got["confidence"] - ref.confidence.numpy()).max() <= 1e-4
+    assert np.abs(got["features"] - ref.features.numpy()).max() <= 1e-4
+
+
+def test_runner_names_missing_pieces(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"first\.onnx"):
+        OnnxRoutedRunner(tmp_path)
+
+
+def test_export_command_writes_onnx_pieces(calibrated_run, tmp_path: Path) -> None:
+    from eexit.cli import main
+
+    assert main(["export", calibrated_run["ckpt"], str(tmp_path / "b"), "--onnx"]) == 0
+    runner = OnnxRoutedRunner(tmp_path / "b" / "onnx")
+    x, _, _ = make_shapes(8, num_classes=4, image_size=16, seed=1)
+    assert torch.equal(torch.from_numpy(runner(x.numpy())["tier"]), load_bundle(tmp_path / "b").routed()(x).tier)

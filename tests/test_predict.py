@@ -1,0 +1,182 @@
+"""``eexit predict``: any image mode and size, one line per input, errors for exactly the broken files."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eexit.bundle import load_bundle
+from eexit.cli import main
+from eexit.data.synthetic import make_shapes
+from eexit.serve.images import decode, expand_inputs, load_image
+from eexit.types import ExitLevel
+
+ROOT = Path(__file__).resolve().parents[1]
+EXITS = {lv.key for lv in ExitLevel}
+
+
+def _strict_json(line: str) -> dict:
+    def no_constants(name: str):
+        raise AssertionError(f"non-finite number {name} in output: {line}")
+
+    return json.loads(line, parse_constant=no_constants)
+
+
+def _shape_u8(seed: int, size: int = 16) -> np.ndarray:
+    x, _, _ = make_shapes(1, num_classes=4, image_size=size, seed=seed)
+    return (x[0, 0].clamp(0, 1) * 255).round().byte().numpy()
+
+
+def _exif_jpeg(im: Image.Image, orientation: int | None) -> bytes:
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    im.save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+@pytest.fixture
+def mixed_folder(tmp_path: Path) -> tuple[Path, set[str]]:
+    """Good images of many modes and sizes plus broken files; returns the folder and the broken names."""
+    d = tmp_path / "inputs"
+    (d / "sub").mkdir(parents=True)
+    g = Image.fromarray(_shape_u8(0))
+    g.save(d / "gray16.png")
+    Image.fromarray(_shape_u8(1, 40)).crop((0, 0, 40, 30)).save(d / "gray_40x30.png")
+    Image.merge("RGB", [g, g.transpose(Image.Transpose.FLIP_LEFT_RIGHT), g]).resize((20, 20)).save(d / "rgb20.png")
+    rgba = g.convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.tile(np.linspace(0, 255, 16, dtype=np.uint8), (16, 1))))
+    rgba.save(d / "rgba.png")
+    g.convert("LA").save(d / "sub" / "la.png")
+    g.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(d / "palette.png")
+    g.convert("P").save(d / "palette_t.png", transparency=0)
+    Image.fromarray(_shape_u8(2).astype(np.uint16) * 257).save(d / "deep16.png")  # mode I;16
+    g.convert("1").save(d / "bilevel.png")
+    Image.fromarray(_shape_u8(3)).resize((3, 3)).save(d / "tiny3.gif")
+    (d / "rotated.jpg").write_bytes(_exif_jpeg(Image.fromarray(_shape_u8(4, 32)).crop((0, 0, 32, 16)), 6))
+    g.convert("CMYK").save(d / "cmyk.jpg")
+    Image.fromarray(_shape_u8(5).astype(np.float32) / 255.0).save(d / "float.tiff")  # mode F
+    # broken inputs
+    (d / "notes.txt").write_text("not an image\n")
+    (d / "empty.png").write_bytes(b"")
+    png = (d / "gray16.png").read_bytes()
+    (d / "truncated.png").write_bytes(png[: len(png) // 2])
+    jpg = (d / "rotated.jpg").read_bytes()
+    (d / "sub" / "truncated.jpg").write_bytes(jpg[: len(jpg) * 2 // 3])
+    (d / "garbage.bin").write_bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes())
+    return d, {"notes.txt", "empty.png", "truncated.png", "truncated.jpg", "garbage.bin", "missing.png"}
+
+
+def test_predict_folder_of_good_and_broken_files(calibrated_run, mixed_folder, capsys) -> None:
+    folder, broken = mixed_folder
+    missing = str(folder.parent / "missing.png")
+    bundle_dir = calibrated_run["bundle"]
+    rc = main(["predict", "--bundle", bundle_dir, str(folder), missing, "--batch-size", "4", "--no-progress"])
+    lines = capsys.readouterr().out.splitlines()
+    expected_paths = [*expand_inputs([str(folder)]), missing]
+    assert rc == 1
+    assert len(lines) == len(expected_paths) == 19  # 13 good images, 5 broken files, 1 missing
+    rows = [_strict_json(line) for line in lines]
+    assert [r["path"] for r in rows] == expected_paths  # input order, across batches
+    errors = {Path(r["path"]).name: r["error"] for r in rows if "error" in r}
+    assert set(errors) == broken
+    assert "empty" in errors["empty.png"] and "not an image" in errors["notes.txt"]
+    assert "truncated" in errors["truncated.png"] and "truncated" in errors["truncated.jpg"]
+    assert "no such file" in errors["missing.png"]
+    bundle = load_bundle(bundle_dir)
+    routed = bundle.routed()
+    for r in rows:
+        if "error" in r:
+            continue
+        assert r["tier"] in EXITS and r["label"] in bundle.class_names
+        assert 0 <= r["probability"] <= 1 and 0 <= r["confidence"] <= 1
+        assert r["mflops"] > 0 and r["latency_ms"] > 0
+        assert len(r["features"]) == 7 and all(v is not None for v in r["features"].values())
+        assert len(r["attributions"]) == 7 and all(v is not None for v in r["attributions"].values())
+        # the batched CLI gives the decision the routed classifier gives this image alone
+        x = load_image(r["path"], bundle.channels, bundle.input_size[0], bundle.mean, bundle.std)
+        alone = routed(x.unsqueeze(0))
+        assert r["tier"] == ExitLevel(int(alone.tier[0])).key and r["label_index"] == int(alone.logits.argmax())
+
+
+def test_image_conversions(tmp_path: Path) -> None:
+    # EXIF orientation 6: stored 32x16, shown rotated by 90 degrees clockwise
+    stored = Image.fromarray(_shape_u8(4, 32)).crop((0, 0, 32, 16))
+    (tmp_path / "exif.jpg").write_bytes(_exif_jpeg(stored, 6))
+    (tmp_path / "plain.jpg").write_bytes(_exif_jpeg(stored, None))
+    shown = decode(str(tmp_path / "exif.jpg"))
+    assert shown.size == (16, 32)
+    plain = decode(str(tmp_path / "plain.jpg")).transpose(Image.Transpose.ROTATE_270)
+    assert np.array_equal(np.asarray(shown), np.asarray(plain))
+    # 16-bit: scaled by 65535 (PIL's own convert("L") would clip mid-grey to white)
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(tmp_path / "mid16.png")
+    x = load_image(str(tmp_path / "mid16.png"), 1, 8, [0.0], [1.0])
+    assert torch.allclose(x, torch.full((1, 8, 8), 32768 / 65535), atol=1e-6)
+    # a transparent pixel is black; grey repeats into RGB; RGB reduces to luma; normalisation
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., :3], rgba[:4, :, 3] = 200, 255
+    Image.fromarray(rgba).save(tmp_path / "half.png")
+    x = load_image(str(tmp_path / "half.png"), 3, 8, [0.5] * 3, [0.25] * 3)
+    assert x.shape == (3, 8, 8)
+    assert torch.allclose(x[:, :4], torch.tensor((200 / 255 - 0.5) / 0.25)) and torch.allclose(
+        x[:, 4:], torch.tensor(-2.0)
+    )
+    Image.fromarray(np.dstack([np.full((4, 6), v, np.uint8) for v in (255, 0, 0)])).save(tmp_path / "red.png")
+    x = load_image(str(tmp_path / "red.png"), 1, 4, [0.0], [1.0])  # resized 4x6 -> 4x4 (centre crop)
+    assert x.shape == (1, 4, 4) and torch.allclose(x, torch.tensor(76 / 255))  # ITU-R 601-2: 0.299 * 255
+
+
+def test_explain_writes_the_figures_and_tier_forces_the_exit(calibrated_run, tmp_path: Path, capsys) -> None:
+    for i in range(3):
+        Image.fromarray(_shape_u8(i)).save(tmp_path / f"img{i}.png")
+    out = tmp_path / "explain"
+    rc = main(
+        [
+            "predict",
+            "--bundle",
+            calibrated_run["bundle"],
+            str(tmp_path / "img*.png"),
+            "--explain",
+            str(out),
+            "--tier",
+            "heavy",
+        ]
+    )
+    rows = [_strict_json(line) for line in capsys.readouterr().out.splitlines()]
+    assert rc == 0 and len(rows) == 3
+    assert all(r["tier"] == "heavy" for r in rows)
+    for r in rows:
+        assert set(r["explanation"]) == {"cam", "radar", "attributions"}
+        for f in r["explanation"].values():
+            with Image.open(f) as im:
+                assert im.format == "PNG" and im.width > 100
+    assert len(list(out.iterdir())) == 9
+
+
+def test_loading_and_predicting_imports_no_lightning_or_hydra(calibrated_run, tmp_path: Path) -> None:
+    for i in range(2):
+        Image.fromarray(_shape_u8(i)).save(tmp_path / f"img{i}.png")
+    script = (
+        "import json, sys\n"
+        "from eexit.cli import main\n"
+        f"rc = main(['predict', '--bundle', {calibrated_run['bundle']!r}, {str(tmp_path)!r}])\n"
+        "heavy = ('lightning', 'pytorch_lightning', 'lightning_fabric', 'hydra', 'omegaconf', 'wandb', 'torchmetrics')\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
+        "print(json.dumps({'rc': rc, 'loaded': loaded}))\n"
+    )
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result == {"rc": 0, "loaded": []}
+    assert len(lines) == 3 and all("tier" in json.loads(line) for line in lines[:2])
