@@ -21,7 +21,7 @@ def test_default_training_reaches_the_accuracy_goals(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=1200,
+        timeout=2400,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = {
