@@ -99,8 +99,20 @@ def continue_checkpoints_in(callbacks: list, ckpt_path: str, default_dir: str) -
         log.info("resuming: checkpoints go on in %s", folder)
 
 
+def finish_wandb_runs(loggers: list) -> None:
+    """Close the W&B runs that these loggers started, so that their files are complete when
+    ``train`` / ``evaluate`` returns and the next job of a Hydra multirun (``-m``) starts a run of
+    its own instead of reusing this one (Lightning's ``WandbLogger`` leaves its run open)."""
+    for lg in loggers:
+        run = getattr(lg, "_experiment", None)  # None: the run was never started (or not rank zero)
+        if isinstance(lg, pl.loggers.WandbLogger) and run is not None and hasattr(run, "finish"):
+            run.finish()
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     """Fit and test the model described by ``cfg``.
+
+    The W&B run (``logger=wandb``) is finished before returning, also when training fails.
 
     Returns:
         The metrics (``train/...``, ``val/...``, ``test/...``) and a dict of the objects used
@@ -118,6 +130,21 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     if not loggers:  # nothing to monitor into (logger=none)
         callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.LearningRateMonitor)]
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    try:
+        return _fit_test_calibrate_export(cfg, dm, model, trainer, callbacks, loggers, ckpt_path)
+    finally:
+        finish_wandb_runs(loggers)
+
+
+def _fit_test_calibrate_export(
+    cfg: DictConfig,
+    dm: SplitDataModule,
+    model: MultiExitModule,
+    trainer: pl.Trainer,
+    callbacks: list,
+    loggers: list,
+    ckpt_path: str | None,
+) -> tuple[dict[str, float], dict]:
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 

@@ -131,6 +131,20 @@ def test_evaluate_refuses_bad_inputs_naming_the_key(tmp_path: Path, checkpoints)
         evaluate(cfg)
 
 
+def test_an_exported_bundle_evaluates_like_its_checkpoint(tmp_path: Path, checkpoints) -> None:
+    egt, _ = checkpoints
+    bundle = Path(egt).parent.parent / "bundle"  # train() exported it after calibrating
+    assert (bundle / "bundle.json").is_file()
+    quick = [*SMALL, "limit=64", "eval.remeasure_tier_latency=false"]
+    from_ckpt = evaluate(compose_train(tmp_path / "c", [*quick, f"ckpt_path={egt}"], config_name="eval"))
+    from_bundle = evaluate(compose_train(tmp_path / "b", [*quick, f"bundle_path={bundle}"], config_name="eval"))
+    assert from_bundle["meta"]["calibration"] == "stored in the bundle"
+    keys = [f"test/acc/{e}" for e in EXITS] + [f"routed/{r}/{m}" for r in ROUTERS for m in ("accuracy", "mflops")]
+    keys += [f"consistency/kl/{e}" for e in EARLY] + ["oracle/accuracy", "routing/gate/tier_accuracy"]
+    for key in keys:
+        assert from_bundle[key] == pytest.approx(from_ckpt[key], abs=1e-6), key
+
+
 def test_evaluate_sends_figures_tables_and_scalars_to_wandb_offline(
     tmp_path: Path, checkpoints, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -146,7 +160,7 @@ def test_evaluate_sends_figures_tables_and_scalars_to_wandb_offline(
     small = [o for o in SMALL if not o.startswith("limit")] + ["limit=48", "eval.cluttered.num_images=16"]
     cfg = compose_train(tmp_path, [*small, f"ckpt_path={egt}", "logger=wandb"], config_name="eval")
     metrics = evaluate(cfg)
-    wandb.finish()
+    assert wandb.run is None, "evaluate() finishes the W&B run it started"
     runs = list((tmp_path / "out").glob("wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     logged = _read_offline_run(runs[0])

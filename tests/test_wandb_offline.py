@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -33,25 +34,42 @@ def _records(run_file: Path):
             yield pending + chunk
 
 
-def _read_offline_run(run_file: Path) -> dict[str, float]:
-    """The last logged value of every history and summary key of an offline run."""
+def _parse_values(run_file: Path) -> dict[str, float] | None:
+    """The last logged value of every history and summary key, or ``None`` while the file does
+    not yet end in the run's exit record (W&B's service may still be writing it)."""
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2
 
     values: dict[str, float] = {}
-    for raw in _records(run_file):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
-        items = []
-        if record.HasField("history"):
-            items = record.history.item
-        elif record.HasField("summary"):
-            items = record.summary.update
-        for item in items:
-            key = item.key or "/".join(item.nested_key)
-            try:
-                values[key] = json.loads(item.value_json)
-            except ValueError:
-                continue
+    exited = False
+    try:
+        for raw in _records(run_file):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            exited = exited or record.HasField("exit")
+            items = []
+            if record.HasField("history"):
+                items = record.history.item
+            elif record.HasField("summary"):
+                items = record.summary.update
+            for item in items:
+                key = item.key or "/".join(item.nested_key)
+                try:
+                    values[key] = json.loads(item.value_json)
+                except ValueError:
+                    continue
+    except DecodeError:  # a record cut short: the writer has not flushed it yet
+        return None
+    return values if exited else None
+
+
+def _read_offline_run(run_file: Path, timeout_s: float = 60.0) -> dict[str, float]:
+    """The last logged value of every key of a finished offline run; waits for W&B's service
+    to finish writing the file (``run.finish()`` can return before the last records land)."""
+    deadline = time.monotonic() + timeout_s
+    while (values := _parse_values(run_file)) is None:
+        assert time.monotonic() < deadline, f"{run_file} has no exit record after {timeout_s} s"
+        time.sleep(0.2)
     return values
 
 
@@ -62,11 +80,11 @@ def test_wandb_offline_run_contains_logged_metrics(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     # fast_dev_run silences loggers, so this is a short real run
-    cfg = compose_train(tmp_path, ["data=synthetic", "model=micro", "debug=quick", "logger=wandb"])
-    metrics, _objs = train(cfg)
+    overrides = ["data=synthetic", "model=micro", "debug=quick", "logger=wandb"]
+    metrics, _objs = train(compose_train(tmp_path, overrides))
     import wandb
 
-    wandb.finish()
+    assert wandb.run is None, "train() finishes the W&B run it started"
     run_files = list((tmp_path / "out").glob("wandb/offline-run-*/run-*.wandb"))
     assert len(run_files) == 1, list((tmp_path / "out").rglob("*"))
     logged = _read_offline_run(run_files[0])
@@ -75,3 +93,21 @@ def test_wandb_offline_run_contains_logged_metrics(tmp_path: Path, monkeypatch: 
     assert logged["test/acc/heavy"] == pytest.approx(metrics["test/acc/heavy"], abs=1e-6)
     csv_files = list((tmp_path / "out").glob("csv/**/metrics.csv"))
     assert csv_files and "val/acc/heavy" in csv_files[0].read_text(), "the CSV log is kept beside W&B"
+
+
+def test_each_job_of_a_multirun_gets_its_own_wandb_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ``train`` calls in one process (what ``train.py -m`` does): two runs, not one reused."""
+    for name, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config")):
+        monkeypatch.setenv(name, str(tmp_path / sub))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    overrides = ["data=synthetic", "model=micro", "debug=quick", "logger=wandb", "router.calibrate=false"]
+    results = {}
+    for weight in (0.0, 0.5):
+        job = tmp_path / f"job_{weight}"
+        metrics, _ = train(compose_train(job, [*overrides, f"model.loss.attn_weight={weight}"]))
+        (run_file,) = (job / "out").glob("wandb/offline-run-*/run-*.wandb")
+        results[weight] = (run_file.parent.name, metrics, _read_offline_run(run_file))
+    assert results[0.0][0] != results[0.5][0]
+    for _, metrics, logged in results.values():
+        assert logged["test/acc/heavy"] == pytest.approx(metrics["test/acc/heavy"], abs=1e-6)

@@ -47,18 +47,27 @@ log = logging.getLogger(__name__)
 
 
 def load_model(cfg: DictConfig, key: str = "ckpt_path") -> LoadedCheckpoint:
-    """The network to evaluate, from ``cfg[key]``.
-
-    Exported bundles (``bundle_path``) are the place to plug in the bundle loader (built in
-    ``eexit.export``, another issue): it must return the same ``LoadedCheckpoint`` fields (net,
-    data info, ``extra["calibration"]``).
-    """
+    """The network to evaluate, from ``cfg[key]``: a Lightning checkpoint file or an exported
+    bundle directory (``eexit export``; verified by ``eexit.bundle.load_bundle``).
+    ``bundle_path`` is the same as ``ckpt_path`` given a bundle directory."""
     if key == "ckpt_path" and cfg.get("bundle_path"):
-        raise ConfigError("bundle_path", "evaluating an exported bundle is not supported yet; pass ckpt_path=...")
+        key = "bundle_path"
     path = cfg.get(key)
     if not path:
-        raise ConfigError(key, f"give the checkpoint to evaluate: evaluate.py {key}=...")
-    if not Path(path).is_file():
+        raise ConfigError(key, f"give the model to evaluate: evaluate.py {key}=<checkpoint file or bundle directory>")
+    path = Path(path)
+    if path.is_dir():
+        from eexit.bundle import BundleError, load_bundle
+
+        try:
+            bundle = load_bundle(path)
+        except (BundleError, FileNotFoundError) as err:
+            raise ConfigError(key, str(err)) from err
+        extra = {"calibration": bundle.calibration.to_state(), "bundle": bundle.manifest}
+        return LoadedCheckpoint(bundle.net, {"class_names": bundle.class_names}, extra, path)
+    if key == "bundle_path":
+        raise ConfigError(key, f"bundle directory not found: {path}")
+    if not path.is_file():
         raise ConfigError(key, f"checkpoint not found: {path}")
     return load_checkpoint(path)
 
@@ -205,7 +214,9 @@ def evaluate(cfg: DictConfig) -> dict:
         "baseline checkpoint": str(baseline.path) if baseline else "-",
         "data": f"{info.name} test split, {len(y)} images" + (f" (limit={limit})" if limit else ""),
         "cluttered scenes": f"{len(scenes)} synthetic layouts of test objects, canvas {scenes.images.shape[-1]} px",
-        "calibration": "stored in the checkpoint" if loaded.extra.get("calibration") else "fitted at evaluation",
+        "calibration": ("stored in the bundle" if "bundle" in loaded.extra else "stored in the checkpoint")
+        if loaded.extra.get("calibration")
+        else "fitted at evaluation",
         "latency": f"ms per image in batches of {len(example)}, measured now on this machine"
         + ("" if ec.remeasure_tier_latency else " (routed tiers: as measured at calibration)"),
     }
@@ -272,11 +283,16 @@ def _figures(
 def _log_to_loggers(cfg: DictConfig, metrics: dict, figures: dict) -> None:
     """Scalars to every configured logger; figures (``wandb.Image``) and tables
     (``wandb.Table``) to W&B as well."""
-    from eexit.training import _instantiate_dict
+    from eexit.training import _instantiate_dict, finish_wandb_runs
 
     loggers = _instantiate_dict(cfg.get("logger"))
-    if not loggers:
-        return
+    try:
+        _log_scalars_figures_tables(loggers, cfg, metrics, figures)
+    finally:
+        finish_wandb_runs(loggers)
+
+
+def _log_scalars_figures_tables(loggers: list, cfg: DictConfig, metrics: dict, figures: dict) -> None:
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
