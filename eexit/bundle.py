@@ -24,7 +24,7 @@ import logging
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -244,6 +244,7 @@ class Bundle:
     calibration: Calibration
     manifest: dict
     path: Path
+    _served: dict[str, RoutedClassifier] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def class_names(self) -> list[str]:
@@ -274,9 +275,21 @@ class Bundle:
         """Mean FLOPs of the routed path over HEAVY's on the calibration split, at the knob."""
         return float(self.calibration.fit_summary[router or self.serve_router]["flops_ratio"])
 
-    def routed(self, router: str | None = None) -> RoutedClassifier:
-        """The routed classifier of ``router`` (default: the bundle's served router)."""
-        return self.calibration.routed(self.net, router or self.serve_router)
+    def routed(self, router: str | None = None, optimize: bool = True) -> RoutedClassifier:
+        """The routed classifier of ``router`` (default: the bundle's served router).
+
+        Args:
+            router: ``gate``, ``staged`` or ``cascade``.
+            optimize: serve an inference copy of the network (BatchNorm folded, channels-last;
+                same decisions up to float rounding, see ``RoutedClassifier``), built once and
+                kept; ``False``: the network exactly as loaded.
+        """
+        kind = router or self.serve_router
+        if not optimize:
+            return self.calibration.routed(self.net, kind)
+        if kind not in self._served:
+            self._served[kind] = self.calibration.routed(self.net, kind, optimize=True)
+        return self._served[kind]
 
 
 def _read_manifest(path: Path) -> dict:

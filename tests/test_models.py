@@ -50,3 +50,31 @@ def test_exit_level_parse() -> None:
     assert ExitLevel.TINY.key == "tiny"
     with pytest.raises(ValueError, match="expected one of: tiny, light, medium, heavy"):
         ExitLevel.parse("huge")
+
+
+@pytest.mark.parametrize("name", ["resnet_micro", "resnet_narrow"])
+def test_inference_copy_folds_every_batchnorm_and_keeps_logits_and_cams(name: str) -> None:
+    from eexit.models.inference import inference_copy
+
+    torch.manual_seed(0)
+    net = create_model(name, in_chans=3, num_classes=5, head="mlp", head_conv=[16, 0, 0, 0])
+    for m in net.modules():  # running statistics far from the identity, so folding matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fast = inference_copy(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()), "the original is left as it is"
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        ref = net(x, with_cams=True)
+        got = fast(x.contiguous(memory_format=torch.channels_last), with_cams=True)
+    for level in ExitLevel:
+        assert torch.allclose(ref.logits[level], got.logits[level], atol=1e-4), level.name
+        scale = ref.cams[level].abs().max().clamp_min(1e-6)
+        assert (ref.cams[level] - got.cams[level]).abs().max() / scale < 1e-4, level.name

@@ -12,6 +12,7 @@ from eexit.models import create_model
 from eexit.routing.calibrate import Calibration, calibrate
 from eexit.routing.calibration import SweepPoint, choose_knob, collect_records, oracle_tiers, simulate, sweep
 from eexit.routing.decisions import decisions_from_output
+from eexit.routing.engine import RoutedClassifier
 from eexit.routing.routers import safe_to_stop
 from eexit.types import ExitLevel
 
@@ -63,10 +64,12 @@ def test_knob_margin_keeps_standard_errors_between_the_drop_and_the_target() -> 
     assert choose_knob(points, 0.92, max_drop=0.0, margin_se=1.0) is heavy
 
 
+@pytest.mark.parametrize("chunk_size", [None, 7, 128])
 @pytest.mark.parametrize("kind", KINDS)
-def test_stages_run_once_per_image_and_logits_equal_direct_exit(trained, kind: str) -> None:
+def test_stages_run_once_per_image_and_logits_equal_direct_exit(trained, kind: str, chunk_size: int | None) -> None:
     net, cal, x, _, _ = trained
     model = cal.routed(net, kind)
+    model.chunk_size = chunk_size  # None: the whole batch at once; 7: many chunks and a remainder
     # a knob in the middle of the range gives a mix of tiers
     records = collect_records(net, [(x, torch.zeros(len(x), dtype=torch.long))], cal.feature_kwargs)
     points = sweep(model.router, records, [1, 2, 3, 4])
@@ -92,6 +95,43 @@ def test_stages_run_once_per_image_and_logits_equal_direct_exit(trained, kind: s
             direct = net.predict_exit(x[sel], level)
             assert torch.allclose(out.logits[sel], direct, atol=1e-5), level.name
     assert torch.equal(simulate(model.router, records, float(model.router.knob)), tiers)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_routing_gives_the_decisions_of_one_whole_batch(trained, kind: str) -> None:
+    net, cal, x, _, _ = trained
+    model = cal.routed(net, kind)
+    records = collect_records(net, [(x, torch.zeros(len(x), dtype=torch.long))], cal.feature_kwargs)
+    mixed = [p for p in sweep(model.router, records, [1, 2, 3, 4]) if max(p.tier_fractions) < 0.9]
+    if mixed:
+        model.router.set_knob(mixed[len(mixed) // 2].knob)
+    model.chunk_size = None
+    whole = model(x, with_heatmap=True)
+    model.chunk_size = 5
+    chunked = model(x, with_heatmap=True)
+    assert len(set(whole.tier.tolist())) > 1, "the knob should give a mix of tiers"
+    assert torch.equal(whole.tier, chunked.tier)
+    assert torch.equal(whole.decided_at, chunked.decided_at)
+    for name in ("logits", "confidence", "features", "heatmap"):
+        assert torch.allclose(getattr(whole, name), getattr(chunked, name), atol=1e-5), name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_optimized_serving_path_gives_the_same_decisions(trained, kind: str) -> None:
+    net, cal, x, _, _ = trained
+    plain, fast = cal.routed(net, kind), cal.routed(net, kind, optimize=True)
+    assert fast.net is not net and plain.net is net
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.net.modules())
+    a, b = plain(x, with_heatmap=True), fast(x, with_heatmap=True)
+    assert torch.equal(a.tier, b.tier)
+    for name in ("logits", "confidence", "features", "heatmap"):
+        assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-4), name
+
+
+def test_chunk_size_must_be_positive(trained) -> None:
+    net, cal, _, _, _ = trained
+    with pytest.raises(ValueError, match="chunk_size"):
+        RoutedClassifier(net, cal.routers["gate"], chunk_size=0)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -336,3 +336,11 @@ def test_features_carry_no_gradient_and_accept_inputs_that_require_grad():
     f = complexity_features(**inp)
     assert not f.requires_grad and torch.isfinite(f).all()
     assert not attention_entropy(inp["cam"]).requires_grad
+
+
+def test_activation_sparsity_is_layout_independent():
+    torch.manual_seed(0)
+    stage_map = torch.relu(torch.randn(3, 8, 5, 6))
+    cl = stage_map.contiguous(memory_format=torch.channels_last)
+    assert not cl.is_contiguous()
+    assert torch.equal(activation_sparsity(cl), activation_sparsity(stage_map))

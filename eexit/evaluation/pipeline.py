@@ -165,7 +165,9 @@ def evaluate(cfg: DictConfig) -> dict:
     costs = exit_costs(net, example, ec.latency_min_run_time)
     if ec.remeasure_tier_latency:  # routed and fixed-exit times from the same machine and batch
         for kind in cal.routers:
-            cal.tier_costs[kind] = measure_tier_costs(cal.routed(net, kind), example, ec.latency_min_run_time)
+            cal.tier_costs[kind] = measure_tier_costs(
+                cal.routed(net, kind, optimize=True), example, ec.latency_min_run_time
+            )
     metrics, tiers = routing_metrics(cal, records, costs)
 
     consistency = consistency_metrics(net, batches, ec.top_fraction)

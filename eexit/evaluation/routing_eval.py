@@ -19,6 +19,7 @@ from eexit.models.net import MultiExitNet
 from eexit.routing.calibrate import Calibration, tier_profiles
 from eexit.routing.calibration import ExitRecords, evaluate_tiers, oracle_tiers, simulate, sweep
 from eexit.routing.costs import count_flops, measure_latency
+from eexit.routing.engine import predict_exit_chunked
 from eexit.routing.routers import NUM_TIERS
 from eexit.types import ExitLevel
 
@@ -26,7 +27,7 @@ from eexit.types import ExitLevel
 @torch.no_grad()
 def exit_costs(net: MultiExitNet, example: Tensor, min_run_time: float = 0.2) -> list[dict[str, float]]:
     """FLOPs (``FlopCounterMode``) and latency (``torch.utils.benchmark``) per image of each
-    fixed exit, without a router.
+    fixed exit, without a router (timed in the routed engine's chunks, like the routers).
 
     Args:
         net: the network (eval mode).
@@ -39,7 +40,7 @@ def exit_costs(net: MultiExitNet, example: Tensor, min_run_time: float = 0.2) ->
     out = []
     for level in ExitLevel:
         flops = count_flops(net.predict_exit, example[:1], level)
-        seconds = measure_latency(lambda level=level: net.predict_exit(example, level), min_run_time)
+        seconds = measure_latency(lambda level=level: predict_exit_chunked(net, example, level), min_run_time)
         out.append({"exit": level.key, "mflops": flops / 1e6, "latency_ms": 1e3 * seconds / len(example)})
     return out
 

@@ -45,10 +45,12 @@ class Calibration:
     fit_summary: dict[str, dict] = field(default_factory=dict)
     feature_kwargs: dict = field(default_factory=dict)
 
-    def routed(self, net: MultiExitNet, kind: str = "gate") -> RoutedClassifier:
+    def routed(self, net: MultiExitNet, kind: str = "gate", optimize: bool = False) -> RoutedClassifier:
+        """``net`` routed by the ``kind`` router (``optimize``: on an inference copy of ``net``,
+        see ``RoutedClassifier``)."""
         if kind not in self.routers:
             raise ValueError(f"unknown router {kind!r}; calibrated: {sorted(self.routers)}")
-        return RoutedClassifier(net, self.routers[kind], self.feature_kwargs)
+        return RoutedClassifier(net, self.routers[kind], self.feature_kwargs, optimize=optimize)
 
     def to_state(self) -> dict:
         """Plain, picklable and JSON-friendly (tensors as lists) state."""
@@ -151,7 +153,9 @@ def calibrate(
     heavy_mflops = count_flops(net.predict_exit, example[:1], ExitLevel.HEAVY) / 1e6
     costs, summary = {}, {}
     for kind, router in routers.items():
-        costs[kind] = measure_tier_costs(RoutedClassifier(net, router, feature_kwargs), example, min_run_time)
+        # costs of the serving path (the inference copy; same FLOPs, the time it is served in)
+        served = RoutedClassifier(net, router, feature_kwargs, optimize=True)
+        costs[kind] = measure_tier_costs(served, example, min_run_time)
         tier_cost = [getattr(c, cost_key) for c in costs[kind]]
         if kind == "cascade":
             folds = [(router, records)]

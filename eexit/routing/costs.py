@@ -23,7 +23,10 @@ class TierCost:
     Attributes:
         exit: the tier's exit name.
         mflops: FLOPs per image / 1e6 (multiply-add = 2 FLOPs).
-        latency_ms: milliseconds per image in a batch of ``batch_size`` on ``device``.
+        latency_ms: milliseconds per image in a batch of ``batch_size`` on ``device``, with
+            ``num_threads`` torch threads.
+        num_threads: torch's intra-op threads while timing (costs stored before this field was
+            recorded were timed on one thread).
     """
 
     exit: str
@@ -31,6 +34,7 @@ class TierCost:
     latency_ms: float
     batch_size: int
     device: str
+    num_threads: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,9 +47,17 @@ def count_flops(fn, *args, **kwargs) -> int:
     return counter.get_total_flops()
 
 
-def measure_latency(fn, min_run_time: float = 0.5) -> float:
-    """Median seconds of ``fn()`` (``torch.utils.benchmark``)."""
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+def measure_latency(fn, min_run_time: float = 0.5, num_threads: int | None = None) -> float:
+    """Median seconds of ``fn()`` (``torch.utils.benchmark``).
+
+    Args:
+        fn: the call to time.
+        min_run_time: seconds of timing at least.
+        num_threads: torch threads while timing (default: ``torch.get_num_threads()``, as the
+            model is served; ``benchmark.Timer`` alone would time on one thread).
+    """
+    threads = torch.get_num_threads() if num_threads is None else num_threads
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
@@ -64,6 +76,8 @@ def measure_tier_costs(model: RoutedClassifier, example: Tensor, min_run_time: f
     for level in ExitLevel:
         flops = count_flops(model, example[:1], force_tier=int(level))
         seconds = measure_latency(lambda level=level: model(example, force_tier=int(level)), min_run_time)
-        costs.append(TierCost(level.key, flops / 1e6, 1e3 * seconds / b, b, str(example.device)))
+        costs.append(
+            TierCost(level.key, flops / 1e6, 1e3 * seconds / b, b, str(example.device), torch.get_num_threads())
+        )
     assert len(costs) == NUM_TIERS
     return costs
