@@ -62,7 +62,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both runs")
     args = parser.parse_args()
 
-    common = [f"seed={args.seed}", "logger=csv", *args.overrides]
+    # no router calibration: this benchmark compares training, not routing
+    common = [f"seed={args.seed}", "logger=csv", "router.calibrate=false", *args.overrides]
     if args.quick:
         common += ["data.limit_train=6000", "trainer.max_epochs=2", "+trainer.limit_test_batches=20"]
     t_start = time.time()

@@ -27,7 +27,7 @@ from eexit.explain.gate_attribution import METHODS, ExpectedTier, explain_gate
 from eexit.models.inference import inference_copy
 from eexit.routing.calibrate import calibrate
 from eexit.routing.calibration import collect_records, evaluate_tiers, oracle_tiers, sweep
-from eexit.routing.costs import count_flops, measure_latency
+from eexit.routing.costs import count_flops
 from eexit.routing.engine import DEFAULT_CHUNK_SIZE, exit_features, predict_exit_chunked
 from eexit.training import build_datamodule, train
 from eexit.types import ExitLevel
@@ -93,17 +93,15 @@ def main() -> None:
 
     chunk = DEFAULT_CHUNK_SIZE
     fast = inference_copy(net)  # the network as the routed engine serves it (BN folded, channels-last)
-    test_cl = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in test]
-    # always-HEAVY at its best: as trained or as the inference copy, whole batches or chunks
+    to_cl = lambda x: x.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    # always-HEAVY at its best: the network as trained or its inference copy (in the routed
+    # engine's chunks, i.e. whole batches up to the chunk size)
     heavy_fns = {
-        "trained/whole_batch": lambda: [net.predict_exit(x, ExitLevel.HEAVY) for x, _ in test],
-        "trained/chunked": lambda: [predict_exit_chunked(net, x, ExitLevel.HEAVY, chunk) for x, _ in test],
-        "inference_copy/whole_batch": lambda: [fast.predict_exit(x, ExitLevel.HEAVY) for x, _ in test_cl],
-        "inference_copy/chunked": lambda: [predict_exit_chunked(fast, x, ExitLevel.HEAVY, chunk) for x, _ in test_cl],
+        "trained": lambda x: predict_exit_chunked(net, x, ExitLevel.HEAVY, chunk),
+        "inference_copy": lambda x: predict_exit_chunked(fast, to_cl(x), ExitLevel.HEAVY, chunk),
     }
     routed = {kind: cal.routed(net, kind, optimize=True) for kind in ("gate", "staged", "cascade")}
-    routed_fns = {kind: (lambda m=m: [m(x) for x, _ in test]) for kind, m in routed.items()}
-    times = interleaved_times({**heavy_fns, **routed_fns}, rounds=args.rounds, min_run_time=0.5 if args.quick else 1.0)
+    times = interleaved_times({**heavy_fns, **routed}, [x for x, _ in test], rounds=args.rounds)
     t_heavy = min(times[k] for k in heavy_fns)
     result = {
         "data": args.data,
@@ -161,9 +159,12 @@ def main() -> None:
                 gate.choose_tier(f, None)
 
         overhead = interleaved_times(
-            {"route": route_only, "heavy": lambda: predict_exit_chunked(fast, example_cl, ExitLevel.HEAVY, chunk)},
+            {
+                "route": lambda _: route_only(),
+                "heavy": lambda _: predict_exit_chunked(fast, example_cl, ExitLevel.HEAVY, chunk),
+            },
+            [None] * 20,
             rounds=args.rounds,
-            min_run_time=0.5,
         )
         t_route, t_heavy_batch = overhead["route"], overhead["heavy"]
     result["overhead_time_ratio"] = t_route / t_heavy_batch
@@ -187,13 +188,23 @@ def main() -> None:
     emit(result)
 
 
-def interleaved_times(fns: dict, rounds: int, min_run_time: float) -> dict[str, float]:
-    """Seconds per call of each function: ``rounds`` rounds, each timing every function once in
-    turn (so that a slow spell of a shared machine hits them all), the fastest round counting."""
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            best[name] = min(best[name], measure_latency(fn, min_run_time=min_run_time))
+def interleaved_times(fns: dict, batches: list, rounds: int) -> dict[str, float]:
+    """Seconds each function takes over all ``batches``, timed batch by batch in turn (the
+    order rotating), so that the slow spells of a shared machine hit every function alike;
+    ``rounds`` passes over the batches after a warm-up pass, the fastest pass counting."""
+    names = list(fns)
+    best = dict.fromkeys(names, float("inf"))
+    with torch.no_grad():
+        for r in range(rounds + 1):
+            total = dict.fromkeys(names, 0.0)
+            for i, x in enumerate(batches):
+                for j in range(len(names)):
+                    name = names[(i + j) % len(names)]
+                    start = time.perf_counter()
+                    fns[name](x)
+                    total[name] += time.perf_counter() - start
+            if r:  # pass 0 warms up
+                best = {n: min(best[n], total[n]) for n in names}
     return best
 
 

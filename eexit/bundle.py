@@ -403,7 +403,7 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> B
     tensors = load_file(str(weights), device=str(map_location))
     _check_tensors(net, tensors, weights)
     net.load_state_dict({k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")})
-    net.eval()
+    net.to(map_location).eval()
 
     routers_state = {}
     for kind, entry in manifest["routers"].items():
@@ -425,6 +425,11 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> B
         calibration = Calibration.from_state(state)
     except (RuntimeError, KeyError, TypeError, ValueError) as err:
         raise BundleError(f"the routers in {path} cannot be rebuilt: {err}") from None
+    for router in calibration.routers.values():
+        router.to(map_location)
+    calibration.baseline_features = calibration.baseline_features.to(map_location)
+    if calibration.exit_baselines is not None:
+        calibration.exit_baselines = calibration.exit_baselines.to(map_location)
     for kind, costs in calibration.tier_costs.items():
         if [c.exit for c in costs] != [lv.key for lv in ExitLevel]:
             raise BundleError(f"{path / MANIFEST_NAME}: routers.{kind}.tiers must list {[lv.key for lv in ExitLevel]}")

@@ -188,12 +188,19 @@ def _fit_test_calibrate_export(
 
 def run_calibration(ckpt_path: str, dm: SplitDataModule, router_cfg: DictConfig):
     """Calibrate the routers on the datamodule's calibration split; store them in the checkpoint."""
-    from eexit.routing.calibrate import calibrate_checkpoint
+    from eexit.routing.calibrate import MIN_CALIBRATION_IMAGES, calibrate_checkpoint
 
     dm.setup("calibrate")
     calib = list(dm.calib_dataloader())
     x = torch.cat([b[0] for b in calib])[: router_cfg.get("latency_batch", 256)]
-    log.info("calibrating routers on %d held-out images", sum(len(b[1]) for b in calib))
+    n = sum(len(b[1]) for b in calib)
+    if n < MIN_CALIBRATION_IMAGES:
+        raise ConfigError(
+            "data.calib_size",
+            f"{n} held-out calibration images; router calibration needs at least {MIN_CALIBRATION_IMAGES} "
+            "(or set router.calibrate=false)",
+        )
+    log.info("calibrating routers on %d held-out images", n)
     return calibrate_checkpoint(
         ckpt_path,
         calib,

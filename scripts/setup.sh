@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up eexit on a fresh Debian machine (idempotent): Fashion-MNIST from Debian's package,
-# a virtual environment in .venv with eexit and its dev tools installed (editable).
+# a virtual environment in .venv with eexit, its dev tools and the onnx extra installed (editable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,4 +13,4 @@ fi
 
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,onnx]"

@@ -129,6 +129,13 @@ def test_evaluate_refuses_bad_inputs_naming_the_key(tmp_path: Path, checkpoints)
     cfg = compose_train(tmp_path, [*SMALL, f"ckpt_path={egt}", "data.num_classes=3"], config_name="eval")
     with pytest.raises(ConfigError, match=r"'data'.*3 classes"):
         evaluate(cfg)
+    for override, match in (
+        ("data.image_size=24", r"'data.image_size'.*image_size=16, the data gives 24"),
+        ("data.in_chans=3", r"'data.in_chans'.*in_chans=1, the data gives 3"),
+    ):
+        cfg = compose_train(tmp_path, [*SMALL, f"ckpt_path={egt}", override], config_name="eval")
+        with pytest.raises(ConfigError, match=match):
+            evaluate(cfg)
 
 
 def test_an_exported_bundle_evaluates_like_its_checkpoint(tmp_path: Path, checkpoints) -> None:

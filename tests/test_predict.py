@@ -180,3 +180,29 @@ def test_loading_and_predicting_imports_no_lightning_or_hydra(calibrated_run, tm
     result = json.loads(lines[-1])
     assert result == {"rc": 0, "loaded": []}
     assert len(lines) == 3 and all("tier" in json.loads(line) for line in lines[:2])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_training_images_are_decoded_as_they_are_served(tmp_path: Path, channels: int) -> None:
+    """The ImageFolder loader and transform give the pixels `eexit predict` feeds the model."""
+    from eexit.data.image_folder import ImageFolderDataModule
+    from eexit.data.image_folder import load_image as load_training_image
+
+    stored = Image.fromarray(_shape_u8(4, 32)).crop((0, 0, 32, 16))
+    (tmp_path / "exif.jpg").write_bytes(_exif_jpeg(stored, 6))
+    rgba = np.zeros((12, 12, 4), dtype=np.uint8)
+    rgba[..., :3], rgba[:6, :, 3] = 200, 255
+    Image.fromarray(rgba).save(tmp_path / "alpha.png")
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(tmp_path / "mid16.png")
+    for split in ("train", "test"):
+        (tmp_path / split / "a").mkdir(parents=True)
+    mean, std = [0.5] * channels, [0.25] * channels
+    dm = ImageFolderDataModule(str(tmp_path), image_size=8, mean=mean, std=std, in_chans=channels, augment=False)
+    transform = dm.transform(train=False)
+    for name in ("exif.jpg", "alpha.png", "mid16.png"):
+        path = str(tmp_path / name)
+        trained_on = transform(load_training_image(path))
+        served = load_image(path, channels, 8, mean, std)
+        assert trained_on.shape == served.shape == (channels, 8, 8), name
+        # 16-bit pixels are rounded to 8 bits for training: at most half a grey level apart
+        assert (trained_on - served).abs().max() <= 0.5 / 255 / 0.25 + 1e-5, name

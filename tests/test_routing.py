@@ -209,3 +209,38 @@ def test_cascade_has_no_feature_attributions(trained) -> None:
 
     net, cal, x, _, _ = trained
     assert attribute_output(cal, "cascade", cal.routed(net, "cascade")(x[:4])) is None
+
+
+def test_standardize_keeps_constant_features_in_their_own_unit() -> None:
+    from eexit.routing.routers import Standardize
+
+    x = torch.tensor([[0.0, 1.0], [0.0, 3.0], [0.0, 5.0]])
+    scale = Standardize(2).fit(x)
+    assert scale.std.tolist()[0] == 1.0  # constant on calibration: a serve-time 0.01 stays 0.01
+    assert scale(torch.tensor([[0.01, 3.0]])).tolist()[0] == pytest.approx([0.01, 0.0])
+    with pytest.raises(ValueError, match="shape"):
+        Standardize(2).fit(torch.zeros(0, 2))
+
+
+def test_gate_fit_depends_on_data_and_seed_only_and_leaves_the_global_rng(trained) -> None:
+    from eexit.routing.routers import OneShotGate
+
+    net, cal, _, _, calib = trained
+    records = collect_records(net, calib, cal.feature_kwargs)
+    feats, tiers = records.features[:, 0], oracle_tiers(records.correct)
+    torch.manual_seed(1)
+    a = OneShotGate().fit(feats, tiers, seed=3, epochs=20)
+    after_fit = torch.rand(3)
+    torch.manual_seed(2)  # another global state before building and fitting: the same gate
+    b = OneShotGate().fit(feats, tiers, seed=3, epochs=20)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    torch.manual_seed(1)
+    OneShotGate()  # building draws from the global generator; fitting does not touch it
+    assert torch.equal(torch.rand(3), after_fit)
+
+
+def test_calibration_refuses_a_split_too_small_to_cross_fit(trained) -> None:
+    net, _, x, y, _ = trained
+    with pytest.raises(ValueError, match=r"at least 16 held-out images.*data\.calib_size"):
+        calibrate(net, [(x[:5], y[:5])], x[:4], min_run_time=0.01)

@@ -114,6 +114,7 @@ def test_image_folder_trains_on_user_data(tmp_path: Path) -> None:
             "data.image_size=16",
             "data.num_workers=0",
             "data.batch_size=8",
+            "data.calib_size=16",  # the fewest images router calibration accepts
             "model=micro",
             *FAST,
         ],

@@ -6,13 +6,15 @@ import logging
 import tarfile
 import tempfile
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
 from eexit.data.base import DataInfo, SplitDataModule
+from eexit.serve.images import ImageError, decode, to_model_mode
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +24,12 @@ class CorruptImageError(RuntimeError):
 
 
 def load_image(path: str) -> Image.Image:
-    """Open an image fully (``ImageFolder``'s loader), naming the file on failure."""
+    """Open an image fully (``ImageFolder``'s loader), EXIF orientation applied as when serving
+    (``eexit.serve.images.decode``), naming the file on failure."""
     try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            img.load()
-            return img
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise CorruptImageError(f"cannot read image {path}: {err}") from err
+        return decode(path)
+    except ImageError as err:
+        raise CorruptImageError(f"cannot read image {path}: {err.reason}") from err
 
 
 def readable(path: str) -> bool:
@@ -125,7 +125,8 @@ class ImageFolderDataModule(SplitDataModule):
         return DataInfo(self.name, len(self._classes), self.in_chans, self.image_size, self.mean, self.std, self._classes)
 
     def transform(self, train: bool) -> transforms.Compose:
-        ops: list = [transforms.Grayscale(1)] if self.in_chans == 1 else [transforms.Lambda(lambda im: im.convert("RGB"))]
+        # the serving conversions (alpha over black, palette, 16-bit scaling; eexit.serve.images)
+        ops: list = [transforms.Lambda(partial(to_model_mode, channels=self.in_chans))]
         ops += [transforms.Resize(self.image_size), transforms.CenterCrop(self.image_size)]
         if train and self.augment:
             ops += [transforms.RandomCrop(self.image_size, padding=4), transforms.RandomHorizontalFlip()]

@@ -64,7 +64,8 @@ def load_model(cfg: DictConfig, key: str = "ckpt_path") -> LoadedCheckpoint:
         except (BundleError, FileNotFoundError) as err:
             raise ConfigError(key, str(err)) from err
         extra = {"calibration": bundle.calibration.to_state(), "bundle": bundle.manifest}
-        return LoadedCheckpoint(bundle.net, {"class_names": bundle.class_names}, extra, path)
+        data = {**bundle.manifest.get("data", {}), "class_names": bundle.class_names}
+        return LoadedCheckpoint(bundle.net, data, extra, path)
     if key == "bundle_path":
         raise ConfigError(key, f"bundle directory not found: {path}")
     if not path.is_file():
@@ -102,9 +103,30 @@ def _calibration(loaded: LoadedCheckpoint, dm: SplitDataModule, cfg: DictConfig,
         list(dm.calib_dataloader()),
         example,
         max_drop=rc.max_drop,
+        margin_se=rc.get("margin_se", 1.0),
         cost_key=rc.cost,
         min_run_time=rc.latency_min_run_time,
+        seed=cfg.get("seed") or 0,
     )
+
+
+def _check_data_matches(loaded: LoadedCheckpoint, info, key: str) -> None:
+    """Refuse test data the model was not trained for (classes, channels, size, normalisation)."""
+    if loaded.net.num_classes != info.num_classes:
+        raise ConfigError("data", f"{info.num_classes} classes, but {key} has {loaded.net.num_classes}")
+    trained = loaded.data or {}
+    for field_name in ("in_chans", "image_size"):
+        if field_name in trained and int(trained[field_name]) != int(getattr(info, field_name)):
+            raise ConfigError(
+                f"data.{field_name}",
+                f"{key} was trained on {field_name}={trained[field_name]}, the data gives {getattr(info, field_name)}",
+            )
+    for field_name in ("mean", "std"):
+        want, got = trained.get(field_name), getattr(info, field_name)
+        if want is not None and (
+            len(want) != len(got) or any(abs(float(a) - float(b)) > 1e-4 for a, b in zip(want, got, strict=False))
+        ):
+            raise ConfigError(f"data.{field_name}", f"{key} was trained with {field_name}={want}, the data gives {got}")
 
 
 def _display(x: Tensor, mean: list[float], std: list[float]) -> Tensor:
@@ -144,9 +166,9 @@ def evaluate(cfg: DictConfig) -> dict:
     dm = build_datamodule(cfg)
     info = dm.info
     net = loaded.net.eval()
-    for name, model in (("ckpt_path", net), ("baseline_ckpt_path", baseline.net if baseline else None)):
-        if model is not None and model.num_classes != info.num_classes:
-            raise ConfigError("data", f"{info.num_classes} classes, but {name} has {model.num_classes}")
+    for name, model in (("ckpt_path", loaded), ("baseline_ckpt_path", baseline)):
+        if model is not None:
+            _check_data_matches(model, info, name)
     limit = cfg.get("limit")
     if limit is not None and limit < 1:
         raise ConfigError("limit", f"must be >= 1 (or null for the whole test split), got {limit}")

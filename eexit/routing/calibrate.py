@@ -99,6 +99,10 @@ def tier_profiles(features: Tensor, tiers: Tensor) -> dict[str, dict[str, list[f
     return out
 
 
+MIN_CALIBRATION_IMAGES = 16
+"""Fewest held-out images ``calibrate`` accepts (each cross-fitting half fits a gate)."""
+
+
 def calibrate(
     net: MultiExitNet,
     calib_batches: Iterable[tuple[Tensor, Tensor]],
@@ -135,6 +139,11 @@ def calibrate(
     net.eval()
     feature_kwargs = dict(feature_kwargs or {})
     records = records or collect_records(net, calib_batches, feature_kwargs)
+    if len(records) < MIN_CALIBRATION_IMAGES:
+        raise ValueError(
+            f"calibration needs at least {MIN_CALIBRATION_IMAGES} held-out images (two cross-fitting halves "
+            f"of {MIN_CALIBRATION_IMAGES // 2}), got {len(records)}: enlarge the calibration split (data.calib_size)"
+        )
     # two-fold cross-fit: each fold's router learns on the other fold, the knob is fitted on the
     # out-of-fold routing of the whole split, and the served router learns on the whole split
     perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))

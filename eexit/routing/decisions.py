@@ -33,7 +33,8 @@ class RoutingDecision:
         label: predicted class name.
         label_index: predicted class index.
         probability: softmax probability of the predicted class at the deciding exit.
-        features: the seven complexity features the router saw.
+        features: the seven complexity features the router saw (``None`` for the cascade, which routes
+            on confidence alone).
         attributions: per-feature attribution of the router's output (positive = toward more
             compute), or ``None`` when not explained.
         attribution_delta: completeness gap of the attributions, or ``None``.
@@ -47,7 +48,7 @@ class RoutingDecision:
     label: str
     label_index: int
     probability: float
-    features: dict[str, float]
+    features: dict[str, float] | None
     attributions: dict[str, float] | None = None
     attribution_delta: float | None = None
     router: str = "gate"
@@ -82,6 +83,11 @@ def attribute_output(
         )
     if kind != "staged":
         return None
+    if calibration.exit_baselines is None:
+        raise ValueError(
+            "the staged router's decisions cannot be explained: this calibration stores no per-exit "
+            "explanation baselines (exit_baselines); recalibrate, or pass --no-attributions"
+        )
     b = len(out.tier)
     attributions, deltas = out.features.new_zeros(b, NUM_FEATURES), out.features.new_zeros(b)
     outputs, base_out = out.features.new_zeros(b), out.features.new_zeros(b)
@@ -130,7 +136,9 @@ def decisions_from_output(
                 label=class_names[li] if class_names else str(li),
                 label_index=li,
                 probability=_finite(probs[i]) or 0.0,
-                features={n: _finite(v) for n, v in zip(FEATURE_NAMES, features[i], strict=True)},
+                features=None
+                if router == "cascade"  # it routes on confidence alone: no features were computed
+                else {n: _finite(v) for n, v in zip(FEATURE_NAMES, features[i], strict=True)},
                 attributions=None
                 if attr is None
                 else {n: _finite(v) for n, v in zip(FEATURE_NAMES, attr[i], strict=True)},

@@ -35,9 +35,16 @@ class Standardize(nn.Module):
         self.register_buffer("std", torch.ones(num_features))
 
     def fit(self, x: Tensor) -> Standardize:
-        """Set the statistics from ``(N, F)`` samples."""
+        """Set the statistics from ``(N, F)`` samples (``N >= 1``).
+
+        A feature that is (nearly) constant on the samples keeps its natural unit (std 1)
+        instead of a tiny std that would blow small serve-time changes up to huge inputs.
+        """
+        if x.dim() != 2 or x.shape[0] < 1:
+            raise ValueError(f"expected samples of shape (N >= 1, F), got {tuple(x.shape)}")
+        std = x.std(0, correction=0)
         self.mean.copy_(x.mean(0))
-        self.std.copy_(x.std(0).clamp_min(1e-6))
+        self.std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
         return self
 
     def forward(self, x: Tensor) -> Tensor:
@@ -59,14 +66,22 @@ def _fit_classifier(
     weight_decay: float = 1e-3,
     seed: int = 0,
 ) -> None:
-    """Full-batch training of a small model (calibration sets are a few thousand rows)."""
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    with torch.enable_grad():
-        for _ in range(epochs):
-            opt.zero_grad()
-            loss_fn(model(x), y).backward()
-            opt.step()
+    """Full-batch training of a small model (calibration sets are a few thousand rows).
+
+    The model's layers are re-initialised from ``seed`` first, so the fit depends on the data
+    and the seed alone; the caller's global random state is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.reset_parameters()
+        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        with torch.enable_grad():
+            for _ in range(epochs):
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
     model.zero_grad(set_to_none=True)
 
 

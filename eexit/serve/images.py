@@ -127,8 +127,8 @@ def _resize_8bit(im: Image.Image, size: int) -> Image.Image:
     return im.resize(new, Image.Resampling.BILINEAR).crop(box)
 
 
-def _wide_to_array(im: Image.Image, size: int) -> np.ndarray:
-    """16/32-bit integer or float image -> ``(S, S)`` float32 in [0, 1]."""
+def _wide_to_array(im: Image.Image, size: int | None) -> np.ndarray:
+    """16/32-bit integer or float image -> ``(S, S)`` float32 in [0, 1] (``size=None``: as it is)."""
     a = np.asarray(im, dtype=np.float64)
     if im.mode == "F":
         full = 1.0 if not np.isfinite(a).all() or a.max(initial=0.0) <= 1.0 else 255.0
@@ -138,10 +138,33 @@ def _wide_to_array(im: Image.Image, size: int) -> np.ndarray:
         full = 65535.0
     a = np.clip(a / full, 0.0, 1.0).astype(np.float32)
     f = Image.fromarray(a)  # float32 -> mode "F"
-    if f.size != (size, size):
+    if size is not None and f.size != (size, size):
         new, box = _resize_box(f.width, f.height, size)
         f = f.resize(new, Image.Resampling.BILINEAR).crop(box)
     return np.array(f, dtype=np.float32)
+
+
+def _to_8bit(im: Image.Image, channels: int) -> Image.Image:
+    """An 8-bit-mode image -> ``L`` (1 channel) or ``RGB`` (3), alpha composited over black."""
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in _ALPHA_MODES:
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    target = "L" if channels == 1 else "RGB"
+    return im if im.mode == target else im.convert(target)
+
+
+def to_model_mode(im: Image.Image, channels: int) -> Image.Image:
+    """Any decoded image -> an 8-bit ``L`` or ``RGB`` image, with the conversions of the module
+    docstring (wide modes scaled, then rounded to 8 bits). The training data modules use it,
+    so that a model is trained on the pixels it is served."""
+    if channels not in (1, 3):
+        raise ValueError(f"models with {channels} input channels are not supported (1 or 3)")
+    if im.mode in _WIDE_MODES:
+        gray = Image.fromarray(np.round(_wide_to_array(im, None) * 255.0).astype(np.uint8))
+        return gray if channels == 1 else gray.convert("RGB")
+    return _to_8bit(im, channels)
 
 
 def to_array(im: Image.Image, channels: int, size: int) -> np.ndarray:
@@ -151,15 +174,7 @@ def to_array(im: Image.Image, channels: int, size: int) -> np.ndarray:
     if im.mode in _WIDE_MODES:
         gray = _wide_to_array(im, size)[..., None]
         return np.repeat(gray, channels, axis=2) if channels == 3 else gray
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    if im.mode in _ALPHA_MODES:
-        rgba = im.convert("RGBA")
-        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
-    target = "L" if channels == 1 else "RGB"
-    if im.mode != target:
-        im = im.convert(target)
-    a = np.asarray(_resize_8bit(im, size), dtype=np.float32) / 255.0
+    a = np.asarray(_resize_8bit(_to_8bit(im, channels), size), dtype=np.float32) / 255.0
     return a[..., None] if a.ndim == 2 else a
 
 
