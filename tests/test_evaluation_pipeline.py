@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from eexit.config import ConfigError
@@ -191,3 +192,22 @@ def test_checkpoint_without_calibration_is_calibrated_on_the_held_out_split(tmp_
     assert metrics["meta"]["calibration"] == "fitted at evaluation"
     assert {"routed/gate/accuracy", "routed/staged/accuracy", "routed/cascade/accuracy"} <= metrics.keys()
     assert "calibration" not in load_checkpoint(objs["best_ckpt"]).extra, "evaluation never writes the checkpoint"
+
+
+def test_limit_takes_a_seeded_random_subset_not_the_first_images() -> None:
+    from eexit.evaluation.pipeline import _test_tensors
+
+    class SortedSplit:  # a class-sorted folder (as CIFAR-10's): labels 0, 0, ..., 1, 1, ...
+        def setup(self, stage: str) -> None:
+            pass
+
+        def test_dataloader(self):
+            y = torch.arange(4).repeat_interleave(25)
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(y.float()[:, None], y), batch_size=16)
+
+    x, y = _test_tensors(SortedSplit(), 20, seed=0)
+    assert len(y) == 20 and len(y.unique()) >= 3, y.tolist()
+    assert torch.equal(x[:, 0].long(), y), "images and labels stay paired"
+    assert torch.equal(_test_tensors(SortedSplit(), 20, seed=0)[1], y)
+    assert not torch.equal(_test_tensors(SortedSplit(), 20, seed=1)[1], y)
+    assert len(_test_tensors(SortedSplit(), None)[1]) == 100

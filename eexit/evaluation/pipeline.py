@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
+from torch.utils.data import DataLoader, Subset
 
 from eexit.checkpoint import LoadedCheckpoint, load_checkpoint
 from eexit.config import ConfigError
@@ -73,18 +74,20 @@ def load_model(cfg: DictConfig, key: str = "ckpt_path") -> LoadedCheckpoint:
     return load_checkpoint(path)
 
 
-def _test_tensors(dm: SplitDataModule, limit: int | None) -> tuple[Tensor, Tensor]:
+def _test_tensors(dm: SplitDataModule, limit: int | None, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """The test split as tensors; with ``limit``, a seeded random subset of ``limit`` images (in
+    split order): the first images of a class-sorted folder such as CIFAR-10's would cover only
+    one or two classes."""
     dm.setup("test")
-    xs, ys = [], []
-    seen = 0
-    for x, y in dm.test_dataloader():
-        xs.append(x)
-        ys.append(y)
-        seen += len(y)
-        if limit is not None and seen >= limit:
-            break
-    x, y = torch.cat(xs), torch.cat(ys)
-    return (x[:limit], y[:limit]) if limit is not None else (x, y)
+    loader = dm.test_dataloader()
+    dataset = loader.dataset
+    if limit is not None and limit < len(dataset):
+        pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+        loader = DataLoader(
+            Subset(dataset, pick.tolist()), batch_size=loader.batch_size, num_workers=loader.num_workers
+        )
+    xs, ys = zip(*loader, strict=True)
+    return torch.cat(xs), torch.cat(ys)
 
 
 def _batches(x: Tensor, y: Tensor, size: int) -> list[tuple[Tensor, Tensor]]:
@@ -172,7 +175,7 @@ def evaluate(cfg: DictConfig) -> dict:
     limit = cfg.get("limit")
     if limit is not None and limit < 1:
         raise ConfigError("limit", f"must be >= 1 (or null for the whole test split), got {limit}")
-    x, y = _test_tensors(dm, limit)
+    x, y = _test_tensors(dm, limit, cfg.get("seed") or 0)
     bs = int(cfg.get("batch_size") or 256)
     batches = _batches(x, y, bs)
     out_dir = Path(cfg.paths.output_dir)
@@ -236,7 +239,8 @@ def evaluate(cfg: DictConfig) -> dict:
     meta = {
         "checkpoint": str(loaded.path),
         "baseline checkpoint": str(baseline.path) if baseline else "-",
-        "data": f"{info.name} test split, {len(y)} images" + (f" (limit={limit})" if limit else ""),
+        "data": f"{info.name} test split, {len(y)} images"
+        + (f" (a random subset: limit={limit}, seed={cfg.seed})" if limit else ""),
         "cluttered scenes": f"{len(scenes)} synthetic layouts of test objects, canvas {scenes.images.shape[-1]} px",
         "calibration": ("stored in the bundle" if "bundle" in loaded.extra else "stored in the checkpoint")
         if loaded.extra.get("calibration")
