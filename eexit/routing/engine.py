@@ -147,9 +147,12 @@ class RoutedClassifier(nn.Module):
             kept = [k for k in kept if len(k[1])]
             if not kept:
                 break
-            h = torch.cat([k[0] for k in kept])
-            active = torch.cat([k[1] for k in kept])
-            carry = None if kept[0][2] is None else torch.cat([k[2] for k in kept])
+            if len(kept) == 1:  # one chunk: nothing to regroup (and no copy)
+                h, active, carry = kept[0]
+            else:
+                h = torch.cat([k[0] for k in kept])
+                active = torch.cat([k[1] for k in kept])
+                carry = None if kept[0][2] is None else torch.cat([k[2] for k in kept])
         return result
 
     def _step(
