@@ -4,9 +4,10 @@ split, and measure them on the test split against always-HEAVY, in one process.
 Prints one JSON object on its last line with acc_heavy; per router (gate, staged, cascade)
 acc, flops_ratio (mean routed FLOPs / HEAVY's, router included), wall_speedup (routed batched
 inference vs always-HEAVY on the same test set) and tier distribution; flops_ratio_oracle,
-overhead_time_ratio (features + gate time / HEAVY time), routing_accuracy (one-shot tier ==
-oracle tier), latency_error (one-shot expected vs measured latency) and
-explain_ms_per_decision per attribution method; and ``curves``: each router's accuracy vs
+overhead_time_ratio (features + gate time / HEAVY time, in the engine's flow: the TINY path
+with them minus without them; ``overhead_time_ratio_isolated``: features and gate alone on
+stored maps), routing_accuracy (one-shot tier == oracle tier), latency_error (one-shot expected
+vs measured latency) and explain_ms_per_decision per attribution method; and ``curves``: each router's accuracy vs
 FLOPs-ratio trade-off on the test split (its knob swept; the fixed exits and the oracle as
 points). ``--plot FILE.png`` also draws them.
 """
@@ -144,30 +145,48 @@ def main() -> None:
         plot_curves(result["curves"], args.plot, f"{args.data}: routed accuracy vs compute (test split)")
 
     # router overhead: features + gate on the TINY tensors of each chunk, against the HEAVY
-    # forward of the same chunks (the work the routed engine adds on top of the stages)
+    # forward of the same chunks (the work the routed engine adds on top of the stages), measured
+    # two ways: in place, as the engine pays it (TINY path with features and gate minus the TINY
+    # path alone, so the features read the maps the stage has just written), and in isolation
+    # (features and gate alone on stored maps, run between HEAVY passes that evict them)
     gate = cal.routers["gate"]
     with torch.no_grad():
         example_cl = example.contiguous(memory_format=torch.channels_last)
+        chunks = example_cl.split(chunk)
+        head0 = fast.heads[0]
+
+        def tiny_path(route: bool):
+            for c in chunks:
+                h1 = fast.backbone.forward_stage(0, fast.backbone.forward_stem(c))
+                out0 = head0.forward_parts(h1)
+                if route:
+                    f, _ = exit_features(c, h1, out0, head0, **cal.feature_kwargs)
+                    gate.choose_tier(f, None)
+
         pieces = []
-        for c in example_cl.split(chunk):
+        for c in chunks:
             maps = fast.backbone.forward_features(c)
-            pieces.append((c, maps[0], fast.heads[0].forward_parts(maps[0])))
+            pieces.append((c, maps[0], head0.forward_parts(maps[0])))
 
         def route_only():
             for c, h1, out0 in pieces:
-                f, _ = exit_features(c, h1, out0, fast.heads[0], **cal.feature_kwargs)
+                f, _ = exit_features(c, h1, out0, head0, **cal.feature_kwargs)
                 gate.choose_tier(f, None)
 
         overhead = interleaved_times(
             {
-                "route": lambda _: route_only(),
+                "tiny": lambda _: tiny_path(False),
+                "tiny_routed": lambda _: tiny_path(True),
+                "route_only": lambda _: route_only(),
                 "heavy": lambda _: predict_exit_chunked(fast, example_cl, ExitLevel.HEAVY, chunk),
             },
-            [None] * 20,
+            [None] * 40,
             rounds=args.rounds,
         )
-        t_route, t_heavy_batch = overhead["route"], overhead["heavy"]
-    result["overhead_time_ratio"] = t_route / t_heavy_batch
+    t_heavy_batch = overhead["heavy"]
+    result["overhead_time_ratio"] = (overhead["tiny_routed"] - overhead["tiny"]) / t_heavy_batch
+    result["overhead_time_ratio_isolated"] = overhead["route_only"] / t_heavy_batch
+    result["tiny_path_time_ratio"] = overhead["tiny"] / t_heavy_batch
 
     feats = records.features[:, 0][:256]
     score = ExpectedTier(gate.logits_module())

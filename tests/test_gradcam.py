@@ -103,3 +103,19 @@ def test_gradcam_runs_under_inference_mode() -> None:
 def test_identity_attention_layer_is_the_stage_output() -> None:
     net = create_model("resnet_micro", in_chans=1, num_classes=3, head_conv=0)
     assert isinstance(net.cam_layer(ExitLevel.TINY), nn.Identity)
+
+
+def test_mlp_gradient_from_the_forward_hidden_equals_autograd() -> None:
+    # the closed-form MLP gradient reuses the forward pass's hidden activation; it must equal
+    # autograd's gradient of the target logit, and the recomputed form (no hidden given)
+    torch.manual_seed(3)
+    head = ExitHead(in_chs=6, num_classes=4, kind="mlp", hidden=8)
+    out = head.forward_parts(torch.relu(torch.randn(5, 6, 3, 3)))
+    assert out.hidden is not None and out.hidden.shape == (5, 8) and (out.hidden >= 0).all()
+    target = torch.tensor([0, 1, 2, 3, 1])
+    z = out.pooled.detach().requires_grad_(True)
+    (ref,) = torch.autograd.grad(head.classifier(z)[torch.arange(5), target].sum(), z)
+    assert torch.allclose(head.logit_gradient(out, target), ref, atol=1e-6)
+    assert torch.allclose(head._class_gradient(out.pooled, target), ref, atol=1e-6)
+    assert head.forward_parts(torch.randn(2, 6, 3, 3)).logits.shape == (2, 4)
+    assert ExitHead(in_chs=6, num_classes=4).forward_parts(torch.randn(2, 6, 3, 3)).hidden is None

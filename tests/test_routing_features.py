@@ -344,3 +344,30 @@ def test_activation_sparsity_is_layout_independent():
     cl = stage_map.contiguous(memory_format=torch.channels_last)
     assert not cl.is_contiguous()
     assert torch.equal(activation_sparsity(cl), activation_sparsity(stage_map))
+
+
+@pytest.mark.parametrize("per_image", [1, 3, 4, 508, 6272, 4 * 131, 4 * 127 * 3 + 4])
+def test_activation_sparsity_counts_exactly_at_every_size(per_image):
+    # the fast count reads 0/1 bytes as int32 words summed in blocks: exact whatever the size
+    # (multiples of 4 or not, word counts prime or with large divisors), sign or value
+    g = torch.Generator().manual_seed(per_image)
+    x = torch.randn(5, per_image, generator=g)
+    x[torch.rand(5, per_image, generator=g) < 0.6] = 0.0
+    x[0] = 0.0
+    x[1] = -3.0  # negatives are nonzero
+    if per_image > 2:
+        x[2, :2] = -0.0  # negative zero is zero
+    zeros = (x == 0).sum(dim=1).float() / per_image
+    assert torch.equal(activation_sparsity(x), 1.0 - (x != 0).sum(dim=1).float() / per_image)
+    assert torch.allclose(activation_sparsity(x), zeros, atol=1e-6)
+    assert activation_sparsity(x)[0].item() == 1.0 and activation_sparsity(x)[1].item() == 0.0
+
+
+@pytest.mark.parametrize(("h", "w", "grid"), [(7, 7, 4), (8, 8, 4), (5, 9, 3), (2, 3, 4), (14, 14, 2)])
+def test_feature_variance_regions_equal_adaptive_pooling(h, w, grid):
+    # region means come from a cached pooling matrix: the same bins as adaptive_avg_pool2d, also
+    # where the grid does not divide the map or exceeds it
+    cam = torch.relu(torch.randn(6, h, w, generator=torch.Generator().manual_seed(h * w)))
+    mn = cam.flatten(1) / cam.flatten(1).amax(dim=1, keepdim=True)
+    ref = torch.nn.functional.adaptive_avg_pool2d(mn.view(-1, 1, h, w), grid).flatten(1).std(dim=1, correction=0)
+    assert torch.allclose(feature_variance(cam, grid=grid), ref, atol=1e-6)

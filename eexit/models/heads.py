@@ -26,11 +26,14 @@ class HeadOutput:
         attention: ``A``, the map Grad-CAM explains, ``(B, C, h, w)``.
         pooled: ``z = mean_{h,w} A``, ``(B, C)``.
         logits: ``(B, num_classes)``.
+        hidden: the MLP head's hidden activation ``relu(W1 z + b1)`` ``(B, hidden)`` (``None``
+            for a linear head); the closed-form logit gradient reuses it.
     """
 
     attention: Tensor
     pooled: Tensor
     logits: Tensor
+    hidden: Tensor | None = None
 
 
 class ExitHead(nn.Module):
@@ -86,7 +89,11 @@ class ExitHead(nn.Module):
         """``(B, C_in, h, w)`` stage map -> attention, pooled vector and logits."""
         a = self.attention(features)
         z = a.mean(dim=(2, 3))
-        return HeadOutput(a, z, self.classifier(z))
+        if self.kind == "linear":
+            return HeadOutput(a, z, self.classifier(z))
+        first, relu, last = self.classifier
+        hidden = relu(first(z))
+        return HeadOutput(a, z, last(hidden), hidden)
 
     def forward(self, features: Tensor) -> Tensor:
         """``(B, C_in, h, w)`` stage map -> ``(B, num_classes)`` logits."""
@@ -104,7 +111,7 @@ class ExitHead(nn.Module):
         if target is None:
             target = out.logits.argmax(dim=1)
         if isinstance(target, Tensor):
-            grad = self._class_gradient(out.pooled, target.to(out.logits.device).long())
+            grad = self._class_gradient(out.pooled, target.to(out.logits.device).long(), out.hidden)
             return grad if create_graph else grad.detach()
         # a callable target: let autograd differentiate it (needs grad mode, not inference mode)
         with torch.enable_grad():
@@ -116,14 +123,19 @@ class ExitHead(nn.Module):
             (grad,) = torch.autograd.grad(target(logits).sum(), z, create_graph=create_graph)
         return grad
 
-    def _class_gradient(self, z: Tensor, target: Tensor) -> Tensor:
+    def _class_gradient(self, z: Tensor, target: Tensor, hidden: Tensor | None = None) -> Tensor:
         """Closed-form ``dy_c/dz`` ``(B, C)`` for class indices ``(B,)``.
 
-        Linear head: ``W[c]``. MLP head ``W2 relu(W1 z + b1) + b2``: ``(W2[c] * 1[h > 0]) @ W1``.
-        Plain tensor algebra, so it works under ``torch.inference_mode`` and stays differentiable.
+        Linear head: ``W[c]``. MLP head ``W2 relu(W1 z + b1) + b2``: ``(W2[c] * 1[h > 0]) @ W1``,
+        with ``h`` the forward pass's ``hidden`` when given (``relu`` keeps its sign pattern),
+        else recomputed from ``z``. Plain tensor algebra, so it works under
+        ``torch.inference_mode`` and stays differentiable.
         """
         if self.kind == "linear":
             return self.classifier.weight[target]
         first, _, last = self.classifier
-        active = (first(z) > 0).to(z.dtype)
+        if hidden is None:
+            hidden = first(z)
+        # 1[h > 0] as sign(relu(h)): one float op, faster than a comparison to bool and a cast
+        active = hidden.detach().clamp_min(0.0).sign_()
         return (last.weight[target] * active) @ first.weight

@@ -48,16 +48,25 @@ class RoutedOutput:
 
 
 def exit_features(
-    image: Tensor, stage_map: Tensor, out: HeadOutput, head: nn.Module, **kwargs
+    image: Tensor, stage_map: Tensor, out: HeadOutput, head: nn.Module, probs: Tensor | None = None, **kwargs
 ) -> tuple[Tensor, Tensor]:
     """The seven complexity features of one exit for its predicted class, and its cam.
+
+    Args:
+        image: ``(B, C, H, W)`` the input images.
+        stage_map: ``(B, C_k, h_k, w_k)`` the stage output the exit reads.
+        out: the exit head's output.
+        head: the exit head.
+        probs: ``softmax(out.logits)`` ``(B, K)`` if already computed.
+        **kwargs: keyword arguments of ``complexity_features``.
 
     Returns:
         features ``(B, 7)`` and cam ``(B, h, w)``.
     """
-    grad = head.logit_gradient(out, None)
+    target = out.logits.argmax(dim=1) if probs is None else probs.argmax(dim=1)
+    grad = head.logit_gradient(out, target)
     cam = cam_from_gradient(out.attention, grad)
-    return complexity_features(image, stage_map, cam, out.logits, grad, **kwargs), cam
+    return complexity_features(image, stage_map, cam, out.logits, grad, probs=probs, **kwargs), cam
 
 
 DEFAULT_CHUNK_SIZE = 256
@@ -181,6 +190,7 @@ class RoutedClassifier(nn.Module):
         net, router = self.net, self.router
         k = int(level)
         last = k == NUM_TIERS - 1
+        image = h if k == 0 else None  # TINY's chunk of images is a slice of x: no gather
         if k == 0:
             h = net.backbone.forward_stem(h)
         h = net.backbone.forward_stage(k, h)
@@ -197,7 +207,8 @@ class RoutedClassifier(nn.Module):
             probs = torch.softmax(out.logits, dim=1)
             need_feats = router.needs_features and not last
             if need_feats:
-                f, cam = exit_features(x[idx], h, out, head, **self.feature_kwargs)
+                image = x[idx] if image is None else image
+                f, cam = exit_features(image, h, out, head, probs, **self.feature_kwargs)
             if last:
                 stop = torch.ones(len(idx), dtype=torch.bool, device=h.device)
                 conf_here = None if carry is None else 1.0 - carry
@@ -221,7 +232,8 @@ class RoutedClassifier(nn.Module):
                     result.decided_at[idx] = k
             stopped_logits = out.logits[stop]
             if result.heatmap is not None:
-                out = HeadOutput(out.attention[stop], out.pooled[stop], stopped_logits)
+                hidden = None if out.hidden is None else out.hidden[stop]
+                out = HeadOutput(out.attention[stop], out.pooled[stop], stopped_logits, hidden)
                 cam = None if cam is None else cam[stop]
         sel = idx[stop]
         result.logits[sel] = stopped_logits

@@ -37,6 +37,7 @@ Conventions:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -95,28 +96,37 @@ def _sparsity(mn: Tensor, rel_threshold: float) -> Tensor:
 
 
 def _region_spread(mn: Tensor, h: int, w: int, grid: int) -> Tensor:
-    """Population std of the ``grid x grid`` region means of ``Mn`` ``(B, N)`` -> ``(B,)`` in [0, 0.5]."""
+    """Population std of the ``grid x grid`` region means of ``Mn`` ``(B, N)`` -> ``(B,)`` in [0, 0.5].
+
+    The region means are those of ``adaptive_avg_pool2d(Mn, grid)`` (bins
+    ``[floor(i n / g), ceil((i + 1) n / g))``), computed as one ``(B, N) @ (N, grid**2)`` product
+    with a cached pooling matrix: several times faster than the pooling op on small maps, equal
+    up to float rounding, and exportable to ONNX whether or not the grid divides the map.
+    """
     if grid < 1:
         raise ValueError(f"grid must be >= 1, got {grid}")
-    if torch.onnx.is_in_onnx_export():
-        # ONNX cannot export adaptive pooling whose grid does not divide the map: the same
-        # region means as separable pooling matrices (equal up to float rounding)
-        ph, pw = _pool_matrix(h, grid, mn), _pool_matrix(w, grid, mn)
-        regions = torch.einsum("ih,bhw,jw->bij", ph, mn.view(-1, h, w), pw).flatten(1)
-    else:
-        regions = F.adaptive_avg_pool2d(mn.view(-1, 1, h, w), grid).flatten(1)
-    return regions.std(dim=1, correction=0)
+    pool = _pool_matrix(int(h), int(w), grid, mn.dtype, mn.device)
+    regions = mn @ pool
+    # population std written out: 3x faster than Tensor.std on a (B, 16) tensor on CPU
+    return (regions - regions.mean(dim=1, keepdim=True)).square_().mean(dim=1).sqrt_()
 
 
-def _pool_matrix(n: int, grid: int, like: Tensor) -> Tensor:
-    """``(grid, n)`` rows averaging adaptive pooling's bins ``[floor(i n / g), ceil((i + 1) n / g))``
-    (built from Python numbers, so an ONNX trace records it as a constant)."""
-    n = int(n)
+def _bins(n: int, grid: int) -> list[list[float]]:
+    """``(grid, n)`` rows averaging adaptive pooling's bins ``[floor(i n / g), ceil((i + 1) n / g))``."""
     rows = []
     for i in range(grid):
         lo, hi = (i * n) // grid, -(-((i + 1) * n) // grid)
         rows.append([1.0 / (hi - lo) if lo <= j < hi else 0.0 for j in range(n)])
-    return torch.tensor(rows, dtype=like.dtype, device=like.device)
+    return rows
+
+
+@functools.lru_cache(maxsize=32)
+def _pool_matrix(h: int, w: int, grid: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(h * w, grid**2)``: ``flat_map @ matrix`` gives the ``grid x grid`` region means in
+    row-major order (built from Python numbers, so an ONNX trace records it as a constant)."""
+    ph, pw = torch.tensor(_bins(h, grid), dtype=torch.float64), torch.tensor(_bins(w, grid), dtype=torch.float64)
+    # region (i, j) weight of position (y, x) = ph[i, y] * pw[j, x]
+    return torch.einsum("iy,jx->yxij", ph, pw).reshape(h * w, grid * grid).to(dtype=dtype, device=device)
 
 
 @torch.no_grad()
@@ -189,9 +199,10 @@ def spatial_complexity(image: Tensor, threshold: float = EDGE_THRESHOLD) -> Tens
     """Edge density of the input image.
 
     The x and y Sobel responses (kernels scaled by 1/8) of the channel-mean image at every
-    interior pixel, computed separably with shifted differences and ``[1, 2, 1]`` smoothing (about
-    3x faster than a ``conv2d`` on CPU, same values); the feature is the fraction of those pixels
-    whose gradient magnitude exceeds ``threshold`` (compared squared, no sqrt).
+    interior pixel, computed separably (``[1, 2, 1]`` smoothing across, shifted difference along;
+    several times faster than a ``conv2d`` on CPU, same values); the feature is the fraction of
+    those pixels whose gradient magnitude exceeds ``threshold`` (compared squared, no sqrt, and
+    in unscaled units: ``|8 g|^2 > 64 t^2`` is exact because 64 is a power of two).
 
     Args:
         image: ``(B, C, H, W)`` image normalised to roughly zero mean / unit std per channel.
@@ -208,13 +219,17 @@ def spatial_complexity(image: Tensor, threshold: float = EDGE_THRESHOLD) -> Tens
         pad_h, pad_w = max(0, 3 - x.shape[-2]), max(0, 3 - x.shape[-1])
         x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), mode="replicate")
     m = x.mean(dim=1) if x.shape[1] > 1 else x[:, 0]
-    dx = m[:, :, 2:] - m[:, :, :-2]
-    dy = m[:, 2:, :] - m[:, :-2, :]
-    gx = dx[:, :-2] + 2 * dx[:, 1:-1] + dx[:, 2:]
-    gy = dy[:, :, :-2] + 2 * dy[:, :, 1:-1] + dy[:, :, 2:]
-    mag2 = (gx.square() + gy.square()) * (1.0 / 64.0)
-    # 1[mag2 > t^2] = clamp(sign(mag2 - t^2), min=0), faster than a bool comparison on CPU
-    return (mag2 - threshold * threshold).sign_().clamp_min_(0.0).flatten(1).float().mean(dim=1)
+    # few passes, results written in place: on CPU these maps are small and each op's cost is
+    # mostly its memory traffic and allocation
+    across = torch.add(m[:, :-2], m[:, 2:]).add_(m[:, 1:-1], alpha=2)  # (B, H-2, W) smoothed in y
+    gx = across[:, :, 2:] - across[:, :, :-2]  # (B, H-2, W-2), 8 x the x response
+    along = torch.add(m[:, :, :-2], m[:, :, 2:]).add_(m[:, :, 1:-1], alpha=2)  # (B, H, W-2) in x
+    gy = along[:, 2:] - along[:, :-2]
+    mag2 = gx.mul_(gx).addcmul_(gy, gy).flatten(1)
+    n = mag2.shape[1]
+    # 1[mag2 > 64 t^2] = clamp(sign(mag2 - 64 t^2), min=0), in place: about 2x faster than a
+    # comparison to bool and a bool sum on CPU
+    return mag2.sub_(64.0 * threshold * threshold).sign_().clamp_min_(0.0).sum(dim=1).float().div_(n)
 
 
 @torch.no_grad()
@@ -227,10 +242,15 @@ def confidence_margin(logits: Tensor) -> Tensor:
     Returns:
         ``(B,)`` float32 in [0, 1]: near 1 for a confident exit, 0 for a tie (1 when ``K = 1``).
     """
-    logits = logits.float()
-    if logits.shape[1] < 2:
-        return logits.new_ones(logits.shape[0])
-    top = torch.softmax(logits, dim=1).topk(2, dim=1).values
+    return _margin(torch.softmax(logits.float(), dim=1))
+
+
+def _margin(probs: Tensor) -> Tensor:
+    """Top-1 minus top-2 of ``(B, K)`` probabilities -> ``(B,)`` float32 (1 when ``K = 1``)."""
+    probs = probs.float()
+    if probs.shape[1] < 2:
+        return probs.new_ones(probs.shape[0])
+    top = probs.topk(2, dim=1).values
     return top[:, 0] - top[:, 1]
 
 
@@ -251,10 +271,37 @@ def activation_sparsity(stage_map: Tensor) -> Tensor:
     ):
         stage_map = stage_map.permute(0, 2, 3, 1)  # a view: each image's values stay one dense run
     flat = stage_map.flatten(1)
-    # |sign(x)| is 1 for nonzero x and 0 for +-0; summing it is ~6x faster than count_nonzero
-    # or a bool comparison on CPU. Exact in float32 for up to 2**24 activations per image.
-    nonzero = flat.float().sign().abs_().sum(dim=1)
-    return 1.0 - nonzero / max(flat.shape[1], 1)
+    return 1.0 - _nonzero_count(flat).float() / max(flat.shape[1], 1)
+
+
+_BLOCK_WORDS = 127
+"""Words of four 0/1 bytes summed per block by ``_nonzero_count``: each byte lane of a block sum
+stays <= 127, so no carry crosses lanes and the int32 sum cannot overflow."""
+
+
+@functools.lru_cache(maxsize=64)
+def _block_size(words: int) -> int:
+    """The largest divisor of ``words`` that is at most ``_BLOCK_WORDS``."""
+    return max(d for d in range(1, min(words, _BLOCK_WORDS) + 1) if words % d == 0)
+
+
+def _nonzero_count(flat: Tensor) -> Tensor:
+    """Exact number of nonzero entries per row of ``(B, L)`` -> ``(B,)`` int64.
+
+    ``count_nonzero`` and a bool sum are slow on CPU (the sum of a 0/1 map costs 3-4 times the
+    map's conversion to bool). Here the 0/1 bytes of ``flat.bool()`` are read as int32 words of
+    four byte lanes and summed in int32 over blocks of at most ``_BLOCK_WORDS`` words (each lane
+    then holds its count, < 128, without carries); the lanes of the block sums are read back as
+    bytes and added. Exact; about 3x faster than a sign-and-sum over float32 on the 2-core CPU.
+    """
+    nonzero = flat.bool()
+    b, n = nonzero.shape
+    if torch.onnx.is_in_onnx_export() or n % 4 or not nonzero.is_contiguous():
+        return nonzero.sum(dim=1)
+    words = n // 4
+    block = _block_size(words)
+    lanes = nonzero.view(torch.uint8).view(torch.int32).view(b, words // block, block)
+    return lanes.sum(dim=2, dtype=torch.int32).view(torch.uint8).view(b, -1).sum(dim=1)
 
 
 @torch.no_grad()
@@ -268,6 +315,7 @@ def complexity_features(
     grid: int = GRID,
     edge_threshold: float = EDGE_THRESHOLD,
     saliency_threshold: float = SALIENCY_THRESHOLD,
+    probs: Tensor | None = None,
 ) -> Tensor:
     """All seven features of one exit in one pass, in ``FEATURE_NAMES`` order.
 
@@ -282,6 +330,7 @@ def complexity_features(
         grid: regions per side of ``feature_variance``.
         edge_threshold: Sobel magnitude threshold of ``spatial_complexity``.
         saliency_threshold: relative threshold of ``saliency_sparsity``.
+        probs: ``softmax(logits)`` ``(B, K)`` when the caller has it already (not recomputed).
 
     Returns:
         ``(B, 7)`` float32 on the inputs' device, finite (NaN -> 0, +-Inf -> +-float32 max).
@@ -295,7 +344,7 @@ def complexity_features(
             gradient_magnitude(logit_grad),
             _region_spread(mn, h, w, grid),
             spatial_complexity(image, edge_threshold),
-            confidence_margin(logits),
+            confidence_margin(logits) if probs is None else _margin(probs),
             activation_sparsity(stage_map),
         ],
         dim=1,
