@@ -78,3 +78,35 @@ def test_inference_copy_folds_every_batchnorm_and_keeps_logits_and_cams(name: st
         assert torch.allclose(ref.logits[level], got.logits[level], atol=1e-4), level.name
         scale = ref.cams[level].abs().max().clamp_min(1e-6)
         assert (ref.cams[level] - got.cams[level]).abs().max() / scale < 1e-4, level.name
+
+
+@pytest.mark.parametrize("name", ["resnet_micro", "resnet_narrow"])
+def test_inference_copy_fuses_pointwise_ops_and_counts_their_flops(name: str) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from eexit.models.inference import ConvReLU, FusedBasicBlock, inference_copy
+
+    torch.manual_seed(0)
+    net = create_model(name, in_chans=1, num_classes=4, head="mlp", head_conv=[8, 0, 0, 0]).eval()
+    fast = inference_copy(net)
+    assert sum(isinstance(m, FusedBasicBlock) for m in fast.modules()) == sum(len(s) for s in net.backbone.stages)
+    assert sum(isinstance(m, ConvReLU) for m in fast.modules()) == 2  # the stem and TINY's head conv
+    x = torch.randn(3, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    fused_op = torch.ops.mkldnn._convolution_pointwise
+    for level in ExitLevel:
+        with torch.no_grad(), FlopCounterMode(display=False) as plain:
+            ref = net.predict_exit(x, level)
+        with torch.no_grad(), FlopCounterMode(display=False) as served:
+            got = fast.predict_exit(x, level)
+        assert torch.allclose(ref, got, atol=1e-4), level.name
+        # the fused oneDNN calls ran, and they count as the convolutions they replace
+        if torch.backends.mkldnn.is_available():
+            assert fused_op in served.get_flop_counts()["Global"], level.name
+        assert served.get_total_flops() == plain.get_total_flops() > 0, level.name
+    # where the fused kernels do not apply (autograd), the same modules run the plain ops
+    xg = x.clone().requires_grad_(True)
+    out = fast.backbone.forward_features(xg)[-1]
+    out.sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert torch.allclose(out, net.backbone.forward_features(x)[-1], atol=1e-4)
