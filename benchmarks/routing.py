@@ -3,13 +3,14 @@ split, and measure them on the test split against always-HEAVY, in one process.
 
 Prints one JSON object on its last line with acc_heavy; per router (gate, staged, cascade)
 acc, flops_ratio (mean routed FLOPs / HEAVY's, router included), wall_speedup (routed batched
-inference vs always-HEAVY on the same test set) and tier distribution; flops_ratio_oracle,
-overhead_time_ratio (features + gate time / HEAVY time, in the engine's flow: the TINY path
-with them minus without them; ``overhead_time_ratio_isolated``: features and gate alone on
-stored maps), routing_accuracy (one-shot tier == oracle tier), latency_error (one-shot expected
-vs measured latency) and explain_ms_per_decision per attribution method; and ``curves``: each router's accuracy vs
-FLOPs-ratio trade-off on the test split (its knob swept; the fixed exits and the oracle as
-points). ``--plot FILE.png`` also draws them.
+inference vs always-HEAVY on the same test set, in calls of the first ``--serve-batch`` size,
+by default ``--batch``; ``wall_speedup_by_batch``: for each size) and tier distribution;
+flops_ratio_oracle, overhead_time_ratio (features + gate time / HEAVY time, in the engine's
+flow: the TINY path with them minus without them; ``overhead_time_ratio_isolated``: features
+and gate alone on stored maps), routing_accuracy (one-shot tier == oracle tier), latency_error
+(one-shot expected vs measured latency) and explain_ms_per_decision per attribution method;
+and ``curves``: each router's accuracy vs FLOPs-ratio trade-off on the test split (its knob
+swept; the fixed exits and the oracle as points). ``--plot FILE.png`` also draws them.
 """
 
 from __future__ import annotations
@@ -51,7 +52,14 @@ def main() -> None:
     parser.add_argument("--data", choices=sorted(DATA_OVERRIDES), default="fashion_mnist")
     parser.add_argument("--quick", action="store_true", help="short training and subsets (< 5 min)")
     parser.add_argument("--ckpt", help="use this trained checkpoint instead of training")
-    parser.add_argument("--batch", type=int, default=256, help="inference batch size")
+    parser.add_argument("--batch", type=int, default=256, help="data loader batch size (and first served batch)")
+    parser.add_argument(
+        "--serve-batch",
+        type=int,
+        nargs="+",
+        default=None,
+        help="batch sizes (images per routed call) to time; default: --batch and 1024",
+    )
     parser.add_argument("--plot", help="write the trade-off curves to this PNG")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (the fastest counts)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for training")
@@ -102,7 +110,15 @@ def main() -> None:
         "inference_copy": lambda x: predict_exit_chunked(fast, to_cl(x), ExitLevel.HEAVY, chunk),
     }
     routed = {kind: cal.routed(net, kind, optimize=True) for kind in ("gate", "staged", "cascade")}
-    times = interleaved_times({**heavy_fns, **routed}, [x for x, _ in test], rounds=args.rounds)
+    # the same test images served in calls of each batch size (the engine regroups a call's
+    # images into chunks of `chunk`; bigger calls give the later stages fuller chunks)
+    serve_batches = args.serve_batch or [args.batch, *([1024] if args.batch != 1024 else [])]
+    images = torch.cat([x for x, _ in test])
+    times_by_batch = {
+        sb: interleaved_times({**heavy_fns, **routed}, list(images.split(sb)), rounds=args.rounds)
+        for sb in serve_batches
+    }
+    times = times_by_batch[serve_batches[0]]
     t_heavy = min(times[k] for k in heavy_fns)
     result = {
         "data": args.data,
@@ -116,6 +132,7 @@ def main() -> None:
         "test_images": len(records),
     }
     result["heavy_ms_per_image"] = {k: 1e3 * times[k] / len(records) for k in heavy_fns}
+    result["serve_batches"] = serve_batches
     result["chunk_size"] = chunk
     for kind, model in routed.items():
         outs = [model(x) for x, _ in test]
@@ -134,6 +151,12 @@ def main() -> None:
             "tier_latency_ms": [c.latency_ms for c in cal.tier_costs[kind]],
         }
         entry["meets_speed_goal"] = entry["wall_speedup"] >= 0.8 / entry["flops_ratio"]
+        entry["wall_speedup_by_batch"] = {
+            sb: min(t[k] for k in heavy_fns) / t[kind] for sb, t in times_by_batch.items()
+        }
+        entry["meets_speed_goal_by_batch"] = {
+            sb: v >= 0.8 / entry["flops_ratio"] for sb, v in entry["wall_speedup_by_batch"].items()
+        }
         result[kind] = entry
         if kind == "gate":
             result["routing_accuracy"] = (tier == oracle).float().mean().item()

@@ -15,7 +15,7 @@ from eexit.explain.gradcam import cam_from_gradient
 from eexit.models.heads import HeadOutput
 from eexit.models.inference import inference_copy
 from eexit.models.net import MultiExitNet
-from eexit.routing.features import complexity_features
+from eexit.routing.features import FEATURE_NAMES, complexity_features
 from eexit.routing.routers import NUM_TIERS, Router
 from eexit.types import ExitLevel
 
@@ -48,17 +48,22 @@ class RoutedOutput:
 
 
 def exit_features(
-    image: Tensor, stage_map: Tensor, out: HeadOutput, head: nn.Module, probs: Tensor | None = None, **kwargs
+    image: Tensor | None,
+    stage_map: Tensor,
+    out: HeadOutput,
+    head: nn.Module,
+    probs: Tensor | None = None,
+    **kwargs,
 ) -> tuple[Tensor, Tensor]:
     """The seven complexity features of one exit for its predicted class, and its cam.
 
     Args:
-        image: ``(B, C, H, W)`` the input images.
+        image: ``(B, C, H, W)`` the input images (``None`` when ``spatial`` is given).
         stage_map: ``(B, C_k, h_k, w_k)`` the stage output the exit reads.
         out: the exit head's output.
         head: the exit head.
         probs: ``softmax(out.logits)`` ``(B, K)`` if already computed.
-        **kwargs: keyword arguments of ``complexity_features``.
+        **kwargs: keyword arguments of ``complexity_features`` (``spatial``, thresholds).
 
     Returns:
         features ``(B, 7)`` and cam ``(B, h, w)``.
@@ -68,6 +73,8 @@ def exit_features(
     cam = cam_from_gradient(out.attention, grad)
     return complexity_features(image, stage_map, cam, out.logits, grad, probs=probs, **kwargs), cam
 
+
+_SPATIAL = FEATURE_NAMES.index("spatial_complexity")
 
 DEFAULT_CHUNK_SIZE = 256
 """Images per stage call. A stage runs on the images that reached it, regrouped across the
@@ -145,8 +152,8 @@ class RoutedClassifier(nn.Module):
         # the active images (indices into the batch), their input to the next stage and the
         # router's state for them (one-shot: the planned tier; staged: the last stop score)
         active, h, carry = torch.arange(b, device=x.device), x, None
-        chunk = self.chunk_size or max(b, 1)
         for level in ExitLevel:
+            chunk = self.chunk_size or max(len(active), 1)
             kept = [
                 self._step(
                     level, x, h[i : i + chunk], active[i : i + chunk], _part(carry, i, chunk), force_tier, result
@@ -190,7 +197,7 @@ class RoutedClassifier(nn.Module):
         net, router = self.net, self.router
         k = int(level)
         last = k == NUM_TIERS - 1
-        image = h if k == 0 else None  # TINY's chunk of images is a slice of x: no gather
+        image = h if k == 0 else None  # TINY's chunk of images is a slice of x (no gather)
         if k == 0:
             h = net.backbone.forward_stem(h)
         h = net.backbone.forward_stage(k, h)
@@ -207,8 +214,9 @@ class RoutedClassifier(nn.Module):
             probs = torch.softmax(out.logits, dim=1)
             need_feats = router.needs_features and not last
             if need_feats:
-                image = x[idx] if image is None else image
-                f, cam = exit_features(image, h, out, head, probs, **self.feature_kwargs)
+                # spatial complexity depends on the image alone: later exits reuse TINY's value
+                spatial = None if k == 0 else result.features[idx, _SPATIAL]
+                f, cam = exit_features(image, h, out, head, probs, spatial=spatial, **self.feature_kwargs)
             if last:
                 stop = torch.ones(len(idx), dtype=torch.bool, device=h.device)
                 conf_here = None if carry is None else 1.0 - carry

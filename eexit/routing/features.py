@@ -306,7 +306,7 @@ def _nonzero_count(flat: Tensor) -> Tensor:
 
 @torch.no_grad()
 def complexity_features(
-    image: Tensor,
+    image: Tensor | None,
     stage_map: Tensor,
     cam: Tensor,
     logits: Tensor,
@@ -316,13 +316,14 @@ def complexity_features(
     edge_threshold: float = EDGE_THRESHOLD,
     saliency_threshold: float = SALIENCY_THRESHOLD,
     probs: Tensor | None = None,
+    spatial: Tensor | None = None,
 ) -> Tensor:
     """All seven features of one exit in one pass, in ``FEATURE_NAMES`` order.
 
     The peak-normalised cam is computed once and shared by the three cam features.
 
     Args:
-        image: the input images ``(B, C, H, W)`` (normalised).
+        image: the input images ``(B, C, H, W)`` (normalised), or ``None`` with ``spatial``.
         stage_map: the stage output the exit reads ``(B, C_k, h_k, w_k)`` (post-ReLU).
         cam: the exit's Grad-CAM for its predicted class ``(B, h, w)``.
         logits: the exit's logits ``(B, K)``.
@@ -331,6 +332,9 @@ def complexity_features(
         edge_threshold: Sobel magnitude threshold of ``spatial_complexity``.
         saliency_threshold: relative threshold of ``saliency_sparsity``.
         probs: ``softmax(logits)`` ``(B, K)`` when the caller has it already (not recomputed).
+        spatial: ``spatial_complexity(image, edge_threshold)`` ``(B,)`` when the caller has it
+            already (it depends on the image alone, so later exits reuse TINY's); ``image`` is
+            then not read and may be ``None``.
 
     Returns:
         ``(B, 7)`` float32 on the inputs' device, finite (NaN -> 0, +-Inf -> +-float32 max).
@@ -343,7 +347,7 @@ def complexity_features(
             _sparsity(mn, saliency_threshold),
             gradient_magnitude(logit_grad),
             _region_spread(mn, h, w, grid),
-            spatial_complexity(image, edge_threshold),
+            spatial_complexity(image, edge_threshold) if spatial is None else spatial.float(),
             confidence_margin(logits) if probs is None else _margin(probs),
             activation_sparsity(stage_map),
         ],
