@@ -6,8 +6,9 @@ the bundle's router and with ``--tier heavy`` (the router still runs, as when se
 alternating, ``--repeats`` times each, and reports the median images/s of both, their ratio and
 the goal ``ratio >= 0.8 / flops_ratio`` (``flops_ratio``: the bundle's routed FLOPs over
 HEAVY's at its knob, from calibration). Also reported: the same ratio for the model alone on
-decoded tensors (no files, no JSON), the FLOPs ratio and the accuracies realised on these
-images.
+decoded tensors (no files, no JSON), also against the plain HEAVY exit without the router
+(``ratio_vs_plain_heavy``: what serving the whole network without routing would cost), the
+FLOPs ratio and the accuracies realised on these images.
 
     python benchmarks/predict_throughput.py [--bundle DIR | --ckpt CKPT] [-n 2000] [--batch 256]
 
@@ -75,23 +76,34 @@ def model_only(bundle_dir: str, folder: Path, batch: int, repeats: int) -> dict:
     """Routed vs forced-HEAVY images/s of the routed classifier on decoded tensors."""
     from eexit.bundle import load_bundle
     from eexit.serve.images import load_image
+    from eexit.types import ExitLevel
 
     bundle = load_bundle(bundle_dir)
     files = sorted(folder.iterdir())
     x = torch.stack([load_image(str(f), bundle.channels, bundle.input_size[0], bundle.mean, bundle.std) for f in files])
     model = bundle.routed()
-    times = {"routed": [], "heavy": []}
-    for _ in range(repeats):
-        for key, tier in (("routed", None), ("heavy", 3)):
-            start = time.perf_counter()
-            for i in range(0, len(x), batch):
-                model(x[i : i + batch], force_tier=tier)
-            times[key].append(time.perf_counter() - start)
+    plain = model.net  # the same inference copy, HEAVY exit only: no TINY head, features or gate
+    to_cl = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    runs = {
+        "routed": lambda c: model(c),
+        "heavy": lambda c: model(c, force_tier=3),
+        "heavy_plain": lambda c: plain.predict_exit(to_cl(c), ExitLevel.HEAVY),
+    }
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for key, fn in runs.items():
+                start = time.perf_counter()
+                for i in range(0, len(x), batch):
+                    fn(x[i : i + batch])
+                times[key].append(time.perf_counter() - start)
     ips = {k: len(x) / statistics.median(v) for k, v in times.items()}
     return {
         "routed_images_per_s": ips["routed"],
         "heavy_images_per_s": ips["heavy"],
+        "heavy_plain_images_per_s": ips["heavy_plain"],
         "ratio": ips["routed"] / ips["heavy"],
+        "ratio_vs_plain_heavy": ips["routed"] / ips["heavy_plain"],
     }
 
 

@@ -72,9 +72,10 @@ def _predict(args: argparse.Namespace) -> int:
             attributions=not args.no_attributions,
             on_batch=lambda n: progress.advance(task, n),
         )
+        encoder = json.JSONEncoder(allow_nan=False)  # one encoder: json.dumps builds one per call
         for row in rows:
             failed += "error" in row
-            sys.stdout.write(json.dumps(row, allow_nan=False) + "\n")
+            sys.stdout.write(encoder.encode(row) + "\n")
     sys.stdout.flush()
     if failed:
         err.print(f"[yellow]{failed} of {len(paths)} inputs could not be used (see their 'error' lines)[/yellow]")

@@ -340,3 +340,24 @@ def test_runs_on_the_inputs_device(method: str) -> None:
     for t in (res.attributions, res.delta, res.output, res.baseline_output):
         assert t.device.type == "cuda"
     torch.testing.assert_close(res.attributions.cpu(), W * (features - baseline), atol=1e-5, rtol=0)
+
+
+def test_deeplift_summed_gradients_equal_captums_per_row_gradients():
+    # explain_gate gives Captum's DeepLift the gradient of the scores' sum instead of the
+    # gradients of the unbound rows: the attributions must be the same
+    from captum.attr import DeepLift
+
+    from eexit.explain.gate_attribution import _summed_gradients
+
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1), torch.nn.Sigmoid())
+    x, b = torch.randn(64, 7, requires_grad=True), torch.randn(1, 7).expand(64, 7)
+    reference = DeepLift(model).attribute(x, baselines=b, target=0)
+    fast = DeepLift(model)
+    fast.gradient_func = _summed_gradients
+    got = fast.attribute(x, baselines=b, target=0)
+    assert torch.allclose(got, reference, atol=1e-7, rtol=1e-6)
+    # and through explain_gate on a scalar score (one per row), completeness holds
+    score = torch.nn.Sequential(model, torch.nn.Flatten(0))
+    res = explain_gate(score, x.detach(), b[0], method="deeplift")
+    assert torch.allclose(res.attributions.sum(dim=1), score(x.detach()) - score(b[:1]).expand(64), atol=1e-5)
