@@ -206,8 +206,9 @@ class RoutedClassifier(nn.Module):
         conf_here = None
         if router.one_shot and k > 0:
             # the tier was planned at TINY: only the images stopping here need this exit's head
-            stop = torch.ones_like(carry, dtype=torch.bool) if last else carry == k
-            out = head.forward_parts(h[stop])
+            stop = None if last else carry == k
+            stop_i = _positions(stop)
+            out = head.forward_parts(_take(h, stop_i))
             stopped_logits = out.logits
         else:
             out = head.forward_parts(h)
@@ -218,7 +219,7 @@ class RoutedClassifier(nn.Module):
                 spatial = None if k == 0 else result.features[idx, _SPATIAL]
                 f, cam = exit_features(image, h, out, head, probs, spatial=spatial, **self.feature_kwargs)
             if last:
-                stop = torch.ones(len(idx), dtype=torch.bool, device=h.device)
+                stop = None
                 conf_here = None if carry is None else 1.0 - carry
             elif router.one_shot:  # TINY: plan the tier of every image
                 carry, plan_conf = router.choose_tier(f, probs)
@@ -238,16 +239,17 @@ class RoutedClassifier(nn.Module):
                 if need_feats:
                     result.features[idx] = f
                     result.decided_at[idx] = k
-            stopped_logits = out.logits[stop]
+            stop_i = _positions(stop)
+            stopped_logits = _take(out.logits, stop_i)
             if result.heatmap is not None:
-                hidden = None if out.hidden is None else out.hidden[stop]
-                out = HeadOutput(out.attention[stop], out.pooled[stop], stopped_logits, hidden)
-                cam = None if cam is None else cam[stop]
-        sel = idx[stop]
+                hidden = None if out.hidden is None else _take(out.hidden, stop_i)
+                out = HeadOutput(_take(out.attention, stop_i), _take(out.pooled, stop_i), stopped_logits, hidden)
+                cam = None if cam is None else _take(cam, stop_i)
+        sel = _take(idx, stop_i)
         result.logits[sel] = stopped_logits
         result.tier[sel] = k
         if conf_here is not None:
-            result.confidence[sel] = conf_here[stop]
+            result.confidence[sel] = _take(conf_here, stop_i)
         if result.heatmap is not None and len(sel):
             if cam is None:
                 cam = cam_from_gradient(out.attention, head.logit_gradient(out, None))
@@ -255,8 +257,22 @@ class RoutedClassifier(nn.Module):
                 cam.unsqueeze(1), size=x.shape[-2:], mode="bilinear", align_corners=False
             )
             result.heatmap[sel] = up.squeeze(1)
-        keep = ~stop
-        return h[keep], idx[keep], None if carry is None else carry[keep]
+        if stop is None:  # HEAVY: every image stops
+            return h[:0], idx[:0], None if carry is None else carry[:0]
+        keep_i = _positions(~stop)
+        return h[keep_i], idx[keep_i], None if carry is None else carry[keep_i]
+
+
+def _positions(mask: Tensor | None) -> Tensor | None:
+    """Row indices of a ``(n,)`` bool mask (``None``: all rows). Indexing with them once per
+    mask instead of with the mask itself spares a ``nonzero`` per indexed tensor; the rows of a
+    channels-last map keep that layout."""
+    return None if mask is None else mask.nonzero().squeeze(1)
+
+
+def _take(t: Tensor, rows: Tensor | None) -> Tensor:
+    """``t[rows]`` (``rows=None``: ``t`` itself, no copy)."""
+    return t if rows is None else t[rows]
 
 
 def _part(carry: Tensor | None, start: int, size: int) -> Tensor | None:
