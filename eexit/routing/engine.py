@@ -186,7 +186,7 @@ class RoutedClassifier(nn.Module):
 
         Args:
             level: the stage / exit.
-            x: the whole input batch (the images, for the spatial-complexity feature).
+            x: the whole input batch (its size sets the heatmaps'; TINY reads its own chunk).
             h: ``(n, ...)`` the chunk's input to this stage (the images themselves for TINY).
             idx: ``(n,)`` the chunk's positions in the batch.
             carry: ``(n,)`` the router's state for the chunk (planned tier or last stop score).
