@@ -206,3 +206,24 @@ def test_training_images_are_decoded_as_they_are_served(tmp_path: Path, channels
         assert trained_on.shape == served.shape == (channels, 8, 8), name
         # 16-bit pixels are rounded to 8 bits for training: at most half a grey level apart
         assert (trained_on - served).abs().max() <= 0.5 / 255 / 0.25 + 1e-5, name
+
+
+def test_decoding_ahead_in_a_thread_or_in_turn_gives_the_same_rows(calibrated_run, mixed_folder) -> None:
+    # which path runs by default depends on the machine's free cores: both must give the same rows
+    from eexit.serve.predict import decode_ahead, predict_rows
+
+    folder, broken = mixed_folder
+    bundle = load_bundle(calibrated_run["bundle"])
+    paths = expand_inputs([str(folder)])
+    ahead = list(predict_rows(bundle, paths, batch_size=4, decode_in_background=True))
+    in_turn = list(predict_rows(bundle, paths, batch_size=4, decode_in_background=False))
+    assert len(ahead) == len(in_turn) == len(paths)
+    assert {Path(r["path"]).name for r in ahead if "error" in r} == broken - {"missing.png"}
+    for a, b in zip(ahead, in_turn, strict=True):
+        assert a.keys() == b.keys() and a["path"] == b["path"]
+        if "error" in a:
+            assert a["error"] == b["error"]
+        else:
+            assert (a["tier"], a["label_index"]) == (b["tier"], b["label_index"])
+            assert a["probability"] == pytest.approx(b["probability"], abs=1e-6)
+    assert decode_ahead(True) and not decode_ahead(False)

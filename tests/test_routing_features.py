@@ -371,3 +371,12 @@ def test_feature_variance_regions_equal_adaptive_pooling(h, w, grid):
     mn = cam.flatten(1) / cam.flatten(1).amax(dim=1, keepdim=True)
     ref = torch.nn.functional.adaptive_avg_pool2d(mn.view(-1, 1, h, w), grid).flatten(1).std(dim=1, correction=0)
     assert torch.allclose(feature_variance(cam, grid=grid), ref, atol=1e-6)
+
+
+def test_activation_sparsity_of_a_bool_map_at_an_odd_offset():
+    # a bool input is not copied by .bool(): a view starting mid-word must still count exactly
+    g = torch.Generator().manual_seed(9)
+    flat = torch.rand(121, generator=g) > 0.5
+    view = flat[1:].view(3, 40)  # contiguous rows of 40, storage offset 1
+    assert view.is_contiguous() and view.storage_offset() == 1
+    assert torch.equal(activation_sparsity(view), 1.0 - view.sum(dim=1).float() / 40)

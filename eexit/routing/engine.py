@@ -68,8 +68,7 @@ def exit_features(
     Returns:
         features ``(B, 7)`` and cam ``(B, h, w)``.
     """
-    target = out.logits.argmax(dim=1) if probs is None else probs.argmax(dim=1)
-    grad = head.logit_gradient(out, target)
+    grad = head.logit_gradient(out, None)  # for the predicted class
     cam = cam_from_gradient(out.attention, grad)
     return complexity_features(image, stage_map, cam, out.logits, grad, probs=probs, **kwargs), cam
 

@@ -296,7 +296,7 @@ def _nonzero_count(flat: Tensor) -> Tensor:
     """
     nonzero = flat.bool()
     b, n = nonzero.shape
-    if torch.onnx.is_in_onnx_export() or n % 4 or not nonzero.is_contiguous():
+    if torch.onnx.is_in_onnx_export() or n % 4 or not nonzero.is_contiguous() or nonzero.storage_offset() % 4:
         return nonzero.sum(dim=1)
     words = n // 4
     block = _block_size(words)
