@@ -153,7 +153,14 @@ def test_explain_writes_the_figures_and_tier_forces_the_exit(calibrated_run, tmp
     )
     rows = [_strict_json(line) for line in capsys.readouterr().out.splitlines()]
     assert rc == 0 and len(rows) == 3
-    assert all(r["tier"] == "heavy" for r in rows)
+    assert all(r["tier"] == "heavy" and r["forced"] for r in rows)
+    # the router's own choice is reported beside the forced exit, as routing these images gives it
+    bundle = load_bundle(calibrated_run["bundle"])
+    x = torch.stack(
+        [load_image(r["path"], bundle.channels, bundle.input_size[0], bundle.mean, bundle.std) for r in rows]
+    )
+    own = bundle.routed()(x)
+    assert [r["router_tier"] for r in rows] == [ExitLevel(t).key for t in own.tier.tolist()]
     for r in rows:
         assert set(r["explanation"]) == {"cam", "radar", "attributions"}
         for f in r["explanation"].values():

@@ -26,8 +26,8 @@ class RoutingDecision:
     """What the router decided for one image, and why.
 
     Attributes:
-        tier: exit name (``"tiny"`` ... ``"heavy"``).
-        confidence: the router's probability for its decision.
+        tier: exit name (``"tiny"`` ... ``"heavy"``) that gave the prediction.
+        confidence: the router's probability for ``tier`` (its own decision, or the forced exit).
         latency_ms: expected milliseconds per image of that tier (measured at calibration).
         mflops: FLOPs of that tier's path / 1e6, router included.
         label: predicted class name.
@@ -39,6 +39,10 @@ class RoutingDecision:
             compute), or ``None`` when not explained.
         attribution_delta: completeness gap of the attributions, or ``None``.
         router: the router kind.
+        forced: the tier was forced (``--tier``) instead of chosen by the router.
+        router_tier: the exit the router chose itself (``tier`` unless forced); ``None`` when
+            forced to an exit before the staged gate's or the cascade's stop rule fired (they
+            decide exit by exit, so their choice past the forced exit is unknown).
     """
 
     tier: str
@@ -52,6 +56,8 @@ class RoutingDecision:
     attributions: dict[str, float] | None = None
     attribution_delta: float | None = None
     router: str = "gate"
+    forced: bool = False
+    router_tier: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,6 +129,7 @@ def decisions_from_output(
     # plain Python lists once per batch: per-element tensor indexing dominates otherwise
     tiers, labels, probs = out.tier.tolist(), label_t.tolist(), conf_t.tolist()
     confidence, features = out.confidence.tolist(), out.features.tolist()
+    own = tiers if out.router_tier is None else out.router_tier.tolist()
     attr = None if attributions is None else attributions.tolist()
     delta = None if deltas is None else deltas.tolist()
     decisions = []
@@ -144,6 +151,8 @@ def decisions_from_output(
                 else {n: _finite(v) for n, v in zip(FEATURE_NAMES, attr[i], strict=True)},
                 attribution_delta=None if delta is None else _finite(delta[i]),
                 router=router,
+                forced=out.forced,
+                router_tier=ExitLevel(own[i]).key if own[i] >= 0 else None,
             )
         )
     return decisions

@@ -27,12 +27,19 @@ class RoutedOutput:
     Attributes:
         logits: ``(B, K)`` logits of the exit each image stopped at.
         tier: ``(B,)`` that exit (0 = TINY ... 3 = HEAVY).
-        confidence: ``(B,)`` the router's probability for its decision.
+        confidence: ``(B,)`` the router's probability for the tier in ``tier``: for its own
+            decision, or under ``force_tier`` for the forced exit (one-shot gate: the probability
+            that the oracle tier is at most that exit; staged gate: its stop score there;
+            cascade: the exit's top softmax probability).
         features: ``(B, 7)`` the features the deciding router step saw (TINY's for the one-shot
             gate, the deciding exit's for the staged gate; zeros for the cascade).
         decided_at: ``(B,)`` the exit where the decision was taken (TINY for the one-shot gate).
         heatmap: ``(B, H, W)`` Grad-CAM of the deciding exit, upsampled to the input size, or
             ``None``.
+        router_tier: ``(B,)`` under ``force_tier``, the exit the router itself would have chosen,
+            ``-1`` where the forced exit came before the router's stop rule fired (the staged
+            gate and the cascade decide exit by exit, so their choice past the forced exit is
+            unknown); ``None`` when nothing was forced (the router's choice is ``tier``).
     """
 
     logits: Tensor
@@ -41,6 +48,12 @@ class RoutedOutput:
     features: Tensor
     decided_at: Tensor
     heatmap: Tensor | None = None
+    router_tier: Tensor | None = None
+
+    @property
+    def forced(self) -> bool:
+        """Whether the tiers were forced (``force_tier``) rather than chosen by the router."""
+        return self.router_tier is not None
 
     @property
     def probs(self) -> Tensor:
@@ -147,6 +160,7 @@ class RoutedClassifier(nn.Module):
             features=x.new_zeros(b, 7),
             decided_at=torch.zeros(b, dtype=torch.long, device=x.device),
             heatmap=x.new_zeros(b, *x.shape[-2:]) if with_heatmap else None,
+            router_tier=None if force_tier is None else torch.full((b,), -1, dtype=torch.long, device=x.device),
         )
         # the active images (indices into the batch), their input to the next stage and the
         # router's state for them (one-shot: the planned tier; staged: the last stop score)
@@ -220,20 +234,28 @@ class RoutedClassifier(nn.Module):
             if last:
                 stop = None
                 conf_here = None if carry is None else 1.0 - carry
+                if result.router_tier is not None and not router.one_shot:
+                    own = result.router_tier[idx]  # -1: no stop rule fired before HEAVY
+                    result.router_tier[idx] = torch.where(own < 0, k, own)
             elif router.one_shot:  # TINY: plan the tier of every image
                 carry, plan_conf = router.choose_tier(f, probs)
                 if force_tier is not None:
+                    result.router_tier[idx] = carry
                     carry = torch.full_like(carry, force_tier)
+                    plan_conf = router.tier_confidence(f, carry)
                 result.features[idx] = f
                 result.confidence[idx] = plan_conf
                 stop = carry == k
             else:
                 carry = router.stop_score(level, f if need_feats else None, probs)
-                stop = (
-                    carry >= router.knob
-                    if force_tier is None
-                    else torch.full_like(carry, force_tier == k, dtype=torch.bool)
-                )
+                fires = carry >= router.knob
+                if force_tier is None:
+                    stop = fires
+                else:
+                    stop = torch.full_like(fires, force_tier == k)
+                    # the router's own choice: the first exit reached where its stop rule fires
+                    own = result.router_tier[idx]
+                    result.router_tier[idx] = torch.where(fires & (own < 0), k, own)
                 conf_here = carry
                 if need_feats:
                     result.features[idx] = f

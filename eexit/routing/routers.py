@@ -163,6 +163,13 @@ class OneShotGate(Router):
         tier = (cum < q).sum(dim=1).clamp_max(NUM_TIERS - 1)
         return tier, cum.gather(1, tier.view(-1, 1)).squeeze(1)
 
+    def tier_confidence(self, features: Tensor, tier: Tensor) -> Tensor:
+        """``(B,)`` probability that the oracle tier is at most ``tier`` ``(B,)``: the confidence
+        ``choose_tier`` reports for its own tier, here for any tier (e.g. a forced one)."""
+        cum = self.tier_probs(features).cumsum(dim=1)
+        cum[:, -1] = 1.0
+        return cum.gather(1, tier.view(-1, 1).long()).squeeze(1)
+
     def fit(self, features: Tensor, oracle_tier: Tensor, **kwargs) -> OneShotGate:
         """Fit on calibration features ``(N, F)`` and oracle tiers ``(N,)``."""
         self.scale.fit(features)

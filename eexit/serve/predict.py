@@ -57,13 +57,16 @@ def _explain_one(
     base = out_dir / _safe_name(index, row["path"])
     files = {}
     title = f"{row['label']} ({row['probability']:.2f}) - exit {row['tier'].upper()}"
+    if row.get("forced"):
+        title += f" (forced; router: {(row.get('router_tier') or 'later').upper()})"
     files["cam"] = str(save(cam_overlay(x, bundle.mean, bundle.std, heatmap, title), f"{base}_cam.png"))
     if router != "cascade":  # the cascade routes on confidence alone: no features to show
         profiles = bundle.calibration.tier_profiles
-        radar_title = f"features vs tiers' typical TINY profiles; routed {row['tier'].upper()}"
+        own = (row.get("router_tier") or f"past {row['tier']}").upper()  # the router's choice (forced or not)
+        radar_title = f"features vs tiers' typical TINY profiles; routed {own}"
         files["radar"] = str(save(radar_chart(row["features"], profiles, radar_title), f"{base}_radar.png"))
         if row.get("attributions"):
-            bars_title = f"why {row['tier'].upper()} ({router} router)"
+            bars_title = f"why {own} ({router} router)"
             files["attributions"] = str(save(attribution_bars(row["attributions"], bars_title), f"{base}_attr.png"))
     return files
 
