@@ -3,7 +3,9 @@
 Writes N Fashion-MNIST test images as PNG files, then runs the CLI's own code path
 (``eexit.cli.main(["predict", ...])``: decode, batch, route, attribute, JSON lines) on them with
 the bundle's router and with ``--tier heavy`` (the router still runs, as when serving),
-alternating, ``--repeats`` times each, and reports the median images/s of both, their ratio and
+alternating, ``--repeats`` times each, and reports the images/s of both in their fastest run (as
+the other benchmarks do: on a shared machine the slow spells are interference, not the code;
+``ratio_median`` is the ratio of the medians), their ratio and
 the goal ``ratio >= 0.8 / flops_ratio`` (``flops_ratio``: the bundle's routed FLOPs over
 HEAVY's at its knob, from calibration). Also reported: the same ratio for the model alone on
 decoded tensors (no files, no JSON), also against the plain HEAVY exit without the router
@@ -97,7 +99,7 @@ def model_only(bundle_dir: str, folder: Path, batch: int, repeats: int) -> dict:
                 for i in range(0, len(x), batch):
                     fn(x[i : i + batch])
                 times[key].append(time.perf_counter() - start)
-    ips = {k: len(x) / statistics.median(v) for k, v in times.items()}
+    ips = {k: len(x) / min(v) for k, v in times.items()}
     return {
         "routed_images_per_s": ips["routed"],
         "heavy_images_per_s": ips["heavy"],
@@ -113,7 +115,7 @@ def main() -> None:
     parser.add_argument("--ckpt", help="calibrated checkpoint to export first")
     parser.add_argument("-n", "--num-images", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
     from eexit.bundle import export_bundle, load_bundle
@@ -137,8 +139,9 @@ def main() -> None:
             for key, tier in (("routed", None), ("heavy", "heavy")):
                 seconds, rows[key] = run_cli(bundle_dir, folder, args.batch, tier)
                 times[key].append(seconds)
-        ips = {k: args.num_images / statistics.median(v) for k, v in times.items()}
+        ips = {k: args.num_images / min(v) for k, v in times.items()}
         ratio = ips["routed"] / ips["heavy"]
+        ratio_median = statistics.median(times["heavy"]) / statistics.median(times["routed"])
         flops_ratio = bundle.flops_ratio()
         acc = {k: float(np.mean([r["label_index"] == y for r, y in zip(rows[k], labels, strict=True)])) for k in rows}
         mflops = {k: float(np.mean([r["mflops"] for r in rows[k]])) for k in rows}
@@ -156,6 +159,7 @@ def main() -> None:
             "routed_images_per_s": round(ips["routed"], 1),
             "heavy_images_per_s": round(ips["heavy"], 1),
             "ratio": round(ratio, 3),
+            "ratio_median": round(ratio_median, 3),
             "flops_ratio": round(flops_ratio, 4),
             "goal_ratio": round(0.8 / flops_ratio, 3),
             "goal_met": bool(ratio >= 0.8 / flops_ratio),

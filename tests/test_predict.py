@@ -234,3 +234,91 @@ def test_decoding_ahead_in_a_thread_or_in_turn_gives_the_same_rows(calibrated_ru
             assert (a["tier"], a["label_index"]) == (b["tier"], b["label_index"])
             assert a["probability"] == pytest.approx(b["probability"], abs=1e-6)
     assert decode_ahead(True) and not decode_ahead(False)
+
+
+def _png(path: Path, im: Image.Image, **kwargs) -> str:
+    im.save(path, format="PNG", **kwargs)
+    return str(path)
+
+
+def test_png_fast_path_gives_the_pixels_of_the_pil_path(tmp_path: Path, monkeypatch) -> None:
+    from PIL import PngImagePlugin
+
+    from eexit.serve import images
+
+    gray = Image.fromarray(_shape_u8(3))
+    rgb = Image.merge("RGB", [gray, gray.transpose(Image.Transpose.FLIP_LEFT_RIGHT), gray.point(lambda v: 255 - v)])
+    gamma = PngImagePlugin.PngInfo()
+    gamma.add(b"gAMA", (45455).to_bytes(4, "big"))  # libpng must not apply it (Pillow does not)
+    text = PngImagePlugin.PngInfo()
+    text.add_text("comment", "plain text")
+    mention = PngImagePlugin.PngInfo()  # a text naming the EXIF chunk: PIL, to be safe (same pixels)
+    mention.add_text("comment", "no eXIf here")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    cases = {  # name: (file, model channels, fast path expected)
+        "gray": (_png(tmp_path / "g.png", gray), 1, True),
+        "gray_to_rgb": (_png(tmp_path / "g3.png", gray), 3, True),
+        "rgb": (_png(tmp_path / "c.png", rgb), 3, True),
+        "gamma": (_png(tmp_path / "gm.png", gray, pnginfo=gamma), 1, True),
+        "text": (_png(tmp_path / "t.png", rgb, pnginfo=text), 3, True),
+        "text_naming_exif": (_png(tmp_path / "tx.png", rgb, pnginfo=mention), 3, False),
+        "gray_trns": (_png(tmp_path / "gt.png", gray, transparency=0), 3, True),
+        "rgb_trns": (_png(tmp_path / "ct.png", rgb, transparency=(0, 0, 0)), 1, False),  # luma: PIL
+        "rgb_to_luma": (_png(tmp_path / "cl.png", rgb), 1, False),
+        "exif": (_png(tmp_path / "e.png", rgb, exif=exif.tobytes()), 3, False),
+        "palette": (_png(tmp_path / "p.png", rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=8)), 3, False),
+        "rgba": (_png(tmp_path / "a.png", rgb.convert("RGBA")), 3, False),
+        "16bit": (_png(tmp_path / "w.png", Image.fromarray(np.full((16, 16), 40000, np.uint16))), 1, False),
+        "other_size": (_png(tmp_path / "s.png", gray.resize((20, 16))), 1, False),
+    }
+    fast_results = []  # what the fast decoder returned (None: it handed the file to PIL)
+    real = images._decode_plain_png
+    monkeypatch.setattr(images, "_decode_plain_png", lambda *a: fast_results.append(real(*a)) or fast_results[-1])
+    for name, (path, channels, fast) in cases.items():
+        fast_results.clear()
+        got = images.load_pixels(path, channels, 16)
+        assert (bool(fast_results) and fast_results[-1] is not None) == fast, name
+        want = images._pixels_hwc(images.decode(path), channels, 16).transpose(2, 0, 1)
+        assert got.shape == (channels, 16, 16) and got.dtype == want.dtype, name
+        assert np.array_equal(got, want), name
+    # a PNG the fast decoder refuses goes to PIL, which names the problem
+    data = Path(cases["gray"][0]).read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(images.ImageError, match="truncated"):
+        images.load_pixels(str(tmp_path / "cut.png"), 1, 16)
+
+
+def test_batch_normalisation_equals_per_image_and_drops_non_finite_images(tmp_path: Path) -> None:
+    from eexit.serve.images import load_pixels, normalise_batch
+
+    good = _png(tmp_path / "g.png", Image.fromarray(_shape_u8(5)))
+    nan = np.full((16, 16), 0.5, np.float32)
+    nan[3, 4] = np.nan
+    Image.fromarray(nan, mode="F").save(tmp_path / "nan.tif")
+    Image.fromarray(np.full((16, 16), 0.25, np.float32), mode="F").save(tmp_path / "quarter.tif")
+    pixels = [load_pixels(p, 1, 16) for p in (good, str(tmp_path / "nan.tif"), str(tmp_path / "quarter.tif"))]
+    x, usable = normalise_batch(pixels, [0.3], [0.2])
+    assert usable.tolist() == [True, False, True]
+    u8 = torch.from_numpy(np.asarray(Image.open(good), dtype=np.float32) / 255.0)
+    assert torch.equal(x[0, 0], (u8 - 0.3) / 0.2)  # ToTensor then Normalize, bit for bit
+    assert torch.allclose(x[2], torch.full((1, 16, 16), (0.25 - 0.3) / 0.2))
+    with pytest.raises(ValueError, match="non-finite"):
+        load_image(str(tmp_path / "nan.tif"), 1, 16, [0.3], [0.2])
+
+
+def test_predict_gives_an_error_line_for_an_image_with_nan_and_keeps_the_others(
+    calibrated_run, tmp_path: Path, capsys
+) -> None:
+    size = load_bundle(calibrated_run["bundle"]).input_size[0]
+    Image.fromarray(_shape_u8(1, size)).save(tmp_path / "a_good.png")
+    nan = np.full((size, size), 0.5, np.float32)
+    nan[0, 0] = np.nan
+    Image.fromarray(nan, mode="F").save(tmp_path / "b_nan.tif")
+    rc = main(["predict", "--bundle", calibrated_run["bundle"], str(tmp_path)])
+    rows = [_strict_json(line) for line in capsys.readouterr().out.splitlines()]
+    assert rc == 1 and [Path(r["path"]).name for r in rows] == ["a_good.png", "b_nan.tif"]
+    assert "tier" in rows[0] and "non-finite" in rows[1]["error"]
+    rc = main(["predict", "--bundle", calibrated_run["bundle"], str(tmp_path / "b_nan.tif")])  # nothing usable
+    rows = [_strict_json(line) for line in capsys.readouterr().out.splitlines()]
+    assert rc == 1 and len(rows) == 1 and "non-finite" in rows[0]["error"]

@@ -22,7 +22,7 @@ from torch import Tensor
 from eexit.bundle import Bundle
 from eexit.routing.decisions import attribute_output, decisions_from_output
 from eexit.routing.engine import RoutedOutput
-from eexit.serve.images import ImageError, load_array, norm_arrays
+from eexit.serve.images import NON_FINITE, ImageError, load_pixels, normalise_batch
 from eexit.types import ExitLevel
 
 log = logging.getLogger(__name__)
@@ -31,17 +31,33 @@ Loaded = list[tuple[str, np.ndarray | None, str | None]]
 
 
 def _load_chunk(paths: Sequence[str], bundle: Bundle) -> Loaded:
+    """``(path, pixels, None)`` or ``(path, None, reason)`` per path (``load_pixels``)."""
     size = bundle.input_size[0]
-    mean, std = norm_arrays(bundle.mean, bundle.std)
     out: Loaded = []
     for p in paths:
         try:
-            out.append((p, load_array(p, bundle.channels, size, mean, std), None))
+            out.append((p, load_pixels(p, bundle.channels, size), None))
         except ImageError as err:
             out.append((p, None, err.reason))
         except Exception as err:  # never lose the other inputs' results
             out.append((p, None, f"cannot read: {type(err).__name__}: {err}"))
     return out
+
+
+def _normalised(loaded: Loaded, bundle: Bundle) -> tuple[Loaded, Tensor | None]:
+    """The chunk's usable images as one normalised batch ``(n, C, S, S)``; images with
+    non-finite values become errors."""
+    good = [a for _, a, _ in loaded if a is not None]
+    if not good:
+        return loaded, None
+    x, usable = normalise_batch(good, bundle.mean, bundle.std)
+    if usable.all():
+        return loaded, x
+    if not usable.any():
+        return [(p, None, e or NON_FINITE) for p, _, e in loaded], None
+    flags = iter(usable.tolist())
+    loaded = [(p, a, e) if a is None or next(flags) else (p, None, NON_FINITE) for p, a, e in loaded]
+    return loaded, x[usable]
 
 
 def _safe_name(index: int, path: str) -> str:
@@ -136,10 +152,9 @@ def predict_rows(
             loaded = pending.result() if ahead else _load_chunk(chunks[c], bundle)
             if ahead and c + 1 < len(chunks):
                 pending = pool.submit(_load_chunk, chunks[c + 1], bundle)
-            good = [t for _, t, _ in loaded if t is not None]
+            loaded, x = _normalised(loaded, bundle)
             rows_good: list[dict] = []
-            if good:
-                x = torch.from_numpy(np.stack(good))
+            if x is not None:
                 out = _route(bundle, router, x, tier, out_dir is not None)
                 expl = attribute_output(bundle.calibration, router, out) if attributions else None
                 decisions = decisions_from_output(
