@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, random_split
+from torch.utils.data import DataLoader, Dataset, Subset, random_split
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
@@ -31,7 +31,10 @@ class SplitDataModule(pl.LightningDataModule):
     """Base datamodule: the training pool is split, with a seed, into train / val / calib.
 
     The calibration split (for the router) is never used for training or model selection, and
-    the test split is never used for calibration.
+    the test split is never used for calibration. Only the training split is augmented: the
+    validation and calibration splits read the pool through ``eval_view``, as the test set is
+    read (a calibration on augmented images would fit the router's knob and features to images
+    it never serves).
 
     The training loader is resumable: a ``StatefulDataLoader`` (torchdata) over a
     ``StatefulDistributedSampler`` that shuffles with a generator seeded by ``seed + epoch``, so
@@ -83,6 +86,11 @@ class SplitDataModule(pl.LightningDataModule):
         """The held-out test set."""
         raise NotImplementedError
 
+    def eval_view(self, pool: Dataset) -> Dataset:
+        """``pool`` as the validation and calibration splits read it: without the training
+        augmentation, like the test set (the default: ``pool`` itself, for pools without one)."""
+        return pool
+
     @property
     def num_classes(self) -> int:
         return self.info.num_classes
@@ -100,7 +108,10 @@ class SplitDataModule(pl.LightningDataModule):
         if self.data_train is None:
             pool = self.load_pool()
             generator = torch.Generator().manual_seed(self.split_seed)
-            self.data_train, self.data_val, self.data_calib = random_split(pool, self._sizes(len(pool)), generator)
+            self.data_train, val, calib = random_split(pool, self._sizes(len(pool)), generator)
+            # model selection and router calibration see images as the test set and serving do
+            plain = self.eval_view(pool)
+            self.data_val, self.data_calib = Subset(plain, val.indices), Subset(plain, calib.indices)
             if self.limit_train is not None and self.limit_train < len(self.data_train):
                 self.data_train = torch.utils.data.Subset(self.data_train, range(self.limit_train))
         if self.data_test is None and stage in (None, "test", "predict", "calibrate"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import tarfile
 import tempfile
@@ -12,6 +13,7 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
+from torchvision.datasets.vision import StandardTransform
 
 from eexit.data.base import DataInfo, SplitDataModule
 from eexit.serve.images import ImageError, decode, to_model_mode
@@ -140,6 +142,15 @@ class ImageFolderDataModule(SplitDataModule):
 
     def load_pool(self) -> Dataset:
         return self._folder(self.train_dir, train=True)
+
+    def eval_view(self, pool: Dataset) -> Dataset:
+        """The pool's files (listed and checked once) with the evaluation transform."""
+        if not self.augment:
+            return pool
+        view = copy.copy(pool)
+        view.transform = self.transform(train=False)
+        view.transforms = StandardTransform(view.transform, view.target_transform)
+        return view
 
     def load_test(self) -> Dataset:
         return self._folder(self.test_dir, train=False)
