@@ -64,18 +64,24 @@ def test_knob_margin_keeps_standard_errors_between_the_drop_and_the_target() -> 
     assert choose_knob(points, 0.92, max_drop=0.0, margin_se=1.0) is heavy
 
 
+def _mixed_model(net, cal: Calibration, kind: str, x: torch.Tensor) -> RoutedClassifier:
+    """The routed classifier of ``kind`` with a knob in the middle of its range on ``x``, so that
+    the images go to a mix of tiers."""
+    model = cal.routed(net, kind)
+    records = collect_records(net, [(x, torch.zeros(len(x), dtype=torch.long))], cal.feature_kwargs)
+    mixed = [p for p in sweep(model.router, records, [1, 2, 3, 4]) if max(p.tier_fractions) < 0.9]
+    if mixed:
+        model.router.set_knob(mixed[len(mixed) // 2].knob)
+    return model
+
+
 @pytest.mark.parametrize("chunk_size", [None, 7, 128])
 @pytest.mark.parametrize("kind", KINDS)
 def test_stages_run_once_per_image_and_logits_equal_direct_exit(trained, kind: str, chunk_size: int | None) -> None:
     net, cal, x, _, _ = trained
-    model = cal.routed(net, kind)
+    model = _mixed_model(net, cal, kind, x)
     model.chunk_size = chunk_size  # None: the whole batch at once; 7: many chunks and a remainder
-    # a knob in the middle of the range gives a mix of tiers
     records = collect_records(net, [(x, torch.zeros(len(x), dtype=torch.long))], cal.feature_kwargs)
-    points = sweep(model.router, records, [1, 2, 3, 4])
-    mixed = [p for p in points if max(p.tier_fractions) < 0.9]
-    if mixed:
-        model.router.set_knob(mixed[len(mixed) // 2].knob)
     seen = {k: 0 for k in range(4)}
     hooks = [
         stage.register_forward_hook(lambda m, inp, out, k=k: seen.__setitem__(k, seen[k] + inp[0].shape[0]))
@@ -100,11 +106,7 @@ def test_stages_run_once_per_image_and_logits_equal_direct_exit(trained, kind: s
 @pytest.mark.parametrize("kind", KINDS)
 def test_chunked_routing_gives_the_decisions_of_one_whole_batch(trained, kind: str) -> None:
     net, cal, x, _, _ = trained
-    model = cal.routed(net, kind)
-    records = collect_records(net, [(x, torch.zeros(len(x), dtype=torch.long))], cal.feature_kwargs)
-    mixed = [p for p in sweep(model.router, records, [1, 2, 3, 4]) if max(p.tier_fractions) < 0.9]
-    if mixed:
-        model.router.set_knob(mixed[len(mixed) // 2].knob)
+    model = _mixed_model(net, cal, kind, x)
     model.chunk_size = None
     whole = model(x, with_heatmap=True)
     model.chunk_size = 5
@@ -132,11 +134,7 @@ def test_optimized_serving_path_gives_the_same_decisions(trained, kind: str) -> 
 @pytest.mark.parametrize("kind", KINDS)
 def test_forced_tier_reports_the_forced_exit_and_the_routers_own_choice(trained, kind: str, forced: int) -> None:
     net, cal, x, _, _ = trained
-    model = cal.routed(net, kind)
-    records = collect_records(net, [(x, torch.zeros(len(x), dtype=torch.long))], cal.feature_kwargs)
-    mixed = [p for p in sweep(model.router, records, [1, 2, 3, 4]) if max(p.tier_fractions) < 0.9]
-    if mixed:
-        model.router.set_knob(mixed[len(mixed) // 2].knob)
+    model = _mixed_model(net, cal, kind, x)
     own = model(x)
     out = model(x, force_tier=forced)
     assert own.router_tier is None and not own.forced and out.forced
