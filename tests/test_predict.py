@@ -252,21 +252,25 @@ def test_png_fast_path_gives_the_pixels_of_the_pil_path(tmp_path: Path, monkeypa
     gamma.add(b"gAMA", (45455).to_bytes(4, "big"))  # libpng must not apply it (Pillow does not)
     text = PngImagePlugin.PngInfo()
     text.add_text("comment", "plain text")
-    mention = PngImagePlugin.PngInfo()  # a text naming the EXIF chunk: PIL, to be safe (same pixels)
+    mention = PngImagePlugin.PngInfo()  # a text that merely names the EXIF chunk: no EXIF
     mention.add_text("comment", "no eXIf here")
     exif = Image.Exif()
     exif[0x0112] = 6
+    raw_exif = PngImagePlugin.PngInfo()  # ImageMagick's way of storing EXIF, which Pillow reads too
+    raw_exif.add_text("Raw profile type exif", "\nexif\n       8\n4d4d002a00000008\n")
     cases = {  # name: (file, model channels, fast path expected)
         "gray": (_png(tmp_path / "g.png", gray), 1, True),
         "gray_to_rgb": (_png(tmp_path / "g3.png", gray), 3, True),
         "rgb": (_png(tmp_path / "c.png", rgb), 3, True),
         "gamma": (_png(tmp_path / "gm.png", gray, pnginfo=gamma), 1, True),
         "text": (_png(tmp_path / "t.png", rgb, pnginfo=text), 3, True),
-        "text_naming_exif": (_png(tmp_path / "tx.png", rgb, pnginfo=mention), 3, False),
+        "text_naming_exif": (_png(tmp_path / "tx.png", rgb, pnginfo=mention), 3, True),
         "gray_trns": (_png(tmp_path / "gt.png", gray, transparency=0), 3, True),
         "rgb_trns": (_png(tmp_path / "ct.png", rgb, transparency=(0, 0, 0)), 1, False),  # luma: PIL
         "rgb_to_luma": (_png(tmp_path / "cl.png", rgb), 1, False),
         "exif": (_png(tmp_path / "e.png", rgb, exif=exif.tobytes()), 3, False),
+        "raw_profile_exif": (_png(tmp_path / "re.png", rgb, pnginfo=raw_exif), 3, False),
+        "icc_profile": (_png(tmp_path / "icc.png", gray, icc_profile=b"not a real profile"), 1, False),
         "palette": (_png(tmp_path / "p.png", rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=8)), 3, False),
         "rgba": (_png(tmp_path / "a.png", rgb.convert("RGBA")), 3, False),
         "16bit": (_png(tmp_path / "w.png", Image.fromarray(np.full((16, 16), 40000, np.uint16))), 1, False),
@@ -282,11 +286,22 @@ def test_png_fast_path_gives_the_pixels_of_the_pil_path(tmp_path: Path, monkeypa
         want = images._pixels_hwc(images.decode(path), channels, 16).transpose(2, 0, 1)
         assert got.shape == (channels, 16, 16) and got.dtype == want.dtype, name
         assert np.array_equal(got, want), name
-    # a PNG the fast decoder refuses goes to PIL, which names the problem
+    # broken files go to PIL, which names the problem: truncated, or a chunk with a bad CRC
+    # (which libpng would only warn about)
     data = Path(cases["gray"][0]).read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(images.ImageError, match="truncated"):
         images.load_pixels(str(tmp_path / "cut.png"), 1, 16)
+    texted = bytearray(Path(cases["text"][0]).read_bytes())
+    at = texted.index(b"plain text")
+    texted[at] ^= 1  # the tEXt chunk's CRC no longer matches
+    (tmp_path / "crc.png").write_bytes(bytes(texted))
+    fast_results.clear()
+    with pytest.raises(images.ImageError):
+        images.load_pixels(str(tmp_path / "crc.png"), 3, 16)
+    assert not fast_results
+    with pytest.raises(images.ImageError, match="channel"):  # the fast path checks channels too
+        images.load_pixels(cases["gray"][0], 4, 16)
 
 
 def test_batch_normalisation_equals_per_image_and_drops_non_finite_images(tmp_path: Path) -> None:
@@ -305,6 +320,15 @@ def test_batch_normalisation_equals_per_image_and_drops_non_finite_images(tmp_pa
     assert torch.allclose(x[2], torch.full((1, 16, 16), (0.25 - 0.3) / 0.2))
     with pytest.raises(ValueError, match="non-finite"):
         load_image(str(tmp_path / "nan.tif"), 1, 16, [0.3], [0.2])
+    # a batch of 8-bit images (the usual case): torchvision's ToTensor + Normalize, bit for bit
+    from torchvision import transforms
+
+    rgb = [Image.fromarray(np.dstack([_shape_u8(s), _shape_u8(s + 1), _shape_u8(s + 2)])) for s in range(3)]
+    files = [_png(tmp_path / f"c{i}.png", im) for i, im in enumerate(rgb)]
+    mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+    x, usable = normalise_batch([load_pixels(f, 3, 16) for f in files], mean, std)
+    reference = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+    assert usable.all() and torch.equal(x, torch.stack([reference(im) for im in rgb]))
 
 
 def test_predict_gives_an_error_line_for_an_image_with_nan_and_keeps_the_others(

@@ -130,28 +130,33 @@ def test_optimized_serving_path_gives_the_same_decisions(trained, kind: str) -> 
         assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-4), name
 
 
-@pytest.mark.parametrize("forced", [0, 1, 3])
+@pytest.mark.parametrize("chunk_size", [None, 5])
+@pytest.mark.parametrize("forced", [0, 1, 2, 3])
 @pytest.mark.parametrize("kind", KINDS)
-def test_forced_tier_reports_the_forced_exit_and_the_routers_own_choice(trained, kind: str, forced: int) -> None:
+def test_forced_tier_reports_the_forced_exit_and_the_routers_own_choice(
+    trained, kind: str, forced: int, chunk_size: int | None
+) -> None:
     net, cal, x, _, _ = trained
     model = _mixed_model(net, cal, kind, x)
+    model.chunk_size = chunk_size
     own = model(x)
     out = model(x, force_tier=forced)
     assert own.router_tier is None and not own.forced and out.forced
     assert (out.tier == forced).all()
     assert torch.allclose(out.logits, net.predict_exit(x, forced), atol=1e-5)
+    same = own.tier == forced  # images the router sends there itself: the same confidence
+    assert torch.allclose(out.confidence[same], own.confidence[same])
     if kind == "gate":  # the plan is made at TINY: the router's choice is always known
         assert torch.equal(out.router_tier, own.tier)
-        expected = model.router.tier_confidence(own.features, torch.full_like(own.tier, forced))
-        assert torch.allclose(out.confidence, expected)
-        assert torch.allclose(out.confidence[own.tier == forced], own.confidence[own.tier == forced])
+        assert torch.allclose(out.confidence, model.router.tier_cdf(own.features)[:, forced])
     else:  # decided exit by exit: known up to the forced exit, unknown (-1) past it
         known = own.tier <= forced
         assert torch.equal(out.router_tier[known], own.tier[known])
         assert (out.router_tier[~known] == -1).all()
-        if forced < 3:  # the stop score at the forced exit
-            same = own.tier == forced
-            assert torch.allclose(out.confidence[same], own.confidence[same])
+    # what explains the router's own choice: the features and exit of that choice
+    known = out.router_tier >= 0
+    assert torch.equal(out.decided_at[known], own.decided_at[known])
+    assert torch.allclose(out.features[known], own.features[known], atol=1e-6)
     rows = decisions_from_output(out, cal.tier_costs[kind], ["a", "b", "c", "d"], kind)
     assert all(r.forced and r.tier == ExitLevel(forced).key for r in rows)
     assert [r.router_tier for r in rows] == [ExitLevel(t).key if t >= 0 else None for t in out.router_tier.tolist()]

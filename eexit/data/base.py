@@ -87,8 +87,15 @@ class SplitDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     def eval_view(self, pool: Dataset) -> Dataset:
-        """``pool`` as the validation and calibration splits read it: without the training
-        augmentation, like the test set (the default: ``pool`` itself, for pools without one)."""
+        """The pool as the validation and calibration splits read it.
+
+        Args:
+            pool: ``load_pool()``'s dataset (its items may be augmented).
+
+        Returns:
+            A dataset with the same items in the same order, read without the training
+            augmentation, like the test set (the default: ``pool`` itself, for pools without one).
+        """
         return pool
 
     @property

@@ -40,9 +40,10 @@ class RoutingDecision:
         attribution_delta: completeness gap of the attributions, or ``None``.
         router: the router kind.
         forced: the tier was forced (``--tier``) instead of chosen by the router.
-        router_tier: the exit the router chose itself (``tier`` unless forced); ``None`` when
-            forced to an exit before the staged gate's or the cascade's stop rule fired (they
-            decide exit by exit, so their choice past the forced exit is unknown).
+        router_tier: the exit the router chose itself (``decisions_from_output`` gives ``tier``
+            unless forced); ``None`` when unknown: forced to an exit before the staged gate's or
+            the cascade's stop rule fired (they decide exit by exit, so their choice past the
+            forced exit is not known).
     """
 
     tier: str

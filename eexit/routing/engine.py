@@ -29,11 +29,14 @@ class RoutedOutput:
         tier: ``(B,)`` that exit (0 = TINY ... 3 = HEAVY).
         confidence: ``(B,)`` the router's probability for the tier in ``tier``: for its own
             decision, or under ``force_tier`` for the forced exit (one-shot gate: the probability
-            that the oracle tier is at most that exit; staged gate: its stop score there;
-            cascade: the exit's top softmax probability).
+            that the image needs no more than that exit; staged gate and cascade: the stop score
+            there, the staged gate's sigmoid or the exit's top softmax probability; at HEAVY, one
+            minus MEDIUM's stop score).
         features: ``(B, 7)`` the features the deciding router step saw (TINY's for the one-shot
             gate, the deciding exit's for the staged gate; zeros for the cascade).
         decided_at: ``(B,)`` the exit where the decision was taken (TINY for the one-shot gate).
+            Under ``force_tier`` the staged gate's ``features`` and ``decided_at`` are those of
+            the exit where its own stop rule fired, else of the last exit it passed.
         heatmap: ``(B, H, W)`` Grad-CAM of the deciding exit, upsampled to the input size, or
             ``None``.
         router_tier: ``(B,)`` under ``force_tier``, the exit the router itself would have chosen,
@@ -238,28 +241,34 @@ class RoutedClassifier(nn.Module):
                     own = result.router_tier[idx]  # -1: no stop rule fired before HEAVY
                     result.router_tier[idx] = torch.where(own < 0, k, own)
             elif router.one_shot:  # TINY: plan the tier of every image
-                carry, plan_conf = router.choose_tier(f, probs)
-                if force_tier is not None:
-                    result.router_tier[idx] = carry
-                    carry = torch.full_like(carry, force_tier)
-                    plan_conf = router.tier_confidence(f, carry)
+                if force_tier is None:
+                    carry, plan_conf = router.choose_tier(f, probs)
+                else:  # the router's own plan, and its probability that the forced tier is enough
+                    cdf = router.tier_cdf(f)
+                    result.router_tier[idx], _ = router.choose_tier(f, probs, cdf=cdf)
+                    carry = torch.full_like(result.router_tier[idx], force_tier)
+                    plan_conf = cdf[:, force_tier]
                 result.features[idx] = f
                 result.confidence[idx] = plan_conf
                 stop = carry == k
             else:
                 carry = router.stop_score(level, f if need_feats else None, probs)
                 fires = carry >= router.knob
+                deciding = None  # the images whose decision this exit explains (None: all)
                 if force_tier is None:
                     stop = fires
                 else:
                     stop = torch.full_like(fires, force_tier == k)
-                    # the router's own choice: the first exit reached where its stop rule fires
+                    # the router's own choice: the first exit reached where its stop rule fires;
+                    # features and decided_at stay those of that exit (what explains the choice)
                     own = result.router_tier[idx]
+                    deciding = _positions(own < 0)
                     result.router_tier[idx] = torch.where(fires & (own < 0), k, own)
                 conf_here = carry
                 if need_feats:
-                    result.features[idx] = f
-                    result.decided_at[idx] = k
+                    rows = _take(idx, deciding)
+                    result.features[rows] = _take(f, deciding)
+                    result.decided_at[rows] = k
             stop_i = _positions(stop)
             stopped_logits = _take(out.logits, stop_i)
             if result.heatmap is not None:

@@ -104,8 +104,15 @@ class Router(nn.Module):
         """``(B,)`` score in [0, 1]; the image stops at ``level`` when it is ``>= knob``."""
         raise NotImplementedError
 
-    def choose_tier(self, features: Tensor, probs: Tensor, knob: float | None = None) -> tuple[Tensor, Tensor]:
-        """One-shot routers: ``(tier (B,), confidence (B,))`` from the TINY features."""
+    def choose_tier(
+        self, features: Tensor, probs: Tensor, knob: float | None = None, cdf: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """One-shot routers: ``(tier (B,), confidence (B,))`` from the TINY features (``cdf``:
+        their ``tier_cdf`` if already computed)."""
+        raise NotImplementedError
+
+    def tier_cdf(self, features: Tensor) -> Tensor:
+        """One-shot routers: ``(B, 4)`` probability that an image needs at most each tier."""
         raise NotImplementedError
 
     def config(self) -> dict:
@@ -154,21 +161,39 @@ class OneShotGate(Router):
     def tier_probs(self, features: Tensor) -> Tensor:
         return torch.softmax(self.logits(features), dim=1)
 
-    def choose_tier(
-        self, features: Tensor, probs: Tensor | None = None, knob: float | None = None
-    ) -> tuple[Tensor, Tensor]:
-        q = float(self.knob) if knob is None else knob
+    def tier_cdf(self, features: Tensor) -> Tensor:
+        """Probability that the oracle tier is at most each tier.
+
+        Args:
+            features: ``(B, F)`` raw TINY features.
+
+        Returns:
+            ``(B, 4)`` cumulative tier probabilities, the last column exactly 1.
+        """
         cum = self.tier_probs(features).cumsum(dim=1)
         cum[:, -1] = 1.0
+        return cum
+
+    def choose_tier(
+        self, features: Tensor, probs: Tensor | None = None, knob: float | None = None, cdf: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The cheapest tier whose cumulative probability reaches the knob.
+
+        Args:
+            features: ``(B, F)`` raw TINY features.
+            probs: unused (the gate reads the features alone).
+            knob: the quantile (default: the calibrated ``knob``); higher = more compute.
+            cdf: ``tier_cdf(features)`` if already computed.
+
+        Returns:
+            ``tier (B,)`` and its confidence ``(B,)``: the probability that the image needs no
+            more than that tier (``cdf[:, tier]``; for any other tier, e.g. a forced one, read
+            that column of ``tier_cdf``).
+        """
+        q = float(self.knob) if knob is None else knob
+        cum = self.tier_cdf(features) if cdf is None else cdf
         tier = (cum < q).sum(dim=1).clamp_max(NUM_TIERS - 1)
         return tier, cum.gather(1, tier.view(-1, 1)).squeeze(1)
-
-    def tier_confidence(self, features: Tensor, tier: Tensor) -> Tensor:
-        """``(B,)`` probability that the oracle tier is at most ``tier`` ``(B,)``: the confidence
-        ``choose_tier`` reports for its own tier, here for any tier (e.g. a forced one)."""
-        cum = self.tier_probs(features).cumsum(dim=1)
-        cum[:, -1] = 1.0
-        return cum.gather(1, tier.view(-1, 1).long()).squeeze(1)
 
     def fit(self, features: Tensor, oracle_tier: Tensor, **kwargs) -> OneShotGate:
         """Fit on calibration features ``(N, F)`` and oracle tiers ``(N,)``."""

@@ -15,10 +15,11 @@ others. Conversions:
 * Resize: the shorter side to the bundle's size (bilinear, antialiased), then a centre crop
   (torchvision's ``Resize(size)`` + ``CenterCrop(size)`` on PIL images).
 
-Fast path: an 8-bit grayscale or RGB PNG already at the served size, without EXIF, that needs
-no conversion but a grey-to-RGB repeat is decoded by torchvision's libpng decoder instead of
-PIL, in less than half the time (lossless, so the same pixels; a test compares the two on many
-variants); anything else, or anything that decoder refuses, goes through PIL. Pixels stay 8-bit until ``normalise_batch``
+Fast path: an 8-bit grayscale or RGB PNG already at the served size, without EXIF and with
+sound chunks, that needs no conversion but a grey-to-RGB repeat is decoded by torchvision's
+libpng decoder instead of PIL, in less than half the time (lossless, so the same pixels; a test
+compares the two on many variants); anything else, or anything that decoder refuses, goes
+through PIL. Pixels stay 8-bit until ``normalise_batch``
 scales and normalises a whole batch at once.
 """
 
@@ -29,6 +30,7 @@ import functools
 import glob
 import io
 import os
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -191,22 +193,44 @@ def _pixels_hwc(im: Image.Image, channels: int, size: int) -> np.ndarray:
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_EXIF_MARKS = (b"eXIf", b"Raw profile type exif")  # Pillow's two ways of finding EXIF in a PNG
+# chunks that change no pixel for PIL or for libpng without transforms (and none it warns about,
+# such as iCCP); any other chunk sends the file to PIL
+_PLAIN_CHUNKS = frozenset(
+    {b"IHDR", b"IDAT", b"IEND", b"gAMA", b"cHRM", b"sRGB", b"pHYs", b"tIME", b"bKGD", b"sBIT", b"tRNS"}
+    | {b"tEXt", b"zTXt", b"iTXt"}
+)
+_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+_EXIF_TEXT_KEY = b"Raw profile type exif\x00"  # the text chunk in which Pillow also finds EXIF
 
 
 def _plain_png(data: bytes, size: int) -> bool:
-    """An 8-bit grayscale (colour type 0) or RGB (2) PNG of ``size x size`` pixels without EXIF:
-    decoding it needs no conversion, alpha, palette, orientation or resize."""
-    return (
-        len(data) > 33
-        and data.startswith(_PNG_SIGNATURE)
-        and data[12:16] == b"IHDR"
-        and int.from_bytes(data[16:20], "big") == size
-        and int.from_bytes(data[20:24], "big") == size
-        and data[24] == 8
-        and data[25] in (0, 2)
-        and not any(mark in data for mark in _EXIF_MARKS)
-    )
+    """Whether ``data`` is a PNG that libpng decodes to the pixels the PIL path gives.
+
+    That is an 8-bit grayscale (colour type 0) or RGB (2) PNG of ``size x size`` pixels (no
+    conversion, alpha, palette or resize), without EXIF (no orientation), holding only the
+    chunks of ``_PLAIN_CHUNKS``, each with a correct CRC (PIL refuses a file with a bad one where
+    libpng only warns about it), up to ``IEND``.
+    """
+    if not data.startswith(_PNG_SIGNATURE) or len(data) < 33 or data[12:16] != b"IHDR":
+        return False
+    if int.from_bytes(data[16:20], "big") != size or int.from_bytes(data[20:24], "big") != size:
+        return False
+    if data[24] != 8 or data[25] not in (0, 2):
+        return False
+    pos = len(_PNG_SIGNATURE)
+    while pos + 12 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind, end = data[pos + 4 : pos + 8], pos + 8 + length
+        if end + 4 > len(data) or kind not in _PLAIN_CHUNKS:
+            return False
+        if zlib.crc32(data[pos + 4 : end]) != int.from_bytes(data[end : end + 4], "big"):
+            return False
+        if kind in _TEXT_CHUNKS and data[pos + 8 : end].startswith(_EXIF_TEXT_KEY):
+            return False
+        if kind == b"IEND":
+            return True
+        pos = end + 4
+    return False  # no IEND: truncated
 
 
 @functools.cache
@@ -233,7 +257,7 @@ def _decode_plain_png(data: bytes, channels: int) -> np.ndarray | None:
     the file (PIL then decodes it and names the problem)."""
     gray = data[25] == 0
     decoder = _libpng_decoder()
-    if decoder is None or (channels == 1 and not gray):
+    if decoder is None or channels not in (1, 3) or (channels == 1 and not gray):
         return None
     try:
         chw = decoder(torch.frombuffer(bytearray(data), dtype=torch.uint8)).numpy()
@@ -245,8 +269,16 @@ def _decode_plain_png(data: bytes, channels: int) -> np.ndarray | None:
 
 
 def load_pixels(path: str, channels: int, size: int) -> np.ndarray:
-    """One file -> its ``(channels, size, size)`` pixels before normalisation: uint8 for 8-bit
-    images (``normalise_batch`` divides by 255), float32 in [0, 1] for wide ones.
+    """One file -> its pixels before normalisation (see the module docstring).
+
+    Args:
+        path: the image file.
+        channels: the model's input channels (1 or 3).
+        size: the served square size.
+
+    Returns:
+        ``(channels, size, size)``: uint8 for 8-bit images (``normalise_batch`` divides them by
+        255), float32 in [0, 1] for wide ones.
 
     Raises:
         ImageError: the file cannot be used; the reason is in the message.
@@ -277,7 +309,8 @@ def normalise_batch(pixels: Sequence[np.ndarray], mean: Sequence[float], std: Se
 
     Returns:
         ``(B, C, S, S)`` float32 and ``(B,)`` bool: False for an image with a non-finite value
-        (a float image holding NaN or infinity), whose row must not be used.
+        (a float image holding NaN or infinity), whose row must not be used. (8-bit images are
+        always finite where ``std`` is positive, as a loaded bundle's is.)
     """
     if not pixels:
         raise ValueError("normalise_batch needs at least one image")

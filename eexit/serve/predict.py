@@ -1,7 +1,8 @@
 """Batched routed prediction over image files: one JSON-ready row per input, in input order.
 
 Rows of images hold the path and the ``RoutingDecision`` (label, probability, tier, confidence,
-latency_ms, mflops, features, attributions); rows of inputs that could not be used hold the path
+latency_ms, mflops, features, attributions, and with a forced tier ``forced`` and the router's
+own ``router_tier``); rows of inputs that could not be used hold the path
 and an ``error``. Where a core is free of torch's threads, the next batch is decoded in a
 background thread while the model runs.
 """
