@@ -19,8 +19,8 @@ Fast path: an 8-bit grayscale or RGB PNG already at the served size, without EXI
 sound chunks, that needs no conversion but a grey-to-RGB repeat is decoded by torchvision's
 libpng decoder instead of PIL, in less than half the time (lossless, so the same pixels; a test
 compares the two on many variants); anything else, or anything that decoder refuses, goes
-through PIL. Pixels stay 8-bit until ``normalise_batch``
-scales and normalises a whole batch at once.
+through PIL. Pixels stay 8-bit until ``normalise_batch`` scales and normalises a whole batch at
+once.
 """
 
 from __future__ import annotations
@@ -195,11 +195,10 @@ def _pixels_hwc(im: Image.Image, channels: int, size: int) -> np.ndarray:
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # chunks that change no pixel for PIL or for libpng without transforms (and none it warns about,
 # such as iCCP); any other chunk sends the file to PIL
-_PLAIN_CHUNKS = frozenset(
-    {b"IHDR", b"IDAT", b"IEND", b"gAMA", b"cHRM", b"sRGB", b"pHYs", b"tIME", b"bKGD", b"sBIT", b"tRNS"}
-    | {b"tEXt", b"zTXt", b"iTXt"}
-)
 _TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+_PLAIN_CHUNKS = frozenset(
+    (b"IHDR", b"IDAT", b"IEND", b"gAMA", b"cHRM", b"sRGB", b"pHYs", b"tIME", b"bKGD", b"sBIT", b"tRNS", *_TEXT_CHUNKS)
+)
 _EXIF_TEXT_KEY = b"Raw profile type exif\x00"  # the text chunk in which Pillow also finds EXIF
 
 
