@@ -257,7 +257,8 @@ def test_png_fast_path_gives_the_pixels_of_the_pil_path(tmp_path: Path, monkeypa
     exif = Image.Exif()
     exif[0x0112] = 6
     raw_exif = PngImagePlugin.PngInfo()  # ImageMagick's way of storing EXIF, which Pillow reads too
-    raw_exif.add_text("Raw profile type exif", "\nexif\n       8\n4d4d002a00000008\n")
+    raw = exif.tobytes()
+    raw_exif.add_text("Raw profile type exif", f"\nexif\n{len(raw):8d}\n{raw.hex()}\n")
     cases = {  # name: (file, model channels, fast path expected)
         "gray": (_png(tmp_path / "g.png", gray), 1, True),
         "gray_to_rgb": (_png(tmp_path / "g3.png", gray), 3, True),
