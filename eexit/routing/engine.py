@@ -245,8 +245,9 @@ class RoutedClassifier(nn.Module):
                     carry, plan_conf = router.choose_tier(f, probs)
                 else:  # the router's own plan, and its probability that the forced tier is enough
                     cdf = router.tier_cdf(f)
-                    result.router_tier[idx], _ = router.choose_tier(f, probs, cdf=cdf)
-                    carry = torch.full_like(result.router_tier[idx], force_tier)
+                    own, _ = router.choose_tier(f, probs, cdf=cdf)
+                    result.router_tier[idx] = own
+                    carry = torch.full_like(own, force_tier)
                     plan_conf = cdf[:, force_tier]
                 result.features[idx] = f
                 result.confidence[idx] = plan_conf
@@ -262,8 +263,9 @@ class RoutedClassifier(nn.Module):
                     # the router's own choice: the first exit reached where its stop rule fires;
                     # features and decided_at stay those of that exit (what explains the choice)
                     own = result.router_tier[idx]
-                    deciding = _positions(own < 0)
-                    result.router_tier[idx] = torch.where(fires & (own < 0), k, own)
+                    undecided = own < 0
+                    deciding = _positions(undecided)
+                    result.router_tier[idx] = torch.where(fires & undecided, k, own)
                 conf_here = carry
                 if need_feats:
                     rows = _take(idx, deciding)
