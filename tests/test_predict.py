@@ -16,7 +16,7 @@ from PIL import Image
 from eexit.bundle import load_bundle
 from eexit.cli import main
 from eexit.data.synthetic import make_shapes
-from eexit.serve.images import decode, expand_inputs, load_image
+from eexit.serve.images import ImageError, decode, expand_inputs, load_image
 from eexit.types import ExitLevel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -347,3 +347,28 @@ def test_predict_gives_an_error_line_for_an_image_with_nan_and_keeps_the_others(
     rc = main(["predict", "--bundle", calibrated_run["bundle"], str(tmp_path / "b_nan.tif")])  # nothing usable
     rows = [_strict_json(line) for line in capsys.readouterr().out.splitlines()]
     assert rc == 1 and len(rows) == 1 and "non-finite" in rows[0]["error"]
+
+
+def test_folders_expand_to_every_visible_file_below_in_order(tmp_path: Path) -> None:
+    (tmp_path / "b" / "deep").mkdir(parents=True)
+    (tmp_path / ".git").mkdir()
+    for rel in ("z.png", "a.jpg", "b/c.png", "b/deep/d.txt", ".DS_Store", "b/.hidden.png", ".git/x.png"):
+        (tmp_path / rel).write_bytes(b"x")
+    (tmp_path / "link.png").symlink_to(tmp_path / "z.png")
+    (tmp_path / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "looped").symlink_to(tmp_path / "b", target_is_directory=True)  # not entered
+    want = [str(tmp_path / r) for r in ("a.jpg", "b/c.png", "b/deep/d.txt", "link.png", "z.png")]
+    assert expand_inputs([str(tmp_path)]) == want
+    assert expand_inputs([str(tmp_path) + "/"]) == want
+    assert expand_inputs([str(tmp_path / "b"), str(tmp_path / "missing.png"), str(tmp_path / "*.jpg")]) == [
+        str(tmp_path / "b" / "c.png"),
+        str(tmp_path / "b" / "deep" / "d.txt"),
+        str(tmp_path / "missing.png"),  # kept: loading it gives its error line
+        str(tmp_path / "a.jpg"),
+    ]
+    with pytest.raises(ImageError, match="no file matches this pattern"):
+        decode(str(tmp_path / "*.gif"))
+    with pytest.raises(ImageError, match="no such file"):
+        decode(str(tmp_path / "missing.png"))
+    with pytest.raises(ImageError, match="is a directory"):
+        decode(str(tmp_path / "b"))

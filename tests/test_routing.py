@@ -221,6 +221,52 @@ def test_decisions_serialise_to_json(trained) -> None:
         assert len(row["features"]) == 7 and row["label"] in "abcd"
 
 
+def test_round_significant_equals_python_formatting() -> None:
+    from eexit.routing.decisions import round_significant
+
+    g = torch.Generator().manual_seed(0)
+    # float32 values over their whole range of magnitudes, both signs, exact powers of ten
+    x = torch.randn(20000, generator=g) * torch.pow(10.0, torch.randint(-40, 38, (20000,), generator=g).float())
+    x = torch.cat([x.float(), torch.tensor([1e-45, -3.4e38, 1.0, 10.0, 1e-7, 0.5, 123456789.0])])
+    for digits in (1, 3, 7):
+        got = round_significant(x, digits).tolist()
+        want = [float(f"{v:.{digits}g}") for v in x.double().tolist()]
+        assert got == want  # the float64 nearest to the decimal: Python prints the decimal itself
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan")])
+    out = round_significant(special, 7)
+    assert out[:4].tolist() == [0.0, -0.0, float("inf"), float("-inf")] and out[4].isnan()
+    with pytest.raises(ValueError, match="digits"):
+        round_significant(x, 0)
+
+
+def test_decision_rows_round_and_never_hold_non_finite_numbers(trained) -> None:
+    from eexit.routing.decisions import decision_rows
+
+    net, cal, x, _, _ = trained
+    out = cal.routed(net, "gate")(x[:6])
+    attr = torch.randn(6, 7, dtype=torch.float64)
+    delta = torch.rand(6, dtype=torch.float64) * 1e-9
+    full = decision_rows(out, cal.tier_costs["gate"], None, "gate", attr, delta)
+    assert [vars(d) for d in decisions_from_output(out, cal.tier_costs["gate"], None, "gate", attr, delta)] == full
+    short = decision_rows(out, cal.tier_costs["gate"], None, "gate", attr, delta, digits=4)
+    for a, b in zip(full, short, strict=True):
+        assert b["confidence"] == float(f"{a['confidence']:.4g}") and b["mflops"] == float(f"{a['mflops']:.4g}")
+        assert b["attributions"] == {k: float(f"{v:.4g}") for k, v in a["attributions"].items()}
+        assert b["attribution_delta"] == float(f"{a['attribution_delta']:.4g}")
+        assert {k: v for k, v in a.items() if not isinstance(v, float | dict)} == {
+            k: v for k, v in b.items() if not isinstance(v, float | dict)
+        }
+    out.confidence[1] = float("nan")
+    out.features[2, 3] = float("inf")
+    attr[0, 5] = float("nan")
+    rows = decision_rows(out, cal.tier_costs["gate"], None, "gate", attr, delta, digits=7)
+    assert rows[1]["confidence"] == 0.0 and rows[0]["confidence"] > 0
+    assert rows[2]["features"]["feature_variance"] is None and rows[0]["attributions"]["confidence_margin"] is None
+    json.dumps(rows, allow_nan=False)  # raises on NaN / Infinity
+    cascade = decision_rows(cal.routed(net, "cascade")(x[:3]), cal.tier_costs["cascade"], None, "cascade")
+    assert all(r["features"] is None and r["attributions"] is None for r in cascade)
+
+
 @pytest.mark.parametrize("kind", ["gate", "staged"])
 def test_decision_attributions_sum_to_the_output_change_within_delta(trained, kind: str) -> None:
     from eexit.routing.decisions import attribute_output

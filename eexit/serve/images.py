@@ -31,7 +31,7 @@ import glob
 import io
 import os
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +55,8 @@ class ImageError(ValueError):
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
-    """Files, folders (every file below, recursively, sorted) and globs -> a list of paths.
+    """Files, folders (every file below, recursively, sorted; hidden files and folders skipped)
+    and globs -> a list of paths.
 
     A path that does not exist and is not a glob, or a glob matching nothing, is kept as it is:
     loading it later yields an error for that input rather than silently dropping it.
@@ -64,7 +65,7 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
     for arg in inputs:
         p = Path(arg)
         if p.is_dir():
-            out += sorted(str(f) for f in p.rglob("*") if f.is_file())
+            out += sorted(_files_below(str(p)))  # str(p): the spelling rglob gave (no "./", no trailing "/")
         elif not p.exists() and any(c in arg for c in _GLOB_CHARS):
             matches = sorted(m for m in glob.glob(arg, recursive=True) if not Path(m).is_dir())
             out += matches or [arg]
@@ -73,17 +74,35 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
     return out
 
 
-def _read(path: str) -> bytes:
-    if any(c in path for c in _GLOB_CHARS) and not os.path.exists(path):
-        raise ImageError(path, "no file matches this pattern")
-    p = Path(path)
+def _files_below(folder: str) -> Iterator[str]:
+    """Every file below ``folder``, recursively: symlinks to files included, symlinked folders not
+    entered (as ``Path.rglob``), hidden entries (``.DS_Store``, ``.git/``: names starting with a
+    dot) skipped as a shell glob skips them, unreadable folders skipped. ``os.scandir`` without
+    a ``Path`` per entry: a tenth of ``rglob``'s time on large folders."""
     try:
-        with open(p, "rb") as f:
+        with os.scandir(folder) as it:
+            entries = [e for e in it if not e.name.startswith(".")]
+    except PermissionError:
+        return
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                yield from _files_below(entry.path)
+            elif entry.is_file():
+                yield entry.path
+        except OSError:  # vanished or unreadable entry: as rglob, skip it
+            continue
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
             data = f.read()
     except IsADirectoryError:
         raise ImageError(path, "is a directory") from None
     except FileNotFoundError:
-        raise ImageError(path, "no such file") from None
+        reason = "no file matches this pattern" if any(c in path for c in _GLOB_CHARS) else "no such file"
+        raise ImageError(path, reason) from None
     except PermissionError:
         raise ImageError(path, "unreadable: permission denied") from None
     except OSError as err:

@@ -2,8 +2,8 @@
 
 Rows of images hold the path and the ``RoutingDecision`` (label, probability, tier, confidence,
 latency_ms, mflops, features, attributions, and with a forced tier ``forced`` and the router's
-own ``router_tier``); rows of inputs that could not be used hold the path
-and an ``error``. Where a core is free of torch's threads, the next batch is decoded in a
+own ``router_tier``), its floats rounded to ``ROW_DIGITS`` significant digits; rows of inputs
+that could not be used hold the path and an ``error``. Where a core is free of torch's threads, the next batch is decoded in a
 background thread while the model runs.
 """
 
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from eexit.bundle import Bundle
-from eexit.routing.decisions import attribute_output, decisions_from_output
+from eexit.routing.decisions import attribute_output, decision_rows
 from eexit.routing.engine import RoutedOutput
 from eexit.serve.images import NON_FINITE, ImageError, load_pixels, normalise_batch
 from eexit.types import ExitLevel
@@ -29,6 +29,9 @@ from eexit.types import ExitLevel
 log = logging.getLogger(__name__)
 
 Loaded = list[tuple[str, np.ndarray | None, str | None]]
+
+ROW_DIGITS = 7
+"""Significant digits of the floats in predict's rows: what the float32 model resolves."""
 
 
 def _load_chunk(paths: Sequence[str], bundle: Bundle) -> Loaded:
@@ -116,6 +119,7 @@ def predict_rows(
     attributions: bool = True,
     on_batch: Callable[[int], None] | None = None,
     decode_in_background: bool | None = None,
+    digits: int | None = ROW_DIGITS,
 ) -> Iterator[dict]:
     """Route every image of ``paths`` and yield one row per path, in order.
 
@@ -130,6 +134,8 @@ def predict_rows(
         on_batch: called with the number of inputs of each finished batch (progress).
         decode_in_background: decode the next batch in a thread while the model runs (``None``:
             when a core is free of torch's threads, see ``decode_ahead``).
+        digits: significant digits of the rows' floats (``None``: full float64 text of the
+            float32 results; see ``decision_rows``).
 
     Yields:
         ``{"path", **RoutingDecision}`` for images, ``{"path", "error"}`` for unusable inputs.
@@ -158,15 +164,15 @@ def predict_rows(
             if x is not None:
                 out = _route(bundle, router, x, tier, out_dir is not None)
                 expl = attribute_output(bundle.calibration, router, out) if attributions else None
-                decisions = decisions_from_output(
+                rows_good = decision_rows(
                     out,
                     costs,
                     bundle.class_names,
                     router,
                     None if expl is None else expl.attributions,
                     None if expl is None else expl.delta,
+                    digits=digits,
                 )
-                rows_good = [dict(vars(d)) for d in decisions]  # shallow: asdict's deep copy costs
             g = 0
             for path, tensor, error in loaded:
                 if tensor is None:
