@@ -26,8 +26,11 @@ def cam_to_distribution(
         temperature: if given, use ``softmax(cam / max / temperature)`` instead.
 
     Returns:
-        ``(B, H * W)`` rows that sum to 1.
+        ``(B, H * W)`` rows that sum to 1, in float32 at least (half-precision cams, as under
+        mixed precision, are converted first: ``eps`` and the KL's log need the range).
     """
+    if cam.dtype in (torch.float16, torch.bfloat16):
+        cam = cam.float()
     if size is not None and tuple(cam.shape[-2:]) != tuple(size):
         cam = F.interpolate(cam.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
     flat = normalize_per_image(cam).flatten(1)

@@ -20,6 +20,24 @@ def test_cam_to_distribution_sums_to_one_and_resamples() -> None:
     assert torch.allclose(zero, torch.full((1, 16), 1 / 16))  # an empty cam is uniform
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_cams_give_finite_distributions_and_loss(dtype: torch.dtype) -> None:
+    cams = torch.rand(4, 5, 5).to(dtype)
+    cams[1] = 0  # Grad-CAM's ReLU removed everything: in float16 the 1e-12 floor is 0 -> 0 / 0
+    p = cam_to_distribution(cams, size=(10, 10))
+    assert p.dtype == torch.float32 and torch.isfinite(p).all()
+    assert torch.allclose(p.sum(dim=1), torch.ones(4)) and torch.allclose(p[1], torch.full((100,), 0.01))
+    # the whole loss under CPU autocast (what 16-mixed / bf16-mixed training runs)
+    torch.manual_seed(0)
+    net = create_model("resnet_micro", in_chans=1, num_classes=4, head="mlp")
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 4, (8,))
+    with torch.autocast("cpu", dtype=dtype):
+        out = net(x, with_cams=True, targets=y, create_graph=True)
+        out.cams[ExitLevel.HEAVY] = out.cams[ExitLevel.HEAVY] * 0  # every teacher map empty
+        parts = MultiExitLoss(attn_weight=1.0)(out.logits, y, out.cams)
+    assert torch.isfinite(parts.total) and all(torch.isfinite(v) for v in parts.attn_kl.values())
+
+
 def test_kl_is_zero_for_equal_maps_and_positive_otherwise() -> None:
     p = cam_to_distribution(torch.rand(2, 5, 5))
     assert torch.allclose(attention_kl(p, p), torch.zeros(2), atol=1e-7)

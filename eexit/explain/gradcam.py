@@ -46,6 +46,9 @@ def cam_from_gradient(attention: Tensor, logit_grad: Tensor) -> Tensor:
 
 
 def normalize_per_image(cam: Tensor, eps: float = 1e-12) -> Tensor:
-    """Scale each map of ``(B, h, w)`` to ``[0, 1]`` by its maximum (all-zero maps stay zero)."""
-    peak = cam.flatten(1).amax(dim=1).clamp_min(eps)
+    """Scale each map of ``(B, h, w)`` to ``[0, 1]`` by its maximum (all-zero maps stay zero).
+
+    ``eps`` is raised to the smallest normal number of ``cam``'s dtype (in float16 ``1e-12`` is
+    0, and an all-zero map would become 0 / 0)."""
+    peak = cam.flatten(1).amax(dim=1).clamp_min(max(eps, torch.finfo(cam.dtype).tiny))
     return cam / peak.view(-1, 1, 1)
