@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -41,3 +42,41 @@ def test_only_the_training_split_is_augmented(tmp_path: Path) -> None:
     # the three splits partition the pool
     idx = [set(s.indices) for s in (dm.data_train, dm.data_val, dm.data_calib)]
     assert sum(map(len, idx)) == len(set.union(*idx)) == len(pool)
+
+
+def test_test_split_is_labelled_by_the_training_classes(tmp_path: Path) -> None:
+    _folder(tmp_path, per_class=4)
+    (tmp_path / "train" / "c").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "train" / "c" / "0.png")
+    # the test split has no folder for "b": torchvision alone would number its "c" as 1
+    for f in (tmp_path / "test" / "b").iterdir():
+        f.rename(tmp_path / "test" / "a" / f"b{f.name}")
+    (tmp_path / "test" / "b").rmdir()
+    (tmp_path / "test" / "c").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "test" / "c" / "0.png")
+    dm = ImageFolderDataModule(str(tmp_path), image_size=16, augment=False, val_size=2, calib_size=2, seed=0)
+    dm.setup("test")
+    test = dm.data_test
+    assert dm.info.class_names == ["a", "b", "c"]
+    assert {Path(p).parent.name: t for p, t in test.samples} == {"a": 0, "c": 2}
+    # a class the training split does not have is an error naming the folder and the class
+    (tmp_path / "test" / "d").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "test" / "d" / "0.png")
+    dm = ImageFolderDataModule(str(tmp_path), image_size=16, augment=False, val_size=2, calib_size=2, seed=0)
+    with pytest.raises(ValueError, match=r"test has class folders the training split does not have: \['d'\]"):
+        dm.setup("test")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"in_chans": 1}, r"data.mean has 3 values, data.in_chans=1 needs 1"),
+        ({"in_chans": 1, "mean": [0.5], "std": [0.2, 0.2]}, r"data.std has 2 values"),
+        ({"in_chans": 2}, r"data.in_chans must be 1 \(grayscale\) or 3"),
+        ({"std": [0.2, 0.0, 0.2]}, r"data.std must be positive"),
+    ],
+)
+def test_image_folder_checks_channels_against_normalisation(tmp_path: Path, kwargs: dict, message: str) -> None:
+    _folder(tmp_path, per_class=2)
+    with pytest.raises(ValueError, match=message):
+        ImageFolderDataModule(str(tmp_path), image_size=16, **kwargs)

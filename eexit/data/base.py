@@ -104,7 +104,7 @@ class SplitDataModule(pl.LightningDataModule):
 
     def _sizes(self, n: int) -> list[int]:
         def count(size: int | float) -> int:
-            return int(round(size * n)) if isinstance(size, float) and size < 1 else int(size)
+            return round(size * n) if isinstance(size, float) and size < 1 else int(size)
 
         n_val, n_calib = count(self.val_size), count(self.calib_size)
         if n_val + n_calib >= n:

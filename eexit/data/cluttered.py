@@ -72,9 +72,13 @@ def _texture(channels: int, size: int, amplitude: float, g: torch.Generator) -> 
     """``(C, S, S)`` background in ``[0, amplitude]``: a random grating plus smooth noise."""
     if amplitude <= 0:
         return torch.zeros(channels, size, size)
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+    )
     angle, period, phase = (torch.rand(3, generator=g) * torch.tensor([math.pi, 6.0, 2 * math.pi])).tolist()
-    grating = 0.5 + 0.5 * torch.sin((xs * math.cos(angle) + ys * math.sin(angle)) * 2 * math.pi / (3.0 + period) + phase)
+    grating = 0.5 + 0.5 * torch.sin(
+        (xs * math.cos(angle) + ys * math.sin(angle)) * 2 * math.pi / (3.0 + period) + phase
+    )
     coarse = torch.rand(1, 1, max(2, size // 6), max(2, size // 6), generator=g)
     noise = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
     tex = (0.5 * grating + 0.5 * noise).clamp(0, 1)
@@ -125,7 +129,9 @@ def make_cluttered(
             with distractors when every source object has the same class.
     """
     if objects.dim() != 4 or labels.shape != objects.shape[:1]:
-        raise ValueError(f"objects must be (M, C, h, w) with labels (M,); got {tuple(objects.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"objects must be (M, C, h, w) with labels (M,); got {tuple(objects.shape)} and {tuple(labels.shape)}"
+        )
     m, c, h, w = objects.shape
     if m == 0 or n < 1:
         raise ValueError(f"need at least one source object and n >= 1; got M = {m}, n = {n}")
@@ -170,7 +176,9 @@ def make_cluttered(
                 d = rand_int(m)
             scale = 0.6 + 0.4 * float(torch.rand(1, generator=g))
             dh, dw = max(2, round(h * scale)), max(2, round(w * scale))
-            obj = F.interpolate(objects[d : d + 1], size=(dh, dw), mode="bilinear", antialias=True, align_corners=False)[0]
+            obj = F.interpolate(
+                objects[d : d + 1], size=(dh, dw), mode="bilinear", antialias=True, align_corners=False
+            )[0]
             obj = obj.clamp(0, 1)
             for _try in range(20):  # away from the target where the canvas leaves room
                 box = (rand_int(canvas_size - dh + 1), rand_int(canvas_size - dw + 1), dh, dw)

@@ -57,7 +57,18 @@ class FashionMNISTDataModule(SplitDataModule):
         **kwargs: see ``SplitDataModule``.
     """
 
-    CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    CLASSES: tuple[str, ...] = (
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    )
 
     def __init__(
         self,
@@ -92,7 +103,9 @@ class FashionMNISTDataModule(SplitDataModule):
         ds = FashionMNIST(str(self.data_dir), train=train, download=self.download)
         x = ds.data.unsqueeze(1).float().div_(255.0)
         if self.image_size != x.shape[-1]:
-            x = torch.nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
+            x = torch.nn.functional.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True
+            )
         x = (x - MEAN) / STD
         return TensorDataset(x, ds.targets.clone())
 

@@ -43,7 +43,8 @@ def readable(path: str) -> bool:
 
 
 class CheckedImageFolder(datasets.ImageFolder):
-    """``ImageFolder`` whose loader names the file it cannot read.
+    """``ImageFolder`` whose loader names the file it cannot read, and whose labels can follow
+    another split's classes.
 
     Args:
         root: split folder.
@@ -51,12 +52,18 @@ class CheckedImageFolder(datasets.ImageFolder):
         bad_files: ``"fail"`` raises ``CorruptImageError`` on the first unreadable file;
             ``"skip"`` checks every file once up front and leaves the unreadable ones out
             (``skipped`` lists them).
+        classes: number the classes as in this list (the training split's), not by this
+            folder's own subfolders: a test split that lacks a class (or whose folder for it is
+            empty) keeps every other label right. A subfolder not in the list is an error.
     """
 
-    def __init__(self, root: str, transform=None, bad_files: str = "fail") -> None:
+    def __init__(
+        self, root: str, transform=None, bad_files: str = "fail", classes: Sequence[str] | None = None
+    ) -> None:
         if bad_files not in ("fail", "skip"):
             raise ValueError(f"bad_files must be 'fail' or 'skip', got {bad_files!r}")
-        super().__init__(root, transform=transform, loader=load_image)
+        self._given_classes = None if classes is None else list(classes)
+        super().__init__(root, transform=transform, loader=load_image, allow_empty=classes is not None)
         self.skipped: list[str] = []
         if bad_files == "skip":
             keep = [(p, t) for p, t in self.samples if readable(p)]
@@ -65,6 +72,20 @@ class CheckedImageFolder(datasets.ImageFolder):
             self.targets = [t for _, t in keep]
             if self.skipped:
                 log.warning("skipped %d unreadable images in %s, e.g. %s", len(self.skipped), root, self.skipped[0])
+        if not self.samples:
+            raise FileNotFoundError(f"no image files in the class folders of {root}")
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        found, mapping = super().find_classes(directory)
+        if self._given_classes is None:
+            return found, mapping
+        extra = sorted(set(found) - set(self._given_classes))
+        if extra:
+            raise ValueError(
+                f"{directory} has class folders the training split does not have: {extra} "
+                f"(training classes: {self._given_classes})"
+            )
+        return list(self._given_classes), {c: i for i, c in enumerate(self._given_classes)}
 
 
 class ImageFolderDataModule(SplitDataModule):
@@ -107,6 +128,13 @@ class ImageFolderDataModule(SplitDataModule):
         self.root = Path(root)
         self.image_size = image_size
         self.mean, self.std = list(mean), list(std)
+        if in_chans not in (1, 3):
+            raise ValueError(f"data.in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
+        for key, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != in_chans:
+                raise ValueError(f"data.{key} has {len(values)} values, data.in_chans={in_chans} needs {in_chans}")
+        if any(v <= 0 for v in self.std):
+            raise ValueError(f"data.std must be positive, got {self.std}")
         self.in_chans = in_chans
         self.augment = augment
         self.train_dir, self.test_dir = train_dir, test_dir
@@ -124,7 +152,9 @@ class ImageFolderDataModule(SplitDataModule):
 
     @property
     def info(self) -> DataInfo:
-        return DataInfo(self.name, len(self._classes), self.in_chans, self.image_size, self.mean, self.std, self._classes)
+        return DataInfo(
+            self.name, len(self._classes), self.in_chans, self.image_size, self.mean, self.std, self._classes
+        )
 
     def transform(self, train: bool) -> transforms.Compose:
         # the serving conversions (alpha over black, palette, 16-bit scaling; eexit.serve.images)
@@ -136,7 +166,8 @@ class ImageFolderDataModule(SplitDataModule):
         return transforms.Compose(ops)
 
     def _folder(self, split: str, train: bool) -> Dataset:
-        ds = CheckedImageFolder(str(self.root / split), self.transform(train), self.bad_files)
+        # every split is labelled by the training split's classes (self._classes)
+        ds = CheckedImageFolder(str(self.root / split), self.transform(train), self.bad_files, self._classes)
         self.skipped_files += ds.skipped
         return ds
 
@@ -197,6 +228,8 @@ class CIFAR10DataModule(ImageFolderDataModule):
                 tar.extractall(tmp, filter="data")
             unpacked = [p for p in Path(tmp).iterdir() if p.is_dir()]
             if len(unpacked) != 1 or not (unpacked[0] / self.train_dir).is_dir():
-                raise FileNotFoundError(f"{self.source} does not unpack to one folder with {self.train_dir}/ and {self.test_dir}/")
+                raise FileNotFoundError(
+                    f"{self.source} does not unpack to one folder with {self.train_dir}/ and {self.test_dir}/"
+                )
             if not self.root.exists():
                 unpacked[0].rename(self.root)

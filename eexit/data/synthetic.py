@@ -32,7 +32,9 @@ def _stamp(shape: str, size: int) -> Tensor:
     return p
 
 
-def make_shapes(n: int, num_classes: int = 4, image_size: int = 16, in_chans: int = 1, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+def make_shapes(
+    n: int, num_classes: int = 4, image_size: int = 16, in_chans: int = 1, seed: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
     """Generate ``n`` images, each one class shape at a random place, plus noise.
 
     Returns:
@@ -67,7 +69,15 @@ class SyntheticDataModule(SplitDataModule):
         **kwargs: see ``SplitDataModule``.
     """
 
-    def __init__(self, num_train: int = 512, num_test: int = 128, num_classes: int = 4, image_size: int = 16, in_chans: int = 1, **kwargs) -> None:
+    def __init__(
+        self,
+        num_train: int = 512,
+        num_test: int = 128,
+        num_classes: int = 4,
+        image_size: int = 16,
+        in_chans: int = 1,
+        **kwargs,
+    ) -> None:
         kwargs.setdefault("val_size", 0.125)
         kwargs.setdefault("calib_size", 0.125)
         super().__init__(**kwargs)
@@ -77,7 +87,9 @@ class SyntheticDataModule(SplitDataModule):
     @property
     def info(self) -> DataInfo:
         c = self.in_chans
-        return DataInfo("synthetic", self._num_classes, c, self.image_size, [0.0] * c, [1.0] * c, list(SHAPES[: self._num_classes]))
+        return DataInfo(
+            "synthetic", self._num_classes, c, self.image_size, [0.0] * c, [1.0] * c, list(SHAPES[: self._num_classes])
+        )
 
     def _make(self, n: int, seed: int) -> Dataset:
         x, y, _ = make_shapes(n, self._num_classes, self.image_size, self.in_chans, seed)
