@@ -178,3 +178,32 @@ def test_ckpt_path_that_does_not_exist_names_the_key_and_file(tmp_path: Path) ->
     cfg = compose_train(tmp_path, ["data=synthetic", "model=micro", "logger=none", f"ckpt_path={missing}"])
     with pytest.raises(ConfigError, match=rf"ckpt_path.*{missing}"):
         train(cfg)
+
+
+def test_resume_drops_the_old_calibration_and_refuses_a_changed_schedule_length(tmp_path: Path) -> None:
+    overrides = [
+        "data=synthetic",
+        "model=micro",
+        "logger=none",
+        "trainer.max_epochs=2",
+        "callbacks.last_checkpoint.every_n_train_steps=5",
+        "router.calibrate=false",
+        "test=false",
+    ]
+    failing = [*overrides, "+callbacks.fail._target_=tests.test_resume.FailAtStep", "+callbacks.fail.step=17"]
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(compose_train(tmp_path / "a", failing))
+    last = tmp_path / "a" / "out" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=False)
+    state["eexit"]["calibration"] = {"routers": "fitted to the weights of step 15"}
+    torch.save(state, last)
+    # OneCycleLR's length (total_steps, filled in from the run) comes back from the checkpoint
+    longer = [*overrides, "trainer.max_epochs=3", f"ckpt_path={last}"]
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs.*OneCycleLR was built for 24 steps.*this run has 36"):
+        train(compose_train(tmp_path / "b", longer))
+    _, objs = train(compose_train(tmp_path / "c", [*overrides, f"ckpt_path={last}"]))
+    assert objs["trainer"].global_step == 2 * STEPS_PER_EPOCH
+    resumed = torch.load(last, weights_only=False)
+    assert resumed["global_step"] == 2 * STEPS_PER_EPOCH
+    assert "calibration" not in resumed["eexit"]  # stale: it fitted the step-15 weights
+    assert all("calibration" not in torch.load(p, weights_only=False)["eexit"] for p in last.parent.glob("*.ckpt"))

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from eexit.config import ConfigError
 from eexit.lit.resume import RNG_KEY, collect_rng_states, resume_train_loader
 from eexit.losses import MultiExitLoss
 from eexit.models.net import MultiExitNet
@@ -25,10 +26,11 @@ STAGES = ("train", "val", "test")
 class MultiExitModule(pl.LightningModule):
     """Train a ``MultiExitNet`` with ``MultiExitLoss``.
 
-    Logged per stage (``train``, ``val``, ``test``): ``{stage}/loss``, ``{stage}/loss/ce``,
-    ``{stage}/loss/attn_kl``, ``{stage}/loss/ce/{exit}``, ``{stage}/acc/{exit}`` and
-    ``{stage}/attn_kl/{exit}`` (KL of each early exit's cam distribution against HEAVY's; also
-    measured when lambda is 0, so the baseline can be compared).
+    Logged per stage (``train``, ``val``, ``test``), as epoch means: ``{stage}/loss``,
+    ``{stage}/loss/ce``, ``{stage}/loss/attn_kl``, ``{stage}/loss/ce/{exit}``, ``{stage}/acc/{exit}``
+    and ``{stage}/attn_kl/{exit}`` (KL of each early exit's cam distribution against HEAVY's; also
+    measured when lambda is 0, so the baseline can be compared); and per training batch
+    ``train_step/loss``, ``train_step/loss/ce`` and ``train_step/loss/attn_kl``.
 
     Args:
         net: the network.
@@ -36,7 +38,7 @@ class MultiExitModule(pl.LightningModule):
         optimizer: partial optimizer, called with the parameters.
         scheduler: partial LR scheduler, called with the optimizer; ``total_steps`` / ``T_max``
             are filled with the number of training steps when the scheduler takes them and the
-            config leaves them out (it then steps every batch).
+            config leaves them out (it then steps every batch; OneCycleLR always does).
         log_train_kl: measure the attention KL in training also when lambda is 0.
     """
 
@@ -66,6 +68,7 @@ class MultiExitModule(pl.LightningModule):
         self.data_info: dict | None = None
         self.extra_state: dict = {}
         self._resume_rng: dict | None = None
+        self._schedule_length: tuple[str, int] | None = None
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """``(B, C, H, W)`` -> four ``(B, K)`` logits."""
@@ -88,28 +91,23 @@ class MultiExitModule(pl.LightningModule):
                 f"bad terms: {', '.join(bad) or 'total'}"
             )
         bs = x.shape[0]
-        on_step = training
-        self.log(
-            f"{stage}/loss",
-            parts.total,
-            on_step=on_step,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=bs,
-            sync_dist=not training,
-        )
-        self.log(
-            f"{stage}/loss/ce", parts.ce_total, on_step=on_step, on_epoch=True, batch_size=bs, sync_dist=not training
-        )
+        losses = {"loss": parts.total, "loss/ce": parts.ce_total}
         if parts.attn_kl:
+            losses["loss/attn_kl"] = parts.attn_kl_mean
+        for name, value in losses.items():
+            # the epoch mean under the same key in every stage (train/loss, val/loss, ...), reduced
+            # across DDP ranks once at the epoch's end; training also logs every batch's value
             self.log(
-                f"{stage}/loss/attn_kl",
-                parts.attn_kl_mean,
-                on_step=on_step,
+                f"{stage}/{name}",
+                value,
+                on_step=False,
                 on_epoch=True,
+                prog_bar=name == "loss" and not training,
                 batch_size=bs,
-                sync_dist=not training,
+                sync_dist=True,
             )
+            if training:
+                self.log(f"train_step/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss")
         for lv in ExitLevel:
             key = f"{stage}_{lv.key}"
             self.log(
@@ -118,7 +116,7 @@ class MultiExitModule(pl.LightningModule):
                 on_step=False,
                 on_epoch=True,
                 batch_size=bs,
-                sync_dist=not training,
+                sync_dist=True,
             )
             acc = self.acc[key]
             acc(out.logits[lv].detach(), y)
@@ -158,8 +156,27 @@ class MultiExitModule(pl.LightningModule):
         for name in ("total_steps", "T_max"):
             if name in params and name not in given:
                 extra[name] = int(self.trainer.estimated_stepping_batches)
-        interval = "step" if extra else "epoch"
+        self._schedule_length = next(iter(extra.items()), None)
+        # OneCycleLR counts steps whoever gives its length; other schedulers step per batch when
+        # their length was filled in from the step count here, per epoch otherwise
+        interval = "step" if extra or "total_steps" in params else "epoch"
         return {"optimizer": opt, "lr_scheduler": {"scheduler": factory(optimizer=opt, **extra), "interval": interval}}
+
+    def _check_resumed_schedule(self) -> None:
+        """A scheduler whose length was filled in must have the restored run's length: the
+        checkpoint's state overrides the new value (OneCycleLR then fails past its last step)."""
+        if self._schedule_length is None:
+            return
+        name, wanted = self._schedule_length
+        for config in self.trainer.lr_scheduler_configs:
+            restored = getattr(config.scheduler, name, wanted)
+            if restored != wanted:
+                raise ConfigError(
+                    "trainer.max_epochs",
+                    f"the checkpoint's {type(config.scheduler).__name__} was built for {restored} steps ({name}); "
+                    f"this run has {wanted}: a resumed run cannot change the schedule's length (keep "
+                    "trainer.max_epochs, data sizes and batch size as in the checkpoint's run)",
+                )
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -168,8 +185,14 @@ class MultiExitModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         if self.trainer.ckpt_path:  # resuming: loader position and random state as saved
+            self._check_resumed_schedule()
             resume_train_loader(self.trainer, self._resume_rng)
             self._resume_rng = None
+            if self.extra_state.pop("calibration", None) is not None:
+                log.info(
+                    "resuming from a calibrated checkpoint: its calibration fits the old weights and is not "
+                    "carried into the new checkpoints (train.py calibrates the best one after fitting)"
+                )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["eexit"] = {"spec": self.net.spec, "data": self.data_info, **self.extra_state}
