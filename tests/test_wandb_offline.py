@@ -88,7 +88,14 @@ def test_wandb_offline_run_contains_logged_metrics(tmp_path: Path, monkeypatch: 
     run_files = list((tmp_path / "out").glob("wandb/offline-run-*/run-*.wandb"))
     assert len(run_files) == 1, list((tmp_path / "out").rglob("*"))
     logged = _read_offline_run(run_files[0])
-    for key in ("val/acc/heavy", "val/acc/tiny", "test/acc/heavy", "train/loss/attn_kl", "train_step/loss/attn_kl", "val/attn_kl/tiny"):
+    for key in (
+        "val/acc/heavy",
+        "val/acc/tiny",
+        "test/acc/heavy",
+        "train/loss/attn_kl",
+        "train_step/loss/attn_kl",
+        "val/attn_kl/tiny",
+    ):
         assert key in logged, f"{key} missing from the W&B run; logged: {sorted(logged)[:20]}"
     assert logged["test/acc/heavy"] == pytest.approx(metrics["test/acc/heavy"], abs=1e-6)
     csv_files = list((tmp_path / "out").glob("csv/**/metrics.csv"))
