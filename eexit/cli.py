@@ -74,11 +74,14 @@ def _predict(args: argparse.Namespace) -> int:
         )
         encoder = json.JSONEncoder(allow_nan=False)  # one encoder: json.dumps builds one per call
         for row in rows:
-            failed += "error" in row
+            failed += "error" in row or "explanation_error" in row
             sys.stdout.write(encoder.encode(row) + "\n")
     sys.stdout.flush()
     if failed:
-        err.print(f"[yellow]{failed} of {len(paths)} inputs could not be used (see their 'error' lines)[/yellow]")
+        err.print(
+            f"[yellow]{failed} of {len(paths)} inputs could not be used or explained "
+            "(see their 'error' / 'explanation_error' fields)[/yellow]"
+        )
     return 1 if failed else 0
 
 
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, ImportError) as err:
+    except (OSError, ValueError, ImportError) as err:  # a missing or unusable file, a bad value
         Console(stderr=True).print(f"[red]error:[/red] {err}")
         return 2
 

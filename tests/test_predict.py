@@ -73,25 +73,38 @@ def mixed_folder(tmp_path: Path) -> tuple[Path, set[str]]:
     jpg = (d / "rotated.jpg").read_bytes()
     (d / "sub" / "truncated.jpg").write_bytes(jpg[: len(jpg) * 2 // 3])
     (d / "garbage.bin").write_bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes())
-    return d, {"notes.txt", "empty.png", "truncated.png", "truncated.jpg", "garbage.bin", "missing.png"}
+    # PostScript named like a PNG: Pillow would hand it to Ghostscript
+    (d / "eps.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\nshowpage\n")
+    inf = _shape_u8(6).astype(np.float32)  # 0..255 float image with one infinite pixel
+    inf[0, 0] = np.inf
+    Image.fromarray(inf).save(d / "inf.tiff")
+    (d / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")  # hidden: skipped, no line
+    Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), 16)[None, :]).save(d / "strip.png")  # 1 x 4096
+    broken = {"notes.txt", "empty.png", "truncated.png", "truncated.jpg", "garbage.bin", "eps.png", "inf.tiff"}
+    return d, broken | {"missing.png", "empty_folder"}
 
 
 def test_predict_folder_of_good_and_broken_files(calibrated_run, mixed_folder, capsys) -> None:
     folder, broken = mixed_folder
     missing = str(folder.parent / "missing.png")
+    empty = folder.parent / "empty_folder"
+    empty.mkdir(exist_ok=True)
     bundle_dir = calibrated_run["bundle"]
-    rc = main(["predict", "--bundle", bundle_dir, str(folder), missing, "--batch-size", "4", "--no-progress"])
+    args = [str(folder), missing, str(empty), "--batch-size", "4", "--no-progress"]
+    rc = main(["predict", "--bundle", bundle_dir, *args])
     lines = capsys.readouterr().out.splitlines()
-    expected_paths = [*expand_inputs([str(folder)]), missing]
+    expected_paths = [*expand_inputs([str(folder)]), missing, str(empty)]
     assert rc == 1
-    assert len(lines) == len(expected_paths) == 19  # 13 good images, 5 broken files, 1 missing
+    assert len(lines) == len(expected_paths) == 23  # 14 good images, 7 broken files, 1 missing, 1 empty folder
     rows = [_strict_json(line) for line in lines]
     assert [r["path"] for r in rows] == expected_paths  # input order, across batches
     errors = {Path(r["path"]).name: r["error"] for r in rows if "error" in r}
     assert set(errors) == broken
     assert "empty" in errors["empty.png"] and "not an image" in errors["notes.txt"]
     assert "truncated" in errors["truncated.png"] and "truncated" in errors["truncated.jpg"]
-    assert "no such file" in errors["missing.png"]
+    assert "no such file" in errors["missing.png"] and "folder with no (visible) files" in errors["empty_folder"]
+    assert "not an image in a supported format" in errors["eps.png"] and "non-finite" in errors["inf.tiff"]
+    assert not any(Path(r["path"]).name == ".DS_Store" for r in rows)
     bundle = load_bundle(bundle_dir)
     routed = bundle.routed()
     for r in rows:
@@ -225,7 +238,7 @@ def test_decoding_ahead_in_a_thread_or_in_turn_gives_the_same_rows(calibrated_ru
     ahead = list(predict_rows(bundle, paths, batch_size=4, decode_in_background=True))
     in_turn = list(predict_rows(bundle, paths, batch_size=4, decode_in_background=False))
     assert len(ahead) == len(in_turn) == len(paths)
-    assert {Path(r["path"]).name for r in ahead if "error" in r} == broken - {"missing.png"}
+    assert {Path(r["path"]).name for r in ahead if "error" in r} == broken - {"missing.png", "empty_folder"}
     for a, b in zip(ahead, in_turn, strict=True):
         assert a.keys() == b.keys() and a["path"] == b["path"]
         if "error" in a:
@@ -372,3 +385,48 @@ def test_folders_expand_to_every_visible_file_below_in_order(tmp_path: Path) -> 
         decode(str(tmp_path / "missing.png"))
     with pytest.raises(ImageError, match="is a directory"):
         decode(str(tmp_path / "b"))
+
+
+def test_a_thin_strip_is_resized_without_a_huge_intermediate(tmp_path: Path) -> None:
+    # 1 x 2,000,000 pixels in 8 KB: resizing the short side to 28 first made a 28 x 56e6 image (4 GB)
+    Image.new("L", (2_000_000, 1), 200).save(tmp_path / "strip.png")
+    code = (
+        "import resource, sys\n"
+        "from eexit.serve.images import load_pixels\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "a = load_pixels(sys.argv[1], 1, 28)\n"
+        "grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024\n"
+        "print(a.shape, int(a.min()), int(a.max()), round(grew_mb))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "strip.png")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    shape, lo, hi, grew_mb = done.stdout.rsplit(")", 1)[0] + ")", *map(int, done.stdout.rsplit(")", 1)[1].split())
+    assert shape == "(1, 28, 28)" and lo == hi == 200
+    assert grew_mb < 200, f"decoding a 1 x 2e6 strip took {grew_mb} MB more"
+
+
+def test_explain_figures_fail_one_by_one_and_set_the_exit_code(calibrated_run, tmp_path: Path, capsys) -> None:
+    Image.fromarray(_shape_u8(0)).save(tmp_path / "img0.png")
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    args = ["predict", "--bundle", calibrated_run["bundle"], str(tmp_path / "img0.png"), "--router", "gate"]
+    assert main([*args, "--explain", str(not_a_dir)]) == 2  # a clear error, not a traceback
+    assert "file" in capsys.readouterr().err
+    out = tmp_path / "explain"
+    (out / "000000_img0_cam.png").mkdir(parents=True)  # the cam figure cannot be written
+    assert main([*args, "--explain", str(out)]) == 1
+    (row,) = [_strict_json(line) for line in capsys.readouterr().out.splitlines()]
+    assert set(row["explanation"]) == {"radar", "attributions"} and row["explanation_error"].startswith("cam: ")
+
+
+def test_staged_radar_only_for_features_of_tiny(calibrated_run, tmp_path: Path, capsys) -> None:
+    for i in range(6):
+        Image.fromarray(_shape_u8(i)).save(tmp_path / f"img{i}.png")
+    out = tmp_path / "explain"
+    bundle = ["--bundle", calibrated_run["bundle"], "--router", "staged", "--explain", str(out)]
+    for tier in ("tiny", "heavy"):  # forced: the staged gate's own rule may fire at any exit
+        assert main(["predict", *bundle, str(tmp_path / "img*.png"), "--tier", tier]) == 0
+        for r in (_strict_json(line) for line in capsys.readouterr().out.splitlines()):
+            features_of_tiny = r["router_tier"] == "tiny" or (tier == "tiny" and r["router_tier"] is None)
+            assert ("radar" in r["explanation"]) == features_of_tiny, r
+            assert "cam" in r["explanation"] and "attributions" in r["explanation"]

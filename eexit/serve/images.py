@@ -40,6 +40,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 _GLOB_CHARS = "*?["
+IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "TGA", "AVIF", "JPEG2000", "QOI")
+"""The Pillow formats decoded (raster photo and image formats). Others are refused unread:
+Pillow would hand EPS / PostScript to Ghostscript, and scientific or game formats are not
+images a classifier is served."""
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 NON_FINITE = "image has non-finite pixel values"
@@ -58,14 +62,17 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
     """Files, folders (every file below, recursively, sorted; hidden files and folders skipped)
     and globs -> a list of paths.
 
-    A path that does not exist and is not a glob, or a glob matching nothing, is kept as it is:
-    loading it later yields an error for that input rather than silently dropping it.
+    A path that does not exist and is not a glob, a glob matching nothing, or a folder without
+    files is kept as it is: loading it later yields an error for that input rather than silently
+    dropping it.
     """
     out: list[str] = []
     for arg in inputs:
         p = Path(arg)
         if p.is_dir():
-            out += sorted(_files_below(str(p)))  # str(p): the spelling rglob gave (no "./", no trailing "/")
+            # str(p): the spelling rglob gave (no "./", no trailing "/"); an empty folder is kept,
+            # so that it gets its error line instead of vanishing from the output
+            out += sorted(_files_below(str(p))) or [arg]
         elif not p.exists() and any(c in arg for c in _GLOB_CHARS):
             matches = sorted(m for m in glob.glob(arg, recursive=True) if not Path(m).is_dir())
             out += matches or [arg]
@@ -99,7 +106,8 @@ def _read(path: str) -> bytes:
         with open(path, "rb") as f:
             data = f.read()
     except IsADirectoryError:
-        raise ImageError(path, "is a directory") from None
+        empty = next(_files_below(path), None) is None
+        raise ImageError(path, "a folder with no (visible) files" if empty else "is a directory") from None
     except FileNotFoundError:
         reason = "no file matches this pattern" if any(c in path for c in _GLOB_CHARS) else "no such file"
         raise ImageError(path, reason) from None
@@ -121,13 +129,22 @@ def decode(path: str) -> Image.Image:
     return _decode_bytes(path, _read(path))
 
 
+@functools.cache
+def _available_formats() -> tuple[str, ...]:
+    """``IMAGE_FORMATS`` that this Pillow can open (AVIF, say, needs a recent one)."""
+    Image.init()
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
+
+
 def _decode_bytes(path: str, data: bytes) -> Image.Image:
     """``decode`` of the file's bytes (``path`` names it in errors)."""
     try:
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data), formats=_available_formats())
         im.load()
     except UnidentifiedImageError:
-        raise ImageError(path, f"not an image (no image format recognised in {len(data)} bytes)") from None
+        raise ImageError(
+            path, f"not an image in a supported format ({', '.join(_available_formats())}) in {len(data)} bytes"
+        ) from None
     except Image.DecompressionBombError as err:
         raise ImageError(path, f"image too large: {err}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
@@ -153,27 +170,43 @@ def _resize_box(w: int, h: int, size: int) -> tuple[tuple[int, int], tuple[int, 
     return (nw, nh), (left, top, left + size, top + size)
 
 
-def _resize_8bit(im: Image.Image, size: int) -> Image.Image:
+MAX_INTERMEDIATE = 64
+"""Resize-then-crop makes an intermediate image of at most this many times ``size**2`` pixels;
+beyond it (aspect ratios over 64:1) only the crop's source region is resampled."""
+
+
+def _resize_crop(im: Image.Image, size: int) -> Image.Image:
+    """torchvision's ``Resize(size)`` + ``CenterCrop(size)`` on a PIL image (bilinear).
+
+    The full intermediate of an extreme aspect ratio would be huge (a 1 x 2,000,000 PNG of 8 KB
+    became a 28 x 56,000,000 image, 4 GB): past ``MAX_INTERMEDIATE`` PIL resamples only the
+    source box of the crop, with the same filter scale (equal up to rounding).
+    """
     if im.size == (size, size):
         return im
     new, box = _resize_box(im.width, im.height, size)
-    return im.resize(new, Image.Resampling.BILINEAR).crop(box)
+    if new[0] * new[1] <= MAX_INTERMEDIATE * size * size:
+        return im.resize(new, Image.Resampling.BILINEAR).crop(box)
+    sx, sy = im.width / new[0], im.height / new[1]
+    source = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    return im.resize((size, size), Image.Resampling.BILINEAR, box=source)
 
 
 def _wide_to_array(im: Image.Image, size: int | None) -> np.ndarray:
     """16/32-bit integer or float image -> ``(S, S)`` float32 in [0, 1] (``size=None``: as it is)."""
     a = np.asarray(im, dtype=np.float64)
     if im.mode == "F":
-        full = 1.0 if not np.isfinite(a).all() or a.max(initial=0.0) <= 1.0 else 255.0
+        finite = a[np.isfinite(a)]
+        full = 1.0 if finite.max(initial=0.0) <= 1.0 else 255.0
     elif im.mode == "I":
         full = 65535.0 if a.max(initial=0.0) > 255 else 255.0
     else:
         full = 65535.0
-    a = np.clip(a / full, 0.0, 1.0).astype(np.float32)
+    # NaN and +-inf stay non-finite (clipping would turn inf into white): the image is refused later
+    a = np.where(np.isfinite(a), np.clip(a / full, 0.0, 1.0), a).astype(np.float32)
     f = Image.fromarray(a)  # float32 -> mode "F"
-    if size is not None and f.size != (size, size):
-        new, box = _resize_box(f.width, f.height, size)
-        f = f.resize(new, Image.Resampling.BILINEAR).crop(box)
+    if size is not None:
+        f = _resize_crop(f, size)
     return np.array(f, dtype=np.float32)
 
 
@@ -195,7 +228,8 @@ def to_model_mode(im: Image.Image, channels: int) -> Image.Image:
     if channels not in (1, 3):
         raise ValueError(f"models with {channels} input channels are not supported (1 or 3)")
     if im.mode in _WIDE_MODES:
-        gray = Image.fromarray(np.round(_wide_to_array(im, None) * 255.0).astype(np.uint8))
+        wide = np.nan_to_num(_wide_to_array(im, None), nan=0.0, posinf=1.0, neginf=0.0)  # 8 bits hold no NaN
+        gray = Image.fromarray(np.round(wide * 255.0).astype(np.uint8))
         return gray if channels == 1 else gray.convert("RGB")
     return _to_8bit(im, channels)
 
@@ -207,7 +241,7 @@ def _pixels_hwc(im: Image.Image, channels: int, size: int) -> np.ndarray:
     if im.mode in _WIDE_MODES:
         gray = _wide_to_array(im, size)[..., None]
         return np.repeat(gray, channels, axis=2) if channels == 3 else gray
-    a = np.asarray(_resize_8bit(_to_8bit(im, channels), size))
+    a = np.asarray(_resize_crop(_to_8bit(im, channels), size))
     return a[..., None] if a.ndim == 2 else a
 
 

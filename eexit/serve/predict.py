@@ -70,25 +70,36 @@ def _safe_name(index: int, path: str) -> str:
 
 
 def _explain_one(
-    bundle: Bundle, router: str, x: Tensor, heatmap: Tensor, row: dict, out_dir: Path, index: int
-) -> dict[str, str]:
+    bundle: Bundle, router: str, x: Tensor, heatmap: Tensor, row: dict, out_dir: Path, index: int, decided_at: int
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Write the image's figures; returns ``{figure: file}`` and ``{figure: error}`` (each figure
+    is written on its own: one that cannot be saved does not stop the others)."""
     from eexit.explain.figures import attribution_bars, cam_overlay, radar_chart, save
 
     base = out_dir / _safe_name(index, row["path"])
-    files = {}
     title = f"{row['label']} ({row['probability']:.2f}) - exit {row['tier'].upper()}"
     if row.get("forced"):
         title += f" (forced; router: {(row.get('router_tier') or 'later').upper()})"
-    files["cam"] = str(save(cam_overlay(x, bundle.mean, bundle.std, heatmap, title), f"{base}_cam.png"))
-    if router != "cascade":  # the cascade routes on confidence alone: no features to show
-        profiles = bundle.calibration.tier_profiles
-        own = (row.get("router_tier") or f"past {row['tier']}").upper()  # the router's choice (forced or not)
+    figures: dict[str, Callable[[], Path]] = {
+        "cam": lambda: save(cam_overlay(x, bundle.mean, bundle.std, heatmap, title), f"{base}_cam.png")
+    }
+    own = (row.get("router_tier") or f"past {row['tier']}").upper()  # the router's choice (forced or not)
+    # the tiers' profiles are of TINY's features; the staged gate's features are those of the exit
+    # where its rule fired, so they are drawn only when that is TINY; the cascade has no features
+    if router == "gate" or (router == "staged" and decided_at == int(ExitLevel.TINY)):
         radar_title = f"features vs tiers' typical TINY profiles; routed {own}"
-        files["radar"] = str(save(radar_chart(row["features"], profiles, radar_title), f"{base}_radar.png"))
-        if row.get("attributions"):
-            bars_title = f"why {own} ({router} router)"
-            files["attributions"] = str(save(attribution_bars(row["attributions"], bars_title), f"{base}_attr.png"))
-    return files
+        profiles = bundle.calibration.tier_profiles
+        figures["radar"] = lambda: save(radar_chart(row["features"], profiles, radar_title), f"{base}_radar.png")
+    if router != "cascade" and row.get("attributions"):
+        bars_title = f"why {own} ({router} router)"
+        figures["attributions"] = lambda: save(attribution_bars(row["attributions"], bars_title), f"{base}_attr.png")
+    files, errors = {}, {}
+    for name, write in figures.items():
+        try:
+            files[name] = str(write())
+        except (OSError, ValueError) as err:
+            errors[name] = f"{type(err).__name__}: {err}"
+    return files, errors
 
 
 @torch.no_grad()
@@ -180,10 +191,12 @@ def predict_rows(
                 else:
                     row = {"path": path, **rows_good[g]}
                     if out_dir is not None:
-                        try:
-                            row["explanation"] = _explain_one(bundle, router, x[g], out.heatmap[g], row, out_dir, index)
-                        except (OSError, ValueError) as err:
-                            row["explanation_error"] = f"{type(err).__name__}: {err}"
+                        files, errors = _explain_one(
+                            bundle, router, x[g], out.heatmap[g], row, out_dir, index, int(out.decided_at[g])
+                        )
+                        row["explanation"] = files
+                        if errors:
+                            row["explanation_error"] = "; ".join(f"{k}: {v}" for k, v in errors.items())
                     g += 1
                     yield row
                 index += 1
