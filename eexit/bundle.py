@@ -171,13 +171,14 @@ def build_manifest(
     return manifest, router_tensors
 
 
-def export_bundle(ckpt_path: str | Path, out_dir: str | Path, serve: str = "gate") -> Path:
+def export_bundle(ckpt_path: str | Path, out_dir: str | Path, serve: str = "gate", trust: bool = False) -> Path:
     """Write the bundle of a calibrated checkpoint written by ``MultiExitModule``.
 
     Args:
         ckpt_path: the Lightning checkpoint (must hold ``eexit.calibration``).
         out_dir: the bundle directory (created; existing bundle files are replaced).
         serve: the router ``eexit predict`` uses by default.
+        trust: unpickle everything the checkpoint holds (see ``eexit.checkpoint.read_checkpoint``).
 
     Returns:
         ``out_dir``.
@@ -188,7 +189,7 @@ def export_bundle(ckpt_path: str | Path, out_dir: str | Path, serve: str = "gate
     """
     from eexit.checkpoint import load_checkpoint  # reads the Lightning checkpoint (pickle): export only
 
-    loaded = load_checkpoint(ckpt_path)
+    loaded = load_checkpoint(ckpt_path, trust=trust)
     if "calibration" not in loaded.extra:
         raise BundleError(f"{ckpt_path} holds no router calibration; run calibration first (train.py does it)")
     if not loaded.data:
@@ -296,11 +297,17 @@ def _read_manifest(path: Path) -> dict:
     file = path / MANIFEST_NAME
     if not file.is_file():
         raise FileNotFoundError(f"not a bundle: {file} does not exist")
+
+    def no_constants(name: str) -> None:  # NaN / Infinity are not JSON (Python's parser allows them)
+        raise BundleError(f"{file} holds {name}, which is not JSON (exported bundles never do)")
+
     try:
-        manifest = json.loads(file.read_text())
+        manifest = json.loads(file.read_text(), parse_constant=no_constants)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BundleError(f"{file} is not valid JSON: {err}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{file} is not an eexit bundle manifest (a JSON {type(manifest).__name__}, not an object)")
+    if manifest.get("format") != FORMAT:
         raise BundleError(f"{file} is not an eexit bundle manifest (format {manifest.get('format')!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(
@@ -309,6 +316,13 @@ def _read_manifest(path: Path) -> dict:
     for key in ("spec", "data", "class_names", "input", "serve", "routers", "explanation", "weights"):
         if key not in manifest:
             raise BundleError(f"{file}: section {key!r} is missing")
+        kind = list if key == "class_names" else dict
+        if not isinstance(manifest[key], kind):
+            raise BundleError(f"{file}: section {key!r} must be a JSON {'array' if kind is list else 'object'}")
+    # the weights section is not sealed (it holds the hash): its file must be a plain name in the bundle
+    name = manifest["weights"].get("file", WEIGHTS_NAME)
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise BundleError(f"{file}: weights.file must be a file name inside the bundle directory, got {name!r}")
     return manifest
 
 
@@ -394,7 +408,10 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> B
             f"{path / MANIFEST_NAME} was edited after export (it differs from the copy sealed in {weights.name}): "
             + "; ".join(diffs or ["formatting of values"])
         )
-    _check_consistency(manifest, path / MANIFEST_NAME)
+    try:
+        _check_consistency(manifest, path / MANIFEST_NAME)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise BundleError(f"{path / MANIFEST_NAME} lacks or mistypes a value: {type(err).__name__}: {err}") from None
     spec = dict(manifest["spec"])
     try:
         net = create_model(spec.pop("name"), **spec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,17 +29,78 @@ class LoadedCheckpoint:
     path: Path | None = None
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Read a checkpoint written by ``eexit.lit.MultiExitModule``.
+def checkpoint_globals() -> list:
+    """The Python objects besides tensors that eexit's Lightning checkpoints hold, which
+    ``torch.load(weights_only=True)`` may rebuild: the optimizer and scheduler classes of
+    ``torch.optim`` (the hyperparameters), Hydra's partial-call holder for them, and numpy
+    arrays (the saved random states). Nothing here runs code when unpickled."""
+    import numpy as np
+
+    found: list = [np.ndarray, np.dtype, *{type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64, np.uint8)}]
+    core = getattr(np, "_core", None) or np.core
+    found.append(core.multiarray._reconstruct)
+    for module in (torch.optim, torch.optim.lr_scheduler):
+        found += [v for v in vars(module).values() if isinstance(v, type) and v.__module__.startswith("torch.optim")]
+    try:
+        from hydra._internal.target_policy import _DeferredTarget
+
+        found.append(_DeferredTarget)
+    except ImportError:  # an older Hydra stores functools.partial
+        pass
+    import functools
+
+    found.append(functools.partial)
+    return found
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", trust: bool = False) -> dict:
+    """``torch.load`` of a checkpoint that refuses to run code from an untrusted file.
+
+    With ``trust=False`` the file is unpickled with ``weights_only=True``: tensors, plain
+    containers and ``checkpoint_globals()`` only, so a crafted checkpoint cannot execute code
+    (a full unpickle can, by design of pickle).
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is not an eexit checkpoint (names what is missing).
+        ValueError: the file holds other objects (named), or is not a checkpoint at all.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    if trust:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        with torch.serialization.safe_globals(checkpoint_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{path}: refused to unpickle objects an eexit checkpoint does not hold ({first}); if you trust "
+            "where the file comes from, load it with trust=True (CLI: --trust-checkpoint, evaluate.py: "
+            "trust_checkpoint=true)"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{path} is not a readable checkpoint: {err}") from None
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", trust: bool = False
+) -> LoadedCheckpoint:
+    """Read a checkpoint written by ``eexit.lit.MultiExitModule``.
+
+    Args:
+        path: the checkpoint file.
+        map_location: device of the weights.
+        trust: unpickle everything the file holds (``read_checkpoint``); only for files from a
+            trusted source.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not an eexit checkpoint (names what is missing) or holds objects
+            that are not safe to load.
+    """
+    path = Path(path)
+    ckpt = read_checkpoint(path, map_location, trust)
     meta = ckpt.get("eexit") if isinstance(ckpt, dict) else None
     if not meta or "spec" not in meta or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not an eexit checkpoint (no 'eexit.spec' or 'state_dict' entry)")

@@ -26,7 +26,7 @@ def _models(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     from eexit.checkpoint import load_checkpoint
 
-    loaded = load_checkpoint(args.checkpoint)
+    loaded = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
     Console().print({"spec": loaded.net.spec, "data": loaded.data, **loaded.extra})
     return 0
 
@@ -34,7 +34,7 @@ def _info(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from eexit.bundle import export_bundle
 
-    out = export_bundle(args.checkpoint, args.out_dir, serve=args.router)
+    out = export_bundle(args.checkpoint, args.out_dir, serve=args.router, trust=args.trust_checkpoint)
     Console(stderr=True).print(f"bundle written to [bold]{out}[/bold]")
     if args.onnx:
         from eexit.serve.onnx import export_onnx
@@ -85,18 +85,26 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+TRUST_HELP = (
+    "unpickle any object the checkpoint holds (by default only tensors, optimizer settings and "
+    "random states are: a crafted checkpoint can run code); only for files from a trusted source"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eexit", description="Explainable early-exit image classification")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("models", help="list the registered networks").set_defaults(func=_models)
     info = sub.add_parser("info", help="show what a checkpoint holds (spec, data, calibration)")
     info.add_argument("checkpoint")
+    info.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     info.set_defaults(func=_info)
     export = sub.add_parser(
         "export", help="write a serving bundle (safetensors + bundle.json) of a calibrated checkpoint"
     )
     export.add_argument("checkpoint")
     export.add_argument("out_dir")
+    export.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     export.add_argument("--router", default="gate", help="router served by default (gate, staged, cascade)")
     export.add_argument("--onnx", action="store_true", help="also write ONNX pieces to OUT_DIR/onnx (the onnx extra)")
     export.set_defaults(func=_export)

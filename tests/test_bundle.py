@@ -151,3 +151,62 @@ def test_missing_or_foreign_bundles_are_named(tmp_path: Path) -> None:
     (tmp_path / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(BundleError, match="is not valid JSON"):
         load_bundle(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: [m], r"a JSON list, not an object"),
+        (lambda m: {**m, "weights": None}, r"section 'weights' must be a JSON object"),
+        (lambda m: {**m, "class_names": "abc"}, r"section 'class_names' must be a JSON array"),
+        (
+            lambda m: {**m, "weights": {**m["weights"], "file": "../outside.safetensors"}},
+            r"weights.file must be a file name",
+        ),
+        (
+            lambda m: {**m, "weights": {**m["weights"], "file": "/tmp/x.safetensors"}},
+            r"weights.file must be a file name",
+        ),
+    ],
+)
+def test_a_malformed_manifest_is_refused_with_a_message(bundle_copy: Path, edit, message: str) -> None:
+    file = bundle_copy / MANIFEST_NAME
+    file.write_text(json.dumps(edit(json.loads(file.read_text()))))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle_copy)
+
+
+def test_a_manifest_with_nan_is_refused_naming_the_file(bundle_copy: Path) -> None:
+    file = bundle_copy / MANIFEST_NAME
+    file.write_text(file.read_text().replace('"knob": ', '"knob": NaN, "was": ', 1))
+    with pytest.raises(BundleError, match=r"bundle\.json holds NaN, which is not JSON"):
+        load_bundle(bundle_copy)
+
+
+class _RunsCode:
+    """What a crafted checkpoint can carry: unpickling it calls ``Path.touch`` on a file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unless_trusted(calibrated_run, tmp_path: Path, capsys) -> None:
+    from eexit.cli import main
+
+    marker = tmp_path / "code_ran"
+    ckpt = torch.load(calibrated_run["ckpt"], map_location="cpu", weights_only=False)
+    ckpt["eexit"]["payload"] = _RunsCode(marker)
+    evil = tmp_path / "evil.ckpt"
+    torch.save(ckpt, evil)
+    with pytest.raises(ValueError, match=r"evil\.ckpt: refused to unpickle .*trust=True"):
+        load_checkpoint(evil)
+    assert main(["info", str(evil)]) == 2 and "--trust-checkpoint" in capsys.readouterr().err
+    assert main(["export", str(evil), str(tmp_path / "b")]) == 2
+    assert not marker.exists()
+    # the checkpoints training writes load without trust (optimizer settings, random states)
+    assert "calibration" in load_checkpoint(calibrated_run["ckpt"]).extra
+    load_checkpoint(evil, trust=True)  # the owner's explicit choice: the code runs
+    assert marker.exists()

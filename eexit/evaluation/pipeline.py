@@ -71,7 +71,10 @@ def load_model(cfg: DictConfig, key: str = "ckpt_path") -> LoadedCheckpoint:
         raise ConfigError(key, f"bundle directory not found: {path}")
     if not path.is_file():
         raise ConfigError(key, f"checkpoint not found: {path}")
-    return load_checkpoint(path)
+    try:
+        return load_checkpoint(path, trust=bool(cfg.get("trust_checkpoint", False)))
+    except ValueError as err:
+        raise ConfigError(key, str(err)) from None
 
 
 def _test_tensors(dm: SplitDataModule, limit: int | None, seed: int = 0) -> tuple[Tensor, Tensor]:

@@ -212,11 +212,12 @@ def calibrate_checkpoint(
     import os
     from pathlib import Path
 
-    from eexit.checkpoint import load_checkpoint
+    from eexit.checkpoint import load_checkpoint, read_checkpoint
 
-    loaded = load_checkpoint(path)
+    # the training run's own checkpoint, just written: trusted (it may hold any optimizer class)
+    loaded = load_checkpoint(path, trust=True)
     cal = calibrate(loaded.net, calib_batches, example, **kwargs)
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path, trust=True)
     ckpt.setdefault("eexit", {})["calibration"] = cal.to_state()
     tmp = Path(f"{path}.tmp")
     torch.save(ckpt, tmp)
