@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from eexit.data.image_folder import ImageFolderDataModule, load_image
+from tests.conftest import needs_fashion
 
 
 def _folder(root: Path, per_class: int = 12) -> None:
@@ -80,3 +81,19 @@ def test_image_folder_checks_channels_against_normalisation(tmp_path: Path, kwar
     _folder(tmp_path, per_class=2)
     with pytest.raises(ValueError, match=message):
         ImageFolderDataModule(str(tmp_path), image_size=16, **kwargs)
+
+
+@needs_fashion
+def test_fashion_mnist_unpacks_safely_when_ranks_start_together(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from eexit.data.fashion_mnist import _FILES, DEBIAN_DIR, prepare_raw_folder
+
+    for trial in range(3):  # ranks of torchrun / SLURM all unpack into one empty cache at once
+        root = tmp_path / str(trial)
+        with ThreadPoolExecutor(4) as pool:
+            done = list(pool.map(prepare_raw_folder, [root] * 4, [Path(DEBIAN_DIR)] * 4))
+        assert done == [True] * 4
+        raw = root / "FashionMNIST" / "raw"
+        assert sorted(p.name for p in raw.iterdir()) == sorted(_FILES)  # no temporary files left
+        assert (raw / "t10k-labels-idx1-ubyte").stat().st_size == 10008

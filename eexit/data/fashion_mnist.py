@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -34,14 +36,22 @@ def prepare_raw_folder(root: Path, source_dir: Path) -> bool:
         return False
     raw.mkdir(parents=True, exist_ok=True)
     for f in missing:
-        src = source_dir / f
-        if src.exists():
-            shutil.copyfile(src, raw / f)
-            continue
-        tmp = raw / f"{f}.partial"
-        with gzip.open(source_dir / f"{f}.gz", "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout)
-        tmp.replace(raw / f)
+        # each process writes its own temporary file and renames it into place: ranks that start
+        # together (torchrun, SLURM) all unpack, and whichever rename comes last leaves the same bytes
+        fd, tmp_name = tempfile.mkstemp(dir=raw, prefix=f".{f}.", suffix=".partial")
+        tmp = Path(tmp_name)
+        try:
+            src = source_dir / f
+            with os.fdopen(fd, "wb") as fout:
+                if src.exists():
+                    with open(src, "rb") as fin:
+                        shutil.copyfileobj(fin, fout)
+                else:
+                    with gzip.open(source_dir / f"{f}.gz", "rb") as fin:
+                        shutil.copyfileobj(fin, fout)
+            os.replace(tmp, raw / f)
+        finally:
+            tmp.unlink(missing_ok=True)
     log.info("Fashion-MNIST idx files unpacked from %s into %s", source_dir, raw)
     return True
 
