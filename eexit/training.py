@@ -80,6 +80,21 @@ def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:
     return ckpt_path
 
 
+def check_resume_split(ckpt_path: str, dm: SplitDataModule) -> None:
+    """Refuse to resume with another train / val / calib split than the checkpoint's run: the
+    resumed epochs would train on its validation and calibration images."""
+    from eexit.checkpoint import read_checkpoint
+
+    record = ((read_checkpoint(ckpt_path, trust=True).get("eexit") or {}).get("data") or {}).get("split")
+    differs = dm.split_differences(record) if record else []
+    if differs:
+        raise ConfigError(
+            "seed" if differs[0].startswith("seed") else "data",
+            f"{ckpt_path} was trained on another split of the data ({'; '.join(differs)}); resume with the "
+            "same seed, data.val_size and data.calib_size",
+        )
+
+
 def continue_checkpoints_in(callbacks: list, ckpt_path: str, default_dir: str) -> None:
     """Resuming a run: its checkpoint callbacks go on writing into the resumed run's folder.
 
@@ -125,6 +140,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     dm = build_datamodule(cfg)
     model = build_module(cfg, dm)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg)
+    if ckpt_path is not None:
+        check_resume_split(ckpt_path, dm)
     callbacks = _instantiate_dict(cfg.get("callbacks"))
     loggers = _instantiate_dict(cfg.get("logger"))
     if not loggers:  # nothing to monitor into (logger=none)

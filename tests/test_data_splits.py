@@ -97,3 +97,24 @@ def test_fashion_mnist_unpacks_safely_when_ranks_start_together(tmp_path: Path) 
         raw = root / "FashionMNIST" / "raw"
         assert sorted(p.name for p in raw.iterdir()) == sorted(_FILES)  # no temporary files left
         assert (raw / "t10k-labels-idx1-ubyte").stat().st_size == 10008
+
+
+def test_a_recorded_split_is_reproduced_by_a_module_with_another_seed() -> None:
+    from eexit.data import SyntheticDataModule
+
+    trained = SyntheticDataModule(num_train=256, num_test=32, val_size=0.25, calib_size=32, seed=7)
+    trained.setup("calibrate")
+    record = trained.split_record()
+    assert record == {"seed": 7, "val_size": 0.25, "calib_size": 32}
+    later = SyntheticDataModule(num_train=256, num_test=32, seed=42)  # evaluate.py's default seed
+    assert later.split_differences(record) == [
+        "seed: 7 there, 42 here",
+        "val_size: 0.25 there, 0.125 here",
+        "calib_size: 32 there, 0.125 here",
+    ]
+    later.use_split(record)
+    assert later.split_differences(record) == []
+    later.setup("calibrate")
+    assert later.data_calib.indices == trained.data_calib.indices and len(later.data_calib) == 32
+    with pytest.raises(RuntimeError, match="before setup"):
+        later.use_split(record)

@@ -198,6 +198,9 @@ def test_resume_drops_the_old_calibration_and_refuses_a_changed_schedule_length(
     state["eexit"]["calibration"] = {"routers": "fitted to the weights of step 15"}
     torch.save(state, last)
     # OneCycleLR's length (total_steps, filled in from the run) comes back from the checkpoint
+    assert state["eexit"]["data"]["split"]["seed"] == 42  # the default seed; recorded for resumes and evaluation
+    with pytest.raises(ConfigError, match=r"'seed'.*another split of the data \(seed: 42 there, 5 here\)"):
+        train(compose_train(tmp_path / "b", [*overrides, "seed=5", f"ckpt_path={last}"]))
     longer = [*overrides, "trainer.max_epochs=3", f"ckpt_path={last}"]
     with pytest.raises(ConfigError, match=r"trainer.max_epochs.*OneCycleLR was built for 24 steps.*this run has 36"):
         train(compose_train(tmp_path / "b", longer))

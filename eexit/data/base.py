@@ -111,6 +111,26 @@ class SplitDataModule(pl.LightningDataModule):
             raise ValueError(f"val_size + calib_size ({n_val} + {n_calib}) leave no training images out of {n}")
         return [n - n_val - n_calib, n_val, n_calib]
 
+    def split_record(self) -> dict:
+        """How the pool is split into train / val / calib: stored with the model (checkpoint and
+        bundle ``data.split``), so that an evaluation recalibrates on the images training held
+        out and a resumed run splits as the run it continues."""
+        return {"seed": self.split_seed, "val_size": self.val_size, "calib_size": self.calib_size}
+
+    def split_differences(self, record: dict) -> list[str]:
+        """``key: recorded vs here`` for each setting of ``record`` (a ``split_record``) that this
+        module splits differently."""
+        here = self.split_record()
+        return [f"{k}: {record[k]!r} there, {here[k]!r} here" for k in here if k in record and record[k] != here[k]]
+
+    def use_split(self, record: dict) -> None:
+        """Split as ``record`` says (another run's ``split_record``); only before ``setup``."""
+        if self.data_train is not None:
+            raise RuntimeError("use_split() must come before setup()")
+        self.split_seed = int(record.get("seed", self.split_seed))
+        self.val_size = record.get("val_size", self.val_size)
+        self.calib_size = record.get("calib_size", self.calib_size)
+
     def setup(self, stage: str | None = None) -> None:
         if self.data_train is None:
             pool = self.load_pool()

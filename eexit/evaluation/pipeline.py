@@ -170,6 +170,11 @@ def evaluate(cfg: DictConfig) -> dict:
     from eexit.training import build_datamodule
 
     dm = build_datamodule(cfg)
+    split = (loaded.data or {}).get("split")
+    if split and dm.split_differences(split):
+        # recalibrating (and the report's split sizes) must use the images training held out
+        log.info("splitting the data as %s was trained: %s", loaded.path, "; ".join(dm.split_differences(split)))
+        dm.use_split(split)
     info = dm.info
     net = loaded.net.eval()
     for name, model in (("ckpt_path", loaded), ("baseline_ckpt_path", baseline)):

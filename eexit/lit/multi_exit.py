@@ -182,6 +182,8 @@ class MultiExitModule(pl.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "info"):
             self.data_info = dm.info.to_dict()
+            if hasattr(dm, "split_record"):
+                self.data_info["split"] = dm.split_record()
 
     def on_train_start(self) -> None:
         if self.trainer.ckpt_path:  # resuming: loader position and random state as saved
