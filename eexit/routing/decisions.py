@@ -178,16 +178,8 @@ def decisions_from_output(
     attributions: Tensor | None = None,
     deltas: Tensor | None = None,
 ) -> list[RoutingDecision]:
-    """Turn a routed batch into one ``RoutingDecision`` per image (input order).
-
-    Args:
-        out: the routed batch.
-        costs: the router's four tier costs.
-        class_names: names of the classes (default: the indices as strings).
-        router: the router kind recorded in each decision.
-        attributions: ``(B, 7)`` feature attributions, optional.
-        deltas: ``(B,)`` completeness gaps, optional.
-    """
+    """Turn a routed batch into one ``RoutingDecision`` per image (input order); the arguments
+    are ``decision_rows``'s (values not rounded)."""
     return [RoutingDecision(**row) for row in decision_rows(out, costs, class_names, router, attributions, deltas)]
 
 
