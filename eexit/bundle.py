@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -301,8 +302,14 @@ def _read_manifest(path: Path) -> dict:
     def no_constants(name: str) -> None:  # NaN / Infinity are not JSON (Python's parser allows them)
         raise BundleError(f"{file} holds {name}, which is not JSON (exported bundles never do)")
 
+    def finite(text: str) -> float:  # 1e999 parses to inf
+        value = float(text)
+        if not math.isfinite(value):
+            raise BundleError(f"{file} holds the number {text}, which is not finite in float64")
+        return value
+
     try:
-        manifest = json.loads(file.read_text(), parse_constant=no_constants)
+        manifest = json.loads(file.read_text(), parse_constant=no_constants, parse_float=finite)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BundleError(f"{file} is not valid JSON: {err}") from None
     if not isinstance(manifest, dict):
@@ -313,17 +320,44 @@ def _read_manifest(path: Path) -> dict:
         raise BundleError(
             f"{file}: bundle format version {manifest.get('format_version')!r}; this eexit reads {FORMAT_VERSION}"
         )
-    for key in ("spec", "data", "class_names", "input", "serve", "routers", "explanation", "weights"):
+    sections = ("spec", "data", "class_names", "input", "serve", "routers", "explanation", "feature_statistics")
+    for key in (*sections, "weights"):
         if key not in manifest:
             raise BundleError(f"{file}: section {key!r} is missing")
         kind = list if key == "class_names" else dict
         if not isinstance(manifest[key], kind):
             raise BundleError(f"{file}: section {key!r} must be a JSON {'array' if kind is list else 'object'}")
+    for kind, entry in manifest["routers"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+            raise BundleError(f"{file}: routers.{kind} must be an object with a 'config' object")
+    size = manifest["input"].get("size")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise BundleError(f"{file}: input.size must be [height, width] in pixels, got {size!r}")
     # the weights section is not sealed (it holds the hash): its file must be a plain name in the bundle
     name = manifest["weights"].get("file", WEIGHTS_NAME)
     if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
         raise BundleError(f"{file}: weights.file must be a file name inside the bundle directory, got {name!r}")
     return manifest
+
+
+def _calibration_state(manifest: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """``Calibration.from_state``'s input from the manifest and the ``router.*`` tensors."""
+    routers_state = {}
+    for kind, entry in manifest["routers"].items():
+        prefix = f"router.{kind}."
+        routers_state[kind] = {
+            "config": entry["config"],
+            "state": {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)},
+        }
+    return {
+        "routers": routers_state,
+        "tier_costs": {kind: entry["tiers"] for kind, entry in manifest["routers"].items()},
+        "baseline_features": manifest["explanation"]["baseline_features"],
+        "exit_baselines": manifest["explanation"]["exit_baselines"],
+        "tier_profiles": manifest["feature_statistics"]["tier_profiles"],
+        "fit_summary": {kind: entry.get("fit_summary", {}) for kind, entry in manifest["routers"].items()},
+        "feature_kwargs": manifest["feature_statistics"].get("feature_kwargs", {}),
+    }
 
 
 def _check_consistency(manifest: dict, file: Path) -> None:
@@ -410,6 +444,8 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> B
         )
     try:
         _check_consistency(manifest, path / MANIFEST_NAME)
+    except BundleError:
+        raise
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise BundleError(f"{path / MANIFEST_NAME} lacks or mistypes a value: {type(err).__name__}: {err}") from None
     spec = dict(manifest["spec"])
@@ -422,26 +458,10 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> B
     net.load_state_dict({k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")})
     net.to(map_location).eval()
 
-    routers_state = {}
-    for kind, entry in manifest["routers"].items():
-        prefix = f"router.{kind}."
-        routers_state[kind] = {
-            "config": entry["config"],
-            "state": {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)},
-        }
-    state = {
-        "routers": routers_state,
-        "tier_costs": {kind: entry["tiers"] for kind, entry in manifest["routers"].items()},
-        "baseline_features": manifest["explanation"]["baseline_features"],
-        "exit_baselines": manifest["explanation"]["exit_baselines"],
-        "tier_profiles": manifest["feature_statistics"]["tier_profiles"],
-        "fit_summary": {kind: entry.get("fit_summary", {}) for kind, entry in manifest["routers"].items()},
-        "feature_kwargs": manifest["feature_statistics"].get("feature_kwargs", {}),
-    }
     try:
-        calibration = Calibration.from_state(state)
-    except (RuntimeError, KeyError, TypeError, ValueError) as err:
-        raise BundleError(f"the routers in {path} cannot be rebuilt: {err}") from None
+        calibration = Calibration.from_state(_calibration_state(manifest, tensors))
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise BundleError(f"the routers in {path} cannot be rebuilt: {type(err).__name__}: {err}") from None
     for router in calibration.routers.values():
         router.to(map_location)
     calibration.baseline_features = calibration.baseline_features.to(map_location)

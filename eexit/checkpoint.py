@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,28 +29,40 @@ class LoadedCheckpoint:
     path: Path | None = None
 
 
+# schedulers that call a function given to them: no reason to let an unpickler build them
+_CALLS_ITS_ARGUMENTS = ("LambdaLR", "MultiplicativeLR")
+
+
 def checkpoint_globals() -> list:
     """The Python objects besides tensors that eexit's Lightning checkpoints hold, which
     ``torch.load(weights_only=True)`` may rebuild: the optimizer and scheduler classes of
-    ``torch.optim`` (the hyperparameters), Hydra's partial-call holder for them, and numpy
-    arrays (the saved random states). Nothing here runs code when unpickled."""
+    ``torch.optim`` (the hyperparameters; not the schedulers that call a given function), Hydra's
+    partial-call holder for them, and numpy arrays (the saved random states)."""
+    import functools
+
     import numpy as np
 
     found: list = [np.ndarray, np.dtype, *{type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64, np.uint8)}]
     core = getattr(np, "_core", None) or np.core
     found.append(core.multiarray._reconstruct)
     for module in (torch.optim, torch.optim.lr_scheduler):
-        found += [v for v in vars(module).values() if isinstance(v, type) and v.__module__.startswith("torch.optim")]
+        found += [
+            v
+            for v in vars(module).values()
+            if isinstance(v, type) and v.__module__.startswith("torch.optim") and v.__name__ not in _CALLS_ITS_ARGUMENTS
+        ]
     try:
         from hydra._internal.target_policy import _DeferredTarget
 
         found.append(_DeferredTarget)
     except ImportError:  # an older Hydra stores functools.partial
         pass
-    import functools
-
     found.append(functools.partial)
     return found
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", trust: bool = False) -> dict:
@@ -62,25 +74,32 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file holds other objects (named), or is not a checkpoint at all.
+        ValueError: the file holds other objects (the first one named), or is not a readable
+            checkpoint at all (the reason given).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if trust:
-        return torch.load(path, map_location=map_location, weights_only=False)
     try:
-        with torch.serialization.safe_globals(checkpoint_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(
-            f"{path}: refused to unpickle objects an eexit checkpoint does not hold ({first}); if you trust "
-            "where the file comes from, load it with trust=True (CLI: --trust-checkpoint, evaluate.py: "
-            "trust_checkpoint=true)"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"{path} is not a readable checkpoint: {err}") from None
+        if trust:
+            ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        else:
+            with torch.serialization.safe_globals(checkpoint_globals()):
+                ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # whatever a crafted or corrupt file makes the unpickler raise
+        text = _ANSI.sub("", str(err))
+        found = _UNSUPPORTED.search(text)
+        if found and not trust:
+            raise ValueError(
+                f"{path}: refused to unpickle {found.group(1)}, which an eexit checkpoint does not hold (a pickle "
+                "can run code); if you trust where the file comes from, load it with trust=True (CLI: "
+                "--trust-checkpoint, evaluate.py: trust_checkpoint=true)"
+            ) from None
+        first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        raise ValueError(f"{path} is not a readable checkpoint: {type(err).__name__}: {first}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+    return ckpt
 
 
 def load_checkpoint(
@@ -101,12 +120,20 @@ def load_checkpoint(
     """
     path = Path(path)
     ckpt = read_checkpoint(path, map_location, trust)
-    meta = ckpt.get("eexit") if isinstance(ckpt, dict) else None
-    if not meta or "spec" not in meta or "state_dict" not in ckpt:
+    meta = ckpt.get("eexit")
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(meta.get("spec"), dict)
+        or not isinstance(ckpt.get("state_dict"), dict)
+    ):
         raise ValueError(f"{path} is not an eexit checkpoint (no 'eexit.spec' or 'state_dict' entry)")
-    net = build_from_spec(meta["spec"])
-    state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    net.load_state_dict(state)
+    try:
+        net = build_from_spec(meta["spec"])
+        state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+        net.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise ValueError(f"{path}: its spec and weights do not build a network: {first}") from None
     net.eval()
     extra = {k: v for k, v in meta.items() if k not in ("spec", "data")}
     return LoadedCheckpoint(net, meta.get("data"), extra, path)

@@ -59,8 +59,10 @@ def build_module(cfg: DictConfig, dm: SplitDataModule) -> MultiExitModule:
     return MultiExitModule(
         net=net,
         loss=loss,
-        optimizer=hydra.utils.instantiate(cfg.model.optimizer),
-        scheduler=hydra.utils.instantiate(cfg.model.scheduler) if cfg.model.get("scheduler") else None,
+        # plain lists and dicts in the partials (_convert_): the hyperparameters saved in checkpoints
+        # then hold no omegaconf objects, which a safe load (weights_only=True) refuses
+        optimizer=hydra.utils.instantiate(cfg.model.optimizer, _convert_="all"),
+        scheduler=hydra.utils.instantiate(cfg.model.scheduler, _convert_="all") if cfg.model.get("scheduler") else None,
         log_train_kl=cfg.model.get("log_train_kl", False),
     )
 
@@ -88,8 +90,9 @@ def check_resume_split(ckpt_path: str, dm: SplitDataModule) -> None:
     record = ((read_checkpoint(ckpt_path, trust=True).get("eexit") or {}).get("data") or {}).get("split")
     differs = dm.split_differences(record) if record else []
     if differs:
+        key = differs[0].split(":")[0]
         raise ConfigError(
-            "seed" if differs[0].startswith("seed") else "data",
+            key if key == "seed" else f"data.{key}",
             f"{ckpt_path} was trained on another split of the data ({'; '.join(differs)}); resume with the "
             "same seed, data.val_size and data.calib_size",
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import struct
 from pathlib import Path
@@ -128,11 +129,9 @@ def test_an_edited_manifest_is_refused_naming_what_differs(bundle_copy: Path, pa
         load_bundle(bundle_copy)
 
 
-def test_a_resealed_spec_that_does_not_fit_the_weights_is_refused(bundle_copy: Path) -> None:
-    """Someone edits the spec and re-seals the file: the tensor shapes still give it away."""
-    file, weights = bundle_copy / MANIFEST_NAME, bundle_copy / WEIGHTS_NAME
-    manifest = json.loads(file.read_text())
-    manifest["spec"]["widths"][3] = 32
+def _reseal(bundle: Path, manifest: dict) -> None:
+    """Write ``manifest`` and seal it into the weights, as an export would (a forger can)."""
+    weights = bundle / WEIGHTS_NAME
     body = {k: v for k, v in manifest.items() if k != "weights"}
     save_file(
         load_file(str(weights)),
@@ -140,9 +139,35 @@ def test_a_resealed_spec_that_does_not_fit_the_weights_is_refused(bundle_copy: P
         metadata={"format": "pt", SEAL_KEY: json.dumps(body, sort_keys=True, separators=(",", ":"))},
     )
     manifest["weights"]["sha256"] = file_sha256(weights)
-    file.write_text(json.dumps(manifest))
+    (bundle / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+def test_a_resealed_spec_that_does_not_fit_the_weights_is_refused(bundle_copy: Path) -> None:
+    """Someone edits the spec and re-seals the file: the tensor shapes still give it away."""
+    manifest = json.loads((bundle_copy / MANIFEST_NAME).read_text())
+    manifest["spec"]["widths"][3] = 32
+    _reseal(bundle_copy, manifest)
     with pytest.raises(BundleError, match=r"does not match the weights .*shape mismatch net\.backbone\.stages\.3"):
         load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.pop("feature_statistics"), r"section 'feature_statistics' is missing"),
+        (lambda m: m["routers"].update(gate=[1]), r"routers\.gate must be an object with a 'config' object"),
+        (lambda m: m["input"].update(size=16), r"input\.size must be \[height, width\] in pixels, got 16"),
+        (lambda m: m["explanation"].pop("baseline_features"), r"the routers in .* cannot be rebuilt: KeyError"),
+        (lambda m: m["class_names"].pop(), r"bundle\.json is inconsistent: spec\.num_classes is 4 but there are 3"),
+    ],
+)
+def test_a_resealed_malformed_manifest_is_refused_with_a_message(bundle_copy: Path, edit, message: str) -> None:
+    manifest = json.loads((bundle_copy / MANIFEST_NAME).read_text())
+    edit(manifest)
+    _reseal(bundle_copy, manifest)
+    with pytest.raises(BundleError, match=message) as err:
+        load_bundle(bundle_copy)
+    assert "lacks or mistypes" not in str(err.value)  # one message, not a wrapped one
 
 
 def test_missing_or_foreign_bundles_are_named(tmp_path: Path) -> None:
@@ -176,10 +201,13 @@ def test_a_malformed_manifest_is_refused_with_a_message(bundle_copy: Path, edit,
         load_bundle(bundle_copy)
 
 
-def test_a_manifest_with_nan_is_refused_naming_the_file(bundle_copy: Path) -> None:
+@pytest.mark.parametrize(
+    ("value", "message"), [("NaN", "NaN, which is not JSON"), ("1e999", "1e999, which is not finite")]
+)
+def test_a_manifest_with_a_non_finite_number_is_refused_naming_the_file(bundle_copy: Path, value, message) -> None:
     file = bundle_copy / MANIFEST_NAME
-    file.write_text(file.read_text().replace('"knob": ', '"knob": NaN, "was": ', 1))
-    with pytest.raises(BundleError, match=r"bundle\.json holds NaN, which is not JSON"):
+    file.write_text(file.read_text().replace('"knob": ', f'"knob": {value}, "was": ', 1))
+    with pytest.raises(BundleError, match=rf"bundle\.json holds (the number )?{message}"):
         load_bundle(bundle_copy)
 
 
@@ -201,7 +229,9 @@ def test_a_checkpoint_that_would_run_code_is_refused_unless_trusted(calibrated_r
     ckpt["eexit"]["payload"] = _RunsCode(marker)
     evil = tmp_path / "evil.ckpt"
     torch.save(ckpt, evil)
-    with pytest.raises(ValueError, match=r"evil\.ckpt: refused to unpickle .*trust=True"):
+    with pytest.raises(
+        ValueError, match=r"evil\.ckpt: refused to unpickle \w+, which an eexit checkpoint does not hold .*trust=True"
+    ):
         load_checkpoint(evil)
     assert main(["info", str(evil)]) == 2 and "--trust-checkpoint" in capsys.readouterr().err
     assert main(["export", str(evil), str(tmp_path / "b")]) == 2
@@ -210,3 +240,26 @@ def test_a_checkpoint_that_would_run_code_is_refused_unless_trusted(calibrated_r
     assert "calibration" in load_checkpoint(calibrated_run["ckpt"]).extra
     load_checkpoint(evil, trust=True)  # the owner's explicit choice: the code runs
     assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"just some text\n", "not a readable checkpoint"),
+        (b"", "not a readable checkpoint"),
+        (b"\x80\x02ctorch.optim.sgd\nSGD\n)R.", "not a readable checkpoint: TypeError"),  # allowed class, bad call
+        (pickle.dumps([1, 2, 3]), "not a readable checkpoint"),
+    ],
+)
+def test_a_file_that_is_no_checkpoint_gives_a_clear_error(tmp_path: Path, capsys, content: bytes, message: str) -> None:
+    from eexit.cli import main
+
+    path = tmp_path / "x.ckpt"
+    path.write_bytes(content)
+    for trust in (False, True):
+        with pytest.raises(ValueError, match=rf"x\.ckpt (is )?{message}|x\.ckpt is not a"):
+            load_checkpoint(path, trust=trust)
+    assert main(["info", str(path)]) == 2 and "x.ckpt" in capsys.readouterr().err
+    torch.save([1, 2], path)  # a valid torch file that is no checkpoint
+    with pytest.raises(ValueError, match=r"x\.ckpt is not a checkpoint \(it holds a list"):
+        load_checkpoint(path)

@@ -60,6 +60,11 @@ def test_test_split_is_labelled_by_the_training_classes(tmp_path: Path) -> None:
     test = dm.data_test
     assert dm.info.class_names == ["a", "b", "c"]
     assert {Path(p).parent.name: t for p, t in test.samples} == {"a": 0, "c": 2}
+    # an empty class folder in the training split stays an error (torchvision's, naming it)
+    (tmp_path / "train" / "zempty").mkdir()
+    with pytest.raises(FileNotFoundError, match="zempty"):
+        ImageFolderDataModule(str(tmp_path), image_size=16, augment=False, val_size=2, calib_size=2).setup("fit")
+    (tmp_path / "train" / "zempty").rmdir()
     # a class the training split does not have is an error naming the folder and the class
     (tmp_path / "test" / "d").mkdir()
     Image.new("RGB", (16, 16)).save(tmp_path / "test" / "d" / "0.png")

@@ -419,14 +419,21 @@ def test_explain_figures_fail_one_by_one_and_set_the_exit_code(calibrated_run, t
     assert set(row["explanation"]) == {"radar", "attributions"} and row["explanation_error"].startswith("cam: ")
 
 
-def test_staged_radar_only_for_features_of_tiny(calibrated_run, tmp_path: Path, capsys) -> None:
-    for i in range(6):
+def test_staged_radar_only_for_features_of_tiny(calibrated_run, tmp_path: Path) -> None:
+    from eexit.serve.predict import predict_rows
+
+    for i in range(8):
         Image.fromarray(_shape_u8(i)).save(tmp_path / f"img{i}.png")
-    out = tmp_path / "explain"
-    bundle = ["--bundle", calibrated_run["bundle"], "--router", "staged", "--explain", str(out)]
-    for tier in ("tiny", "heavy"):  # forced: the staged gate's own rule may fire at any exit
-        assert main(["predict", *bundle, str(tmp_path / "img*.png"), "--tier", tier]) == 0
-        for r in (_strict_json(line) for line in capsys.readouterr().out.splitlines()):
-            features_of_tiny = r["router_tier"] == "tiny" or (tier == "tiny" and r["router_tier"] is None)
-            assert ("radar" in r["explanation"]) == features_of_tiny, r
+    paths = sorted(str(p) for p in tmp_path.glob("img*.png"))
+    bundle = load_bundle(calibrated_run["bundle"])
+    staged = bundle.calibration.routers["staged"]
+    seen = set()
+    for knob in (0.0, 2.0):  # stops at TINY for every image / never before HEAVY (scores are <= 1)
+        staged.knob.fill_(knob)
+        bundle._served.clear()  # the served classifiers are built once per router
+        rows = list(predict_rows(bundle, paths, router="staged", explain_dir=tmp_path / f"explain{knob}"))
+        for r in rows:
+            assert ("radar" in r["explanation"]) == (r["tier"] == "tiny"), r
             assert "cam" in r["explanation"] and "attributions" in r["explanation"]
+            seen.add(r["tier"])
+    assert "tiny" in seen and seen - {"tiny"}, seen  # both cases happened

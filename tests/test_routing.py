@@ -228,15 +228,20 @@ def test_round_significant_equals_python_formatting() -> None:
     # float32 values over their whole range of magnitudes, both signs, exact powers of ten
     x = torch.randn(20000, generator=g) * torch.pow(10.0, torch.randint(-40, 38, (20000,), generator=g).float())
     x = torch.cat([x.float(), torch.tensor([1e-45, -3.4e38, 1.0, 10.0, 1e-7, 0.5, 123456789.0])])
-    for digits in (1, 3, 7):
+    for digits in (1, 3, 7, 9, 12):  # (at 15 digits, float64 rounding of x * 10**p decides near-ties)
         got = round_significant(x, digits).tolist()
         want = [float(f"{v:.{digits}g}") for v in x.double().tolist()]
         assert got == want  # the float64 nearest to the decimal: Python prints the decimal itself
     special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan")])
     out = round_significant(special, 7)
     assert out[:4].tolist() == [0.0, -0.0, float("inf"), float("-inf")] and out[4].isnan()
-    with pytest.raises(ValueError, match="digits"):
-        round_significant(x, 0)
+    for bad in (0, 16):
+        with pytest.raises(ValueError, match="digits must be between 1 and 15"):
+            round_significant(x, bad)
+    # 9 digits give back every float32 exactly; 7 do not
+    neighbours = torch.tensor([0.99999994, 0.9999999, 0.99999982])
+    assert torch.equal(round_significant(neighbours, 9).float(), neighbours)
+    assert len(set(round_significant(neighbours, 7).tolist())) < 3
 
 
 def test_decision_rows_round_and_never_hold_non_finite_numbers(trained) -> None:

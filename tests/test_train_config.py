@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import open_dict
 from omegaconf.errors import MissingMandatoryValue
 
@@ -145,3 +146,15 @@ def test_evaluate_writes_per_exit_metrics_of_a_checkpoint(tmp_path: Path) -> Non
     )
     with pytest.raises(ConfigError, match="ckpt_path"):
         evaluate(cfg)
+
+
+def test_list_hyperparameters_keep_the_checkpoint_safe_to_load(tmp_path: Path) -> None:
+    # Hydra leaves list values as omegaconf ListConfig, which weights_only loading refuses
+    overrides = ["data=synthetic", "model=micro", *FAST, "+model.optimizer.betas=[0.8,0.95]", "router.calibrate=false"]
+    _, objs = train(compose_train(tmp_path, overrides))
+    loaded = load_checkpoint(objs["best_ckpt"])  # no trust needed
+    hparams = torch.load(objs["best_ckpt"], weights_only=False)["hyper_parameters"]
+    assert (
+        hparams["optimizer"].keywords["betas"] == [0.8, 0.95] and type(hparams["optimizer"].keywords["betas"]) is list
+    )
+    assert loaded.net.num_classes == 4

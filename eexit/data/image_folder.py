@@ -55,15 +55,22 @@ class CheckedImageFolder(datasets.ImageFolder):
         classes: number the classes as in this list (the training split's), not by this
             folder's own subfolders: a test split that lacks a class (or whose folder for it is
             empty) keeps every other label right. A subfolder not in the list is an error.
+        allow_empty: accept classes of ``classes`` without images here (a test split may lack
+            one; a training split may not: torchvision refuses it, naming the class).
     """
 
     def __init__(
-        self, root: str, transform=None, bad_files: str = "fail", classes: Sequence[str] | None = None
+        self,
+        root: str,
+        transform=None,
+        bad_files: str = "fail",
+        classes: Sequence[str] | None = None,
+        allow_empty: bool = False,
     ) -> None:
         if bad_files not in ("fail", "skip"):
             raise ValueError(f"bad_files must be 'fail' or 'skip', got {bad_files!r}")
         self._given_classes = None if classes is None else list(classes)
-        super().__init__(root, transform=transform, loader=load_image, allow_empty=classes is not None)
+        super().__init__(root, transform=transform, loader=load_image, allow_empty=allow_empty)
         self.skipped: list[str] = []
         if bad_files == "skip":
             keep = [(p, t) for p, t in self.samples if readable(p)]
@@ -166,8 +173,12 @@ class ImageFolderDataModule(SplitDataModule):
         return transforms.Compose(ops)
 
     def _folder(self, split: str, train: bool) -> Dataset:
-        # every split is labelled by the training split's classes (self._classes)
-        ds = CheckedImageFolder(str(self.root / split), self.transform(train), self.bad_files, self._classes)
+        # every split is labelled by the training split's classes (self._classes); only the test
+        # split may lack some of them
+        allow_empty = split != self.train_dir
+        ds = CheckedImageFolder(
+            str(self.root / split), self.transform(train), self.bad_files, self._classes, allow_empty
+        )
         self.skipped_files += ds.skipped
         return ds
 

@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 Loaded = list[tuple[str, np.ndarray | None, str | None]]
 
-ROW_DIGITS = 7
-"""Significant digits of the floats in predict's rows: what the float32 model resolves."""
+ROW_DIGITS = 9
+"""Significant digits of the floats in predict's rows: 9 give back every float32 value exactly
+(the model computes in float32; the float64 text of those values has 17)."""
 
 
 def _load_chunk(paths: Sequence[str], bundle: Bundle) -> Loaded:
