@@ -88,6 +88,13 @@ def check_resume_split(ckpt_path: str, dm: SplitDataModule) -> None:
     from eexit.checkpoint import read_checkpoint
 
     record = ((read_checkpoint(ckpt_path, trust=True).get("eexit") or {}).get("data") or {}).get("split")
+    if dm.num_workers > 0 and getattr(dm, "augment", False):
+        log.warning(
+            "resuming with data.num_workers=%d and augmentation: the loader workers' random state is not in the "
+            "checkpoint, so the resumed epochs augment differently from an uninterrupted run (exact resume: "
+            "data.num_workers=0)",
+            dm.num_workers,
+        )
     differs = dm.split_differences(record) if record else []
     if differs:
         key = differs[0].split(":")[0]

@@ -250,6 +250,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_unless_trusted(calibrated_r
         (b"\x80\x02ctorch.optim.sgd\nSGD\n)R.", "not a readable checkpoint: TypeError"),  # allowed class, bad call
         (pickle.dumps([1, 2, 3]), "not a readable checkpoint"),
     ],
+    ids=["text", "empty", "allowed_class_bad_call", "plain_pickle"],
 )
 def test_a_file_that_is_no_checkpoint_gives_a_clear_error(tmp_path: Path, capsys, content: bytes, message: str) -> None:
     from eexit.cli import main

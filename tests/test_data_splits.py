@@ -110,7 +110,7 @@ def test_a_recorded_split_is_reproduced_by_a_module_with_another_seed() -> None:
     trained = SyntheticDataModule(num_train=256, num_test=32, val_size=0.25, calib_size=32, seed=7)
     trained.setup("calibrate")
     record = trained.split_record()
-    assert record == {"seed": 7, "val_size": 0.25, "calib_size": 32}
+    assert record == {"seed": 7, "val_size": 0.25, "calib_size": 32, "pool_size": 256}
     later = SyntheticDataModule(num_train=256, num_test=32, seed=42)  # evaluate.py's default seed
     assert later.split_differences(record) == [
         "seed: 7 there, 42 here",
@@ -123,3 +123,21 @@ def test_a_recorded_split_is_reproduced_by_a_module_with_another_seed() -> None:
     assert later.data_calib.indices == trained.data_calib.indices and len(later.data_calib) == 32
     with pytest.raises(RuntimeError, match="before setup"):
         later.use_split(record)
+
+
+def test_evaluation_refuses_to_recalibrate_on_another_pool(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from eexit.checkpoint import LoadedCheckpoint
+    from eexit.config import ConfigError
+    from eexit.data import SyntheticDataModule
+    from eexit.evaluation.pipeline import _calibration
+    from eexit.models import create_model
+
+    net = create_model("resnet_micro", in_chans=1, num_classes=4).eval()
+    split = {"seed": 0, "val_size": 0.125, "calib_size": 0.125, "pool_size": 1024}  # trained on 1024 images
+    loaded = LoadedCheckpoint(net, {"split": split}, {}, tmp_path / "model.ckpt")
+    dm = SyntheticDataModule(num_train=512, num_test=32, seed=0)
+    cfg = OmegaConf.create({"router": {}})
+    with pytest.raises(ConfigError, match=r"trained on a pool of 1024 images, this data config gives 512"):
+        _calibration(loaded, dm, cfg, torch.zeros(2, 1, 16, 16))

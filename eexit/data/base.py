@@ -72,6 +72,7 @@ class SplitDataModule(pl.LightningDataModule):
         self.data_val: Dataset | None = None
         self.data_calib: Dataset | None = None
         self.data_test: Dataset | None = None
+        self._pool_size: int | None = None
 
     # subclasses provide these
     @property
@@ -115,13 +116,21 @@ class SplitDataModule(pl.LightningDataModule):
         """How the pool is split into train / val / calib: stored with the model (checkpoint and
         bundle ``data.split``), so that an evaluation recalibrates on the images training held
         out and a resumed run splits as the run it continues."""
-        return {"seed": self.split_seed, "val_size": self.val_size, "calib_size": self.calib_size}
+        record = {"seed": self.split_seed, "val_size": self.val_size, "calib_size": self.calib_size}
+        if self._pool_size is not None:  # known once set up
+            record["pool_size"] = self._pool_size
+        return record
 
     def split_differences(self, record: dict) -> list[str]:
         """``key: recorded vs here`` for each setting of ``record`` (a ``split_record``) that this
         module splits differently."""
         here = self.split_record()
         return [f"{k}: {record[k]!r} there, {here[k]!r} here" for k in here if k in record and record[k] != here[k]]
+
+    @property
+    def pool_size(self) -> int | None:
+        """Images in the training pool (``None`` before ``setup``)."""
+        return self._pool_size
 
     def use_split(self, record: dict) -> None:
         """Split as ``record`` says (another run's ``split_record``); only before ``setup``."""
@@ -134,6 +143,7 @@ class SplitDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.data_train is None:
             pool = self.load_pool()
+            self._pool_size = len(pool)
             generator = torch.Generator().manual_seed(self.split_seed)
             self.data_train, val, calib = random_split(pool, self._sizes(len(pool)), generator)
             # model selection and router calibration see images as the test set and serving do

@@ -103,6 +103,14 @@ def _calibration(loaded: LoadedCheckpoint, dm: SplitDataModule, cfg: DictConfig,
         return Calibration.from_state(state)
     log.warning("%s holds no calibration: calibrating on the held-out calibration split now", loaded.path)
     dm.setup("calibrate")
+    trained_pool = ((loaded.data or {}).get("split") or {}).get("pool_size")
+    if trained_pool is not None and trained_pool != dm.pool_size:
+        raise ConfigError(
+            "data",
+            f"{loaded.path} was trained on a pool of {trained_pool} images, this data config gives {dm.pool_size}: "
+            "its calibration split would not be the images training held out (evaluate with the training run's "
+            "data config, or a checkpoint that stores its calibration)",
+        )
     rc = cfg.router
     return calibrate(
         loaded.net,
