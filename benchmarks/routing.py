@@ -8,7 +8,9 @@ by default ``--batch``; ``wall_speedup_by_batch``: for each size) and tier distr
 flops_ratio_oracle, overhead_time_ratio (features + gate time / HEAVY time, in the engine's
 flow: the TINY path with them minus without them; ``overhead_time_ratio_isolated``: features
 and gate alone on stored maps), routing_accuracy (one-shot tier == oracle tier), latency_error
-(one-shot expected vs measured latency) and explain_ms_per_decision per attribution method;
+(one-shot expected vs measured latency; ``latency_error_remeasured``: with the tier latencies
+measured again right after the wall-clock timing, so that the machine's drift since calibration
+does not count) and explain_ms_per_decision per attribution method;
 and ``curves``: each router's accuracy vs FLOPs-ratio trade-off on the test split (its knob
 swept; the fixed exits and the oracle as points). ``--plot FILE.png`` also draws them.
 """
@@ -29,7 +31,7 @@ from eexit.explain.gate_attribution import METHODS, ExpectedTier, explain_gate
 from eexit.models.inference import inference_copy
 from eexit.routing.calibrate import calibrate
 from eexit.routing.calibration import collect_records, evaluate_tiers, oracle_tiers, sweep
-from eexit.routing.costs import count_flops
+from eexit.routing.costs import count_flops, measure_tier_costs, rescale_to_routed_batch
 from eexit.routing.engine import DEFAULT_CHUNK_SIZE, exit_features, predict_exit_chunked
 from eexit.training import build_datamodule, train
 from eexit.types import ExitLevel
@@ -75,8 +77,12 @@ def main() -> None:
         with open_dict(cfg):
             cfg.data.batch_size = args.batch
         if args.ckpt:
-            net = load_checkpoint(args.ckpt).net
+            loaded = load_checkpoint(args.ckpt)
+            net = loaded.net
             dm = build_datamodule(cfg)
+            split = (loaded.data or {}).get("split")
+            if split:  # calibrate on the images this model's training held out
+                dm.use_split(split)
         else:
             _, objs = train(cfg)
             net = load_checkpoint(objs["best_ckpt"]).net
@@ -162,6 +168,12 @@ def main() -> None:
             result["routing_accuracy"] = (tier == oracle).float().mean().item()
             expected_s = sum(cal.tier_costs[kind][t].latency_ms for t in tier.tolist()) / 1e3
             result["latency_error"] = abs(expected_s - t_routed) / t_routed
+            # the same with the tier latencies measured again now: without the machine's drift
+            # since calibration, what is left is the error of the latency model itself
+            forced = measure_tier_costs(model, example, min_run_time=0.3)
+            now = [c.latency_ms for c in rescale_to_routed_batch(model, example, forced, min_run_time=0.3)]
+            expected_now = sum(now[t] for t in tier.tolist()) / 1e3
+            result["latency_error_remeasured"] = abs(expected_now - times[kind]) / times[kind]
 
     result["curves"] = tradeoff_curves(cal, records, heavy_flops, plain_flops, oracle_flops, result)
     if args.plot:

@@ -221,6 +221,35 @@ def test_decisions_serialise_to_json(trained) -> None:
         assert len(row["features"]) == 7 and row["label"] in "abcd"
 
 
+def test_tier_latencies_are_rescaled_to_the_routed_batch(trained, monkeypatch) -> None:
+    from eexit.routing import costs as costs_mod
+
+    net, cal, x, _, _ = trained
+    gate = cal.routers["gate"]
+    knob = float(gate.knob)
+    model = cal.routed(net, "gate", optimize=True)
+    example = x[:64]
+    # 0.1 / 0.2 / 0.3 / 0.4 ms per image when every image is forced to the tier
+    forced = [costs_mod.TierCost(lv.key, 1.0 + lv, 0.1 * (1 + lv), 64, "cpu", 1) for lv in ExitLevel]
+    try:
+        gate.set_knob(0.9999)  # most images past TINY
+        tiers = model(example).tier.tolist()
+        assert any(t > 0 for t in tiers)
+        base, past = 0.1, sum(0.1 * t for t in tiers)
+        for batch_ms, factor in ((64 * base + 1.5 * past, 1.5), (64 * base + 100 * past, costs_mod.MAX_RESCALE)):
+            monkeypatch.setattr(costs_mod, "measure_latency", lambda fn, min_run_time, ms=batch_ms: ms / 1e3)
+            out = costs_mod.rescale_to_routed_batch(model, example, forced, 0.01)
+            assert [c.latency_basis for c in out] == ["routed"] * 4
+            assert [c.mflops for c in out] == [1.0, 2.0, 3.0, 4.0] and out[0].latency_ms == base
+            assert [c.latency_ms for c in out] == pytest.approx([base + factor * 0.1 * t for t in range(4)])
+            if factor == 1.5:  # the batch's per-image latencies add up to its measured time
+                assert sum(out[t].latency_ms for t in tiers) == pytest.approx(batch_ms)
+        gate.set_knob(0.0)  # every image stops at TINY: nothing to rescale
+        assert costs_mod.rescale_to_routed_batch(model, example, forced, 0.01) is forced
+    finally:
+        gate.set_knob(knob)
+
+
 def test_round_significant_equals_python_formatting() -> None:
     from eexit.routing.decisions import round_significant
 

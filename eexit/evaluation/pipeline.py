@@ -41,7 +41,7 @@ from eexit.evaluation.routing_eval import exit_costs, routing_metrics
 from eexit.explain.gate_attribution import explain_gate
 from eexit.routing.calibrate import Calibration, calibrate
 from eexit.routing.calibration import collect_records
-from eexit.routing.costs import measure_tier_costs
+from eexit.routing.costs import measure_tier_costs, rescale_to_routed_batch
 from eexit.types import ExitLevel
 
 log = logging.getLogger(__name__)
@@ -206,9 +206,9 @@ def evaluate(cfg: DictConfig) -> dict:
     costs = exit_costs(net, example, ec.latency_min_run_time)
     if ec.remeasure_tier_latency:  # routed and fixed-exit times from the same machine and batch
         for kind in cal.routers:
-            cal.tier_costs[kind] = measure_tier_costs(
-                cal.routed(net, kind, optimize=True), example, ec.latency_min_run_time
-            )
+            served = cal.routed(net, kind, optimize=True)
+            forced = measure_tier_costs(served, example, ec.latency_min_run_time)
+            cal.tier_costs[kind] = rescale_to_routed_batch(served, example, forced, ec.latency_min_run_time)
     metrics, tiers = routing_metrics(cal, records, costs)
 
     consistency = consistency_metrics(net, batches, ec.top_fraction)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from eexit.models.net import MultiExitNet
 from eexit.routing.calibration import ExitRecords, choose_knob, collect_records, oracle_tiers, sweep_folds
-from eexit.routing.costs import TierCost, count_flops, measure_tier_costs
+from eexit.routing.costs import TierCost, count_flops, measure_tier_costs, rescale_to_routed_batch
 from eexit.routing.engine import RoutedClassifier
 from eexit.routing.features import FEATURE_NAMES
 from eexit.routing.routers import ROUTERS, ConfidenceCascade, OneShotGate, Router, StagedGate, build_router
@@ -172,6 +172,8 @@ def calibrate(
             folds = [(fit_router(kind, records.subset(halves[1 - i])), records.subset(halves[i])) for i in range(2)]
         point = choose_knob(sweep_folds(folds, tier_cost), heavy_acc, max_drop, margin_se)
         router.set_knob(point.knob)
+        # the knob set, the latencies are rescaled to the router's own mixed batches
+        costs[kind] = rescale_to_routed_batch(served, example, costs[kind], min_run_time)
         mean_mflops = sum(f * c.mflops for f, c in zip(point.tier_fractions, costs[kind], strict=True))
         summary[kind] = {
             "knob": point.knob,
