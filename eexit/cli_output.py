@@ -50,8 +50,9 @@ def print_eval_summary(metrics: dict, console: Console | None = None) -> None:
     """Print the headline evaluation figures: per exit, then per router (test split)."""
     console = console or Console()
     table = Table(title="exits (test split)")
-    cols = ("exit", "acc", "MFLOPs", "ms/img", "attn KL", "deletion AUC", "insertion AUC", "pointing (clutter)")
-    for col in cols:
+    with_baseline = "baseline/test/acc/heavy" in metrics
+    cols = ("exit", "acc", *(["baseline acc"] if with_baseline else []), "MFLOPs", "ms/img", "attn KL")
+    for col in (*cols, "deletion AUC", "insertion AUC", "pointing (clutter)"):
         table.add_column(col, justify="left" if col == "exit" else "right")
     for lv in ExitLevel:
         k = lv.key
@@ -63,6 +64,7 @@ def print_eval_summary(metrics: dict, console: Console | None = None) -> None:
         table.add_row(
             lv.name,
             get(f"test/acc/{k}", "{:.2%}"),
+            *([get(f"baseline/test/acc/{k}", "{:.2%}")] if with_baseline else []),
             get(f"test/mflops/{k}", "{:.2f}"),
             get(f"test/latency_ms/{k}", "{:.3f}"),
             get(f"consistency/kl/{k}"),

@@ -115,6 +115,7 @@ def test_evaluate_writes_every_metric_plot_and_a_self_contained_report(tmp_path:
     text = re.sub(r'src="data:[^"]+"', "", html)  # base64 payloads may hold any letters
     assert "http" not in text and "href" not in text and "src=" not in text, "the report must open offline"
     assert "synthetic" in html  # the report says the cluttered layout is synthetic
+    assert "baseline accuracy" in html  # the second checkpoint's accuracy, side by side
 
 
 def test_evaluate_refuses_bad_inputs_naming_the_key(tmp_path: Path, checkpoints) -> None:
@@ -211,3 +212,25 @@ def test_limit_takes_a_seeded_random_subset_not_the_first_images() -> None:
     assert torch.equal(_test_tensors(SortedSplit(), 20, seed=0)[1], y)
     assert not torch.equal(_test_tensors(SortedSplit(), 20, seed=1)[1], y)
     assert len(_test_tensors(SortedSplit(), None)[1]) == 100
+
+
+@pytest.mark.parametrize(
+    ("overrides", "note"),
+    [
+        (["limit=5", "batch_size=2", "eval.top_fraction=0.1"], "IoU top-10%"),  # fewer scenes per batch than figures
+        (["limit=1"], "none (one class among the test images)"),  # cluttered scenes need two classes
+        (["limit=100000"], "test split, 128 images"),  # limit above the split: the whole split, no subset
+    ],
+    ids=["small_batches", "one_image", "limit_above_split"],
+)
+def test_evaluate_copes_with_small_and_odd_configs(tmp_path: Path, checkpoints, overrides, note: str) -> None:
+    egt, _ = checkpoints
+    small = [o for o in SMALL if not o.startswith(("limit=", "batch_size="))]
+    cfg = compose_train(tmp_path, [*small, f"ckpt_path={egt}", *overrides], config_name="eval")
+    metrics = evaluate(cfg)
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert note in html
+    if "limit=100000" in overrides:
+        assert "random subset" not in metrics["meta"]["data"]
+    if "eval.top_fraction=0.1" in overrides:
+        assert "consistency/iou_top10/tiny" in metrics

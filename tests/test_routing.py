@@ -336,6 +336,10 @@ def test_standardize_keeps_constant_features_in_their_own_unit() -> None:
     assert scale(torch.tensor([[0.01, 3.0]])).tolist()[0] == pytest.approx([0.01, 0.0])
     with pytest.raises(ValueError, match="shape"):
         Standardize(2).fit(torch.zeros(0, 2))
+    # a large constant: float32 rounding alone gave it a std above 1e-6 (a serve-time +1e-3 became 25)
+    big = Standardize(1).fit(torch.full((5000, 1), 123.456))
+    assert big.std.item() == 1.0
+    assert big(torch.tensor([[123.457]])).item() == pytest.approx(1e-3, abs=1e-4)
 
 
 def test_gate_fit_depends_on_data_and_seed_only_and_leaves_the_global_rng(trained) -> None:
@@ -360,3 +364,5 @@ def test_calibration_refuses_a_split_too_small_to_cross_fit(trained) -> None:
     net, _, x, y, _ = trained
     with pytest.raises(ValueError, match=r"at least 16 held-out images.*data\.calib_size"):
         calibrate(net, [(x[:5], y[:5])], x[:4], min_run_time=0.01)
+    with pytest.raises(ValueError, match=r"at least 16 held-out images.*got 0"):  # an empty split
+        calibrate(net, [], x[:4], min_run_time=0.01)

@@ -165,7 +165,8 @@ def _examples_per_tier(tier: Tensor, per_tier: int = 1) -> list[int]:
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    """Evaluate ``cfg.ckpt_path`` on ``cfg.data``'s test split (first ``cfg.limit`` images).
+    """Evaluate ``cfg.ckpt_path`` on ``cfg.data``'s test split (with ``cfg.limit``, a seeded
+    random subset of that many images).
 
     Writes ``metrics.json``, ``plots/*.png`` and ``report.html`` into ``cfg.paths.output_dir``
     and, with a ``logger``, logs the scalars (and, to W&B, the figures and tables).
@@ -192,6 +193,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if limit is not None and limit < 1:
         raise ConfigError("limit", f"must be >= 1 (or null for the whole test split), got {limit}")
     x, y = _test_tensors(dm, limit, cfg.get("seed") or 0)
+    subset = limit is not None and limit < len(dm.data_test)  # limit >= the split: all of it
     bs = int(cfg.get("batch_size") or 256)
     batches = _batches(x, y, bs)
     out_dir = Path(cfg.paths.output_dir)
@@ -218,11 +220,18 @@ def evaluate(cfg: DictConfig) -> dict:
         metrics.update({f"baseline/consistency/{k}": v for k, v in base.items() if not k.startswith("acc/")})
         metrics.update({f"baseline/test/{k}": v for k, v in base.items() if k.startswith("acc/")})
 
+    # the sections that use only some test images draw them in one seeded random order: the first
+    # images of a class-sorted split (CIFAR-10's folders) are of one class
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.get("seed") or 0))
+    x_mixed = x[order]
     n_faith = min(len(y), ec.faithfulness.num_images)
-    faith, curves = exit_faithfulness(net, x[:n_faith], ec.faithfulness.steps, ec.faithfulness.baseline, cfg.seed or 0)
+    faith, curves = exit_faithfulness(
+        net, x_mixed[:n_faith], ec.faithfulness.steps, ec.faithfulness.baseline, cfg.seed or 0
+    )
     metrics.update({f"faithfulness/{k}": v for k, v in faith.items()})
 
-    feats = records.features[: ec.gate_quality.num_images, 0]
+    feats = records.features[order[: ec.gate_quality.num_images], 0]
+    metrics["gate_explanation/perturb_radius"] = float(ec.gate_quality.perturb_radius)
     for kind in ("gate", "staged"):
         if kind in cal.routers:
             q = gate_explanation_quality(
@@ -235,19 +244,24 @@ def evaluate(cfg: DictConfig) -> dict:
             metrics.update({f"gate_explanation/{kind}/{k}": v for k, v in q.items()})
 
     cc = ec.cluttered
-    scenes = scenes_from_test(x, y, info.mean, info.std, cc.num_images, cc.canvas_factor, cc.seed)
-    loc, clutter_cams = cluttered_localization(net, scenes, info.mean, info.std, tuple(cc.fractions), bs)
-    metrics.update(loc)
+    scenes = clutter_cams = None
+    if y.unique().numel() >= 2:  # distractors are objects of another class
+        scenes = scenes_from_test(x, y, info.mean, info.std, cc.num_images, cc.canvas_factor, cc.seed)
+        loc, clutter_cams = cluttered_localization(net, scenes, info.mean, info.std, tuple(cc.fractions), bs)
+        metrics.update(loc)
+    else:
+        log.warning("the evaluated test images hold one class: no cluttered scenes (their distractors need two)")
     if baseline is not None:  # the same explanation-quality figures for the second model
         faith_b, _ = exit_faithfulness(
-            baseline.net, x[:n_faith], ec.faithfulness.steps, ec.faithfulness.baseline, cfg.seed or 0
+            baseline.net, x_mixed[:n_faith], ec.faithfulness.steps, ec.faithfulness.baseline, cfg.seed or 0
         )
         metrics.update({f"baseline/faithfulness/{k}": v for k, v in faith_b.items()})
-        loc_b, _ = cluttered_localization(baseline.net, scenes, info.mean, info.std, tuple(cc.fractions), bs)
-        metrics.update({f"baseline/{k}": v for k, v in loc_b.items() if k != "cluttered/mask_fraction"})
+        if scenes is not None:
+            loc_b, _ = cluttered_localization(baseline.net, scenes, info.mean, info.std, tuple(cc.fractions), bs)
+            metrics.update({f"baseline/{k}": v for k, v in loc_b.items() if k != "cluttered/mask_fraction"})
 
     figures = _figures(
-        cfg, info, metrics, curves, net, baseline, cal, records, tiers, x, y, scenes, clutter_cams, plot_dir
+        cfg, info, metrics, curves, net, baseline, cal, records, tiers, x_mixed, y, scenes, clutter_cams, plot_dir
     )
     for key, value in list(metrics.items()):
         if isinstance(value, float) and not math.isfinite(value):
@@ -256,8 +270,10 @@ def evaluate(cfg: DictConfig) -> dict:
         "checkpoint": str(loaded.path),
         "baseline checkpoint": str(baseline.path) if baseline else "-",
         "data": f"{info.name} test split, {len(y)} images"
-        + (f" (a random subset: limit={limit}, seed={cfg.seed})" if limit else ""),
-        "cluttered scenes": f"{len(scenes)} synthetic layouts of test objects, canvas {scenes.images.shape[-1]} px",
+        + (f" (a random subset: limit={limit}, seed={cfg.seed})" if limit and subset else ""),
+        "cluttered scenes": f"{len(scenes)} synthetic layouts of test objects, canvas {scenes.images.shape[-1]} px"
+        if scenes is not None
+        else "none (one class among the test images)",
         "calibration": ("stored in the bundle" if "bundle" in loaded.extra else "stored in the checkpoint")
         if loaded.extra.get("calibration")
         else "fitted at evaluation",
@@ -293,13 +309,14 @@ def _figures(
     figs["Grad-CAM of each exit (HEAVY's class)"] = plots.heatmap_grid(
         _display(xs, info.mean, info.std), cams, plot_dir / "heatmaps.png"
     )
-    m = min(len(scenes), cfg.eval.plots.num_heatmap_images)
-    figs["Cluttered scenes: Grad-CAM of each exit (target class)"] = plots.heatmap_grid(
-        scenes.images[:m],
-        {"model": [c[:m] for c in clutter_cams]},
-        plot_dir / "cluttered_heatmaps.png",
-        masks=scenes.masks[:m],
-    )
+    if scenes is not None:
+        m = min(len(scenes), cfg.eval.plots.num_heatmap_images, len(clutter_cams[0]))  # cams of the first batch
+        figs["Cluttered scenes: Grad-CAM of each exit (target class)"] = plots.heatmap_grid(
+            scenes.images[:m],
+            {"model": [c[:m] for c in clutter_cams]},
+            plot_dir / "cluttered_heatmaps.png",
+            masks=scenes.masks[:m],
+        )
     for kind in ("deletion", "insertion"):
         figs[f"Mean {kind} curve per exit"] = plots.curve_plot(
             curves[kind], plot_dir / f"{kind}.png", f"{kind} (most relevant pixels first)", "probability of the class"

@@ -68,17 +68,20 @@ def metric_tables(metrics: Mapping) -> list[MetricTable]:
     m = metrics
     early = list(ExitLevel)[:-1]
     out = []
+    with_baseline = "baseline/test/acc/heavy" in m  # a second checkpoint: its accuracy side by side
     rows = [
         [
             lv.name,
             _pct(m[f"test/acc/{lv.key}"]),
+            *([_pct(m[f"baseline/test/acc/{lv.key}"])] if with_baseline else []),
             m[f"test/mflops/{lv.key}"],
             m[f"test/flops_ratio/{lv.key}"],
             m[f"test/latency_ms/{lv.key}"],
         ]
         for lv in ExitLevel
     ]
-    out.append(MetricTable("Fixed exits", ["exit", "accuracy", "MFLOPs", "FLOPs / HEAVY", "ms / image"], rows))
+    header = ["exit", "accuracy", *(["baseline accuracy"] if with_baseline else []), "MFLOPs", "FLOPs / HEAVY"]
+    out.append(MetricTable("Fixed exits", [*header, "ms / image"], rows))
     rows = [["always HEAVY", _pct(m["heavy/accuracy"]), m["heavy/mflops"], 1.0, m["heavy/latency_ms"], "-", "-"]]
     rows.append(
         [
@@ -138,14 +141,18 @@ def metric_tables(metrics: Mapping) -> list[MetricTable]:
     for prefix, label in (("consistency", "this model"), ("baseline/consistency", "baseline (second checkpoint)")):
         if f"{prefix}/kl/tiny" not in m:
             continue
+        # the IoU key names the top fraction used (eval.top_fraction): iou_top20 by default
+        iou = next((k.split("/")[-2] for k in m if k.startswith(f"{prefix}/iou_top") and k.endswith("/tiny")), None)
         rows = [
-            [lv.name, m[f"{prefix}/kl/{lv.key}"], m[f"{prefix}/cosine/{lv.key}"], m[f"{prefix}/iou_top20/{lv.key}"]]
+            [lv.name, m[f"{prefix}/kl/{lv.key}"], m[f"{prefix}/cosine/{lv.key}"]]
+            + ([m[f"{prefix}/{iou}/{lv.key}"]] if iou else [])
             for lv in early
         ]
+        iou_header = [f"IoU top-{iou.removeprefix('iou_top')}%"] if iou else []
         out.append(
             MetricTable(
                 f"Attention consistency with HEAVY: {label}",
-                ["exit", "KL (lower better)", "cosine", "IoU top-20%"],
+                ["exit", "KL (lower better)", "cosine", *iou_header],
                 rows,
             )
         )
@@ -185,7 +192,7 @@ def metric_tables(metrics: Mapping) -> list[MetricTable]:
                 ["router", "infidelity", "max-sensitivity", "max completeness gap"],
                 rows,
                 "Infidelity: features set to the baseline in random subsets; max-sensitivity: features moved "
-                "within 0.1 standard deviations. Lower is better for both.",
+                f"within {m.get('gate_explanation/perturb_radius', 0.1):g} standard deviations. Lower is better for both.",
             )
         )
     cols = [

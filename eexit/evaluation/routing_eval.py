@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
+from eexit.models.inference import inference_copy
 from eexit.models.net import MultiExitNet
 from eexit.routing.calibrate import Calibration, tier_profiles
 from eexit.routing.calibration import ExitRecords, evaluate_tiers, oracle_tiers, simulate, sweep
@@ -27,7 +28,8 @@ from eexit.types import ExitLevel
 @torch.no_grad()
 def exit_costs(net: MultiExitNet, example: Tensor, min_run_time: float = 0.2) -> list[dict[str, float]]:
     """FLOPs (``FlopCounterMode``) and latency (``torch.utils.benchmark``) per image of each
-    fixed exit, without a router (timed in the routed engine's chunks, like the routers).
+    fixed exit, without a router: timed on the inference copy the routers are served on
+    (BatchNorm folded, channels-last) and in the routed engine's chunks, like the routers.
 
     Args:
         net: the network (eval mode).
@@ -38,9 +40,11 @@ def exit_costs(net: MultiExitNet, example: Tensor, min_run_time: float = 0.2) ->
         ``[{"exit", "mflops", "latency_ms"}] * 4``, cheapest first.
     """
     out = []
+    fast = inference_copy(net)
+    served = example.contiguous(memory_format=torch.channels_last)
     for level in ExitLevel:
         flops = count_flops(net.predict_exit, example[:1], level)
-        seconds = measure_latency(lambda level=level: predict_exit_chunked(net, example, level), min_run_time)
+        seconds = measure_latency(lambda level=level: predict_exit_chunked(fast, served, level), min_run_time)
         out.append({"exit": level.key, "mflops": flops / 1e6, "latency_ms": 1e3 * seconds / len(example)})
     return out
 

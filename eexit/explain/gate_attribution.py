@@ -227,7 +227,8 @@ def _attribute(
             return deeplift.attribute(x, baselines=b, **kwargs)
     if method == "integrated_gradients":
         # chunks of ~1024 path points: 3x faster than one (B * n_steps)-row pass on a CPU
-        kwargs.setdefault("internal_batch_size", max(_IG_CHUNK, int(kwargs.get("n_steps", 50))))
+        # (never below the batch: Captum then warns and runs one path step per chunk)
+        kwargs.setdefault("internal_batch_size", max(_IG_CHUNK, int(kwargs.get("n_steps", 50)), len(x)))
         if "integration_method" in kwargs:  # Captum's ``method``, renamed to free explain_gate's
             kwargs["method"] = kwargs.pop("integration_method")
         with torch.enable_grad():

@@ -33,7 +33,8 @@ class Calibration:
         exit_baselines: ``(4, 7)`` per exit, the mean features of calibration images that exit
             gets right (the staged gate's "stop here" baseline at that exit).
         tier_profiles: ``{exit: {feature: [p10, p90]}}`` of TINY features per oracle tier.
-        fit_summary: accuracy and cost of each router at its knob on the knob-fitting half.
+        fit_summary: accuracy and cost of each router at its knob, from the out-of-fold routing
+            of the whole calibration split (the cascade, which learns nothing: in-sample).
         feature_kwargs: arguments of ``complexity_features``.
     """
 
@@ -138,7 +139,9 @@ def calibrate(
     """
     net.eval()
     feature_kwargs = dict(feature_kwargs or {})
-    records = records or collect_records(net, calib_batches, feature_kwargs)
+    if records is None and sum(len(y) for _, y in calib_batches) < MIN_CALIBRATION_IMAGES:
+        records = []  # too few to collect: the message below names the fix
+    records = records if records is not None else collect_records(net, calib_batches, feature_kwargs)
     if len(records) < MIN_CALIBRATION_IMAGES:
         raise ValueError(
             f"calibration needs at least {MIN_CALIBRATION_IMAGES} held-out images (two cross-fitting halves "

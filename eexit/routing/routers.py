@@ -37,14 +37,16 @@ class Standardize(nn.Module):
     def fit(self, x: Tensor) -> Standardize:
         """Set the statistics from ``(N, F)`` samples (``N >= 1``).
 
-        A feature that is (nearly) constant on the samples keeps its natural unit (std 1)
-        instead of a tiny std that would blow small serve-time changes up to huge inputs.
+        A feature that is (nearly) constant on the samples (std at most 1e-6 of its magnitude,
+        or of 1) keeps its natural unit (std 1) instead of a tiny std that would blow small
+        serve-time changes up to huge inputs.
         """
         if x.dim() != 2 or x.shape[0] < 1:
             raise ValueError(f"expected samples of shape (N >= 1, F), got {tuple(x.shape)}")
-        std = x.std(0, correction=0)
-        self.mean.copy_(x.mean(0))
-        self.std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+        x64 = x.double()  # float32 rounding alone gives a constant of ~100 a std above 1e-6
+        mean, std = x64.mean(0), x64.std(0, correction=0)
+        self.mean.copy_(mean)
+        self.std.copy_(torch.where(std > 1e-6 * mean.abs().clamp_min(1.0), std, torch.ones_like(std)))
         return self
 
     def forward(self, x: Tensor) -> Tensor:
