@@ -102,6 +102,11 @@ def test_pointing_game_energy_and_top_fraction() -> None:
     assert keep.sum().item() == 4 and keep[0, 3].all()  # the four largest values: the last row
     perfect = localization_metrics(target[:1].float(), target[:1], fractions=(0.25,))
     assert perfect["iou@25"].item() == pytest.approx(1.0) and perfect["pointing_game"].item() == 1.0
+    # an all-zero map's raster-order "top pixels" and "maximum" lie in this top-left mask: it
+    # localises nothing and scores 0 everywhere
+    assert pointing_game(torch.zeros(1, 4, 4), target[:1]).item()  # the raw argmax: pixel (0, 0)
+    blank = localization_metrics(torch.zeros(1, 4, 4), target[:1], fractions=(0.25,))
+    assert all(v.item() == 0.0 for v in blank.values()), blank
 
 
 def test_consistency_identical_and_disjoint_cams() -> None:

@@ -4,6 +4,9 @@ A map is turned into a region by keeping its top ``fraction`` of pixels (exactly
 ``max(1, round(fraction * N))`` pixels per image, ties broken by position), then compared with
 the mask: IoU, Dice, precision and recall. The pointing game asks whether the map's maximum
 falls inside the mask; the energy retained is the share of the map's mass inside the mask.
+In ``localization_metrics`` an all-zero map (Grad-CAM's ReLU removed everything) localises
+nothing and scores 0 on every measure: its "top pixels" and "maximum" would be the first pixels
+in raster order, which hit a mask there by chance.
 """
 
 from __future__ import annotations
@@ -103,13 +106,14 @@ def localization_metrics(
 
     Returns:
         ``{"iou@10": (B,), "dice@10", "precision@10", "recall@10", ..., "pointing_game",
-        "energy"}`` with the percentage of pixels kept after ``@``.
+        "energy"}`` with the percentage of pixels kept after ``@``; all 0 for an all-zero map.
     """
     _check(saliency, target)
+    found = saliency.flatten(1).amax(dim=1) > 0  # all-zero maps point nowhere: 0 on every score
     out: dict[str, Tensor] = {}
     for f in fractions:
         scores = overlap_scores(top_fraction_mask(saliency, f), target)
-        out.update({f"{name}@{round(100 * f)}": v for name, v in scores.items()})
-    out["pointing_game"] = pointing_game(saliency, target).float()
+        out.update({f"{name}@{round(100 * f)}": v * found for name, v in scores.items()})
+    out["pointing_game"] = (pointing_game(saliency, target) & found).float()
     out["energy"] = energy_retained(saliency, target)
     return out

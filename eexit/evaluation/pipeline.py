@@ -303,7 +303,7 @@ def _figures(
     n = min(len(y), cfg.eval.plots.num_heatmap_images)
     xs = x[:n]
     size = tuple(x.shape[-2:])
-    cams = {"EGT" if baseline is not None else "model": _upsampled(exit_cams(net, xs)[1], size)}
+    cams = {"model": _upsampled(exit_cams(net, xs)[1], size)}  # ckpt_path (EGT or not)
     if baseline is not None:
         cams["baseline"] = _upsampled(exit_cams(baseline.net, xs)[1], size)
     figs["Grad-CAM of each exit (HEAVY's class)"] = plots.heatmap_grid(

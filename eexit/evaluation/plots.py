@@ -112,7 +112,7 @@ def heatmap_grid(
 
     Args:
         images: ``(B, C, H, W)`` in ``[0, 1]`` for display.
-        cams: ``{model name: [(B, H, W)] * 4}`` maps at the image size, e.g. ``{"EGT": ...,
+        cams: ``{model name: [(B, H, W)] * 4}`` maps at the image size, e.g. ``{"model": ...,
             "baseline": ...}``.
         titles: one row label per image.
         masks: ``(B, H, W)`` ground-truth masks, outlined in green on the images.
