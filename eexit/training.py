@@ -82,29 +82,6 @@ def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:
     return ckpt_path
 
 
-def check_resume_split(ckpt_path: str, dm: SplitDataModule) -> None:
-    """Refuse to resume with another train / val / calib split than the checkpoint's run: the
-    resumed epochs would train on its validation and calibration images."""
-    from eexit.checkpoint import read_checkpoint
-
-    record = ((read_checkpoint(ckpt_path, trust=True).get("eexit") or {}).get("data") or {}).get("split")
-    if dm.num_workers > 0 and getattr(dm, "augment", False):
-        log.warning(
-            "resuming with data.num_workers=%d and augmentation: the loader workers' random state is not in the "
-            "checkpoint, so the resumed epochs augment differently from an uninterrupted run (exact resume: "
-            "data.num_workers=0)",
-            dm.num_workers,
-        )
-    differs = dm.split_differences(record) if record else []
-    if differs:
-        key = differs[0].split(":")[0]
-        raise ConfigError(
-            key if key == "seed" else f"data.{key}",
-            f"{ckpt_path} was trained on another split of the data ({'; '.join(differs)}); resume with the "
-            "same seed, data.val_size and data.calib_size",
-        )
-
-
 def continue_checkpoints_in(callbacks: list, ckpt_path: str, default_dir: str) -> None:
     """Resuming a run: its checkpoint callbacks go on writing into the resumed run's folder.
 
@@ -150,8 +127,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     dm = build_datamodule(cfg)
     model = build_module(cfg, dm)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg)
-    if ckpt_path is not None:
-        check_resume_split(ckpt_path, dm)
     callbacks = _instantiate_dict(cfg.get("callbacks"))
     loggers = _instantiate_dict(cfg.get("logger"))
     if not loggers:  # nothing to monitor into (logger=none)

@@ -112,19 +112,23 @@ class SplitDataModule(pl.LightningDataModule):
             raise ValueError(f"val_size + calib_size ({n_val} + {n_calib}) leave no training images out of {n}")
         return [n - n_val - n_calib, n_val, n_calib]
 
+    def _split_settings(self) -> dict:
+        """The settings that decide the split (what ``use_split`` sets)."""
+        return {"seed": self.split_seed, "val_size": self.val_size, "calib_size": self.calib_size}
+
     def split_record(self) -> dict:
         """How the pool is split into train / val / calib: stored with the model (checkpoint and
         bundle ``data.split``), so that an evaluation recalibrates on the images training held
-        out and a resumed run splits as the run it continues."""
-        record = {"seed": self.split_seed, "val_size": self.val_size, "calib_size": self.calib_size}
-        if self._pool_size is not None:  # known once set up
+        out and a resumed run splits as the run it continues; with the pool's size once set up."""
+        record = self._split_settings()
+        if self._pool_size is not None:
             record["pool_size"] = self._pool_size
         return record
 
     def split_differences(self, record: dict) -> list[str]:
-        """``key: recorded vs here`` for each setting of ``record`` (a ``split_record``) that this
-        module splits differently."""
-        here = self.split_record()
+        """``key: recorded vs here`` for each split setting of ``record`` (a ``split_record``;
+        the pool's size is not a setting) that this module has otherwise."""
+        here = self._split_settings()
         return [f"{k}: {record[k]!r} there, {here[k]!r} here" for k in here if k in record and record[k] != here[k]]
 
     @property

@@ -68,6 +68,7 @@ class MultiExitModule(pl.LightningModule):
         self.data_info: dict | None = None
         self.extra_state: dict = {}
         self._resume_rng: dict | None = None
+        self._resume_split: dict | None = None
         self._schedule_length: tuple[str, int] | None = None
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -178,6 +179,30 @@ class MultiExitModule(pl.LightningModule):
                     "trainer.max_epochs, data sizes and batch size as in the checkpoint's run)",
                 )
 
+    def _check_resumed_split(self) -> None:
+        """The resumed run must split the data as the checkpoint's run did (``data.split``), or
+        its epochs would train on that run's validation and calibration images. Also warns that
+        a resume with loader workers and augmentation is not exact."""
+        record, self._resume_split = self._resume_split, None
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "split_differences"):
+            return
+        if dm.num_workers > 0 and getattr(dm, "augment", False):
+            log.warning(
+                "resuming with data.num_workers=%d and augmentation: the loader workers' random state is not in "
+                "the checkpoint, so the resumed epochs augment differently from an uninterrupted run (exact "
+                "resume: data.num_workers=0)",
+                dm.num_workers,
+            )
+        differs = dm.split_differences(record) if record else []
+        if differs:
+            key = differs[0].split(":")[0]
+            raise ConfigError(
+                key if key == "seed" else f"data.{key}",
+                f"{self.trainer.ckpt_path} was trained on another split of the data ({'; '.join(differs)}); resume "
+                "with the same seed, data.val_size and data.calib_size",
+            )
+
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "info"):
@@ -187,6 +212,7 @@ class MultiExitModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         if self.trainer.ckpt_path:  # resuming: loader position and random state as saved
+            self._check_resumed_split()
             self._check_resumed_schedule()
             resume_train_loader(self.trainer, self._resume_rng)
             self._resume_rng = None
@@ -204,4 +230,5 @@ class MultiExitModule(pl.LightningModule):
         self._resume_rng = checkpoint.get(RNG_KEY)
         meta = checkpoint.get("eexit", {})
         self.data_info = meta.get("data")
+        self._resume_split = (self.data_info or {}).get("split")
         self.extra_state = {k: v for k, v in meta.items() if k not in ("spec", "data")}
