@@ -31,7 +31,7 @@ from eexit.explain.gate_attribution import METHODS, ExpectedTier, explain_gate
 from eexit.models.inference import inference_copy
 from eexit.routing.calibrate import calibrate
 from eexit.routing.calibration import collect_records, evaluate_tiers, oracle_tiers, sweep
-from eexit.routing.costs import count_flops, measure_tier_costs, rescale_to_routed_batch
+from eexit.routing.costs import count_flops, measure_routed_tier_costs
 from eexit.routing.engine import DEFAULT_CHUNK_SIZE, exit_features, predict_exit_chunked
 from eexit.training import build_datamodule, train
 from eexit.types import ExitLevel
@@ -170,8 +170,7 @@ def main() -> None:
             result["latency_error"] = abs(expected_s - t_routed) / t_routed
             # the same with the tier latencies measured again now: without the machine's drift
             # since calibration, what is left is the error of the latency model itself
-            forced = measure_tier_costs(model, example, min_run_time=0.3)
-            now = [c.latency_ms for c in rescale_to_routed_batch(model, example, forced, min_run_time=0.3)]
+            now = [c.latency_ms for c in measure_routed_tier_costs(model, example, min_run_time=0.3)]
             expected_now = sum(now[t] for t in tier.tolist()) / 1e3
             result["latency_error_remeasured"] = abs(expected_now - times[kind]) / times[kind]
 

@@ -65,6 +65,11 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
+def _first_line(text: str, default: str = "") -> str:
+    """The first non-blank line of an error's text (torch's are paragraphs)."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), default)
+
+
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", trust: bool = False) -> dict:
     """``torch.load`` of a checkpoint that refuses to run code from an untrusted file.
 
@@ -95,8 +100,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
                 "can run code); if you trust where the file comes from, load it with trust=True (CLI: "
                 "--trust-checkpoint, evaluate.py: trust_checkpoint=true)"
             ) from None
-        first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-        raise ValueError(f"{path} is not a readable checkpoint: {type(err).__name__}: {first}") from None
+        raise ValueError(f"{path} is not a readable checkpoint: {type(err).__name__}: {_first_line(text)}") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} is not a checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
     return ckpt
@@ -132,7 +136,7 @@ def load_checkpoint(
         state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
         net.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
-        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        first = _first_line(str(err), type(err).__name__)
         raise ValueError(f"{path}: its spec and weights do not build a network: {first}") from None
     net.eval()
     extra = {k: v for k, v in meta.items() if k not in ("spec", "data")}

@@ -41,7 +41,7 @@ from eexit.evaluation.routing_eval import exit_costs, routing_metrics
 from eexit.explain.gate_attribution import explain_gate
 from eexit.routing.calibrate import Calibration, calibrate
 from eexit.routing.calibration import collect_records
-from eexit.routing.costs import measure_tier_costs, rescale_to_routed_batch
+from eexit.routing.costs import measure_routed_tier_costs
 from eexit.types import ExitLevel
 
 log = logging.getLogger(__name__)
@@ -180,9 +180,10 @@ def evaluate(cfg: DictConfig) -> dict:
 
     dm = build_datamodule(cfg)
     split = (loaded.data or {}).get("split")
-    if split and dm.split_differences(split):
+    differs = dm.split_differences(split) if split else []
+    if differs:
         # recalibrating (and the report's split sizes) must use the images training held out
-        log.info("splitting the data as %s was trained: %s", loaded.path, "; ".join(dm.split_differences(split)))
+        log.info("splitting the data as %s was trained: %s", loaded.path, "; ".join(differs))
         dm.use_split(split)
     info = dm.info
     net = loaded.net.eval()
@@ -209,8 +210,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if ec.remeasure_tier_latency:  # routed and fixed-exit times from the same machine and batch
         for kind in cal.routers:
             served = cal.routed(net, kind, optimize=True)
-            forced = measure_tier_costs(served, example, ec.latency_min_run_time)
-            cal.tier_costs[kind] = rescale_to_routed_batch(served, example, forced, ec.latency_min_run_time)
+            cal.tier_costs[kind] = measure_routed_tier_costs(served, example, ec.latency_min_run_time)
     metrics, tiers = routing_metrics(cal, records, costs)
 
     consistency = consistency_metrics(net, batches, ec.top_fraction)

@@ -139,14 +139,14 @@ def calibrate(
     """
     net.eval()
     feature_kwargs = dict(feature_kwargs or {})
-    if records is None and sum(len(y) for _, y in calib_batches) < MIN_CALIBRATION_IMAGES:
-        records = []  # too few to collect: the message below names the fix
-    records = records if records is not None else collect_records(net, calib_batches, feature_kwargs)
-    if len(records) < MIN_CALIBRATION_IMAGES:
+    n = len(records) if records is not None else sum(len(y) for _, y in calib_batches)
+    if n < MIN_CALIBRATION_IMAGES:  # checked before collecting: an empty split has nothing to collect
         raise ValueError(
             f"calibration needs at least {MIN_CALIBRATION_IMAGES} held-out images (two cross-fitting halves "
-            f"of {MIN_CALIBRATION_IMAGES // 2}), got {len(records)}: enlarge the calibration split (data.calib_size)"
+            f"of {MIN_CALIBRATION_IMAGES // 2}), got {n}: enlarge the calibration split (data.calib_size)"
         )
+    if records is None:
+        records = collect_records(net, calib_batches, feature_kwargs)
     # two-fold cross-fit: each fold's router learns on the other fold, the knob is fitted on the
     # out-of-fold routing of the whole split, and the served router learns on the whole split
     perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))

@@ -127,3 +127,10 @@ def rescale_to_routed_batch(
         replace(c, latency_ms=base + factor * (c.latency_ms - base) if i else c.latency_ms, latency_basis="routed")
         for i, c in enumerate(costs)
     ]
+
+
+def measure_routed_tier_costs(model: RoutedClassifier, example: Tensor, min_run_time: float = 0.5) -> list[TierCost]:
+    """``measure_tier_costs`` then ``rescale_to_routed_batch``: the costs of a router whose knob
+    is already fitted, as calibration stores them."""
+    forced = measure_tier_costs(model, example, min_run_time)
+    return rescale_to_routed_batch(model, example, forced, min_run_time)

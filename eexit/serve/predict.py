@@ -3,8 +3,8 @@
 Rows of images hold the path and the ``RoutingDecision`` (label, probability, tier, confidence,
 latency_ms, mflops, features, attributions, and with a forced tier ``forced`` and the router's
 own ``router_tier``), its floats rounded to ``ROW_DIGITS`` significant digits; rows of inputs
-that could not be used hold the path and an ``error``. Where a core is free of torch's threads, the next batch is decoded in a
-background thread while the model runs.
+that could not be used hold the path and an ``error``. Where a core is free of torch's
+threads, the next batch is decoded in a background thread while the model runs.
 """
 
 from __future__ import annotations
