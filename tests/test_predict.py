@@ -189,8 +189,10 @@ def test_loading_and_predicting_imports_no_lightning_or_hydra(calibrated_run, tm
         "import json, sys\n"
         "from eexit.cli import main\n"
         f"rc = main(['predict', '--bundle', {calibrated_run['bundle']!r}, {str(tmp_path)!r}])\n"
-        "heavy = ('lightning', 'pytorch_lightning', 'lightning_fabric', 'hydra', 'omegaconf', 'wandb', 'torchmetrics')\n"
-        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
+        "heavy = ('lightning', 'pytorch_lightning', 'lightning_fabric', 'hydra', 'omegaconf', 'wandb', 'torchmetrics',"
+        " 'setuptools')\n"
+        "tools = ('torch.utils.benchmark', 'torch.utils.cpp_extension')  # calibration only: setuptools, a CUDA warning\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in heavy or m.startswith(tools))\n"
         "print(json.dumps({'rc': rc, 'loaded': loaded}))\n"
     )
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
@@ -199,6 +201,7 @@ def test_loading_and_predicting_imports_no_lightning_or_hydra(calibrated_run, tm
     lines = proc.stdout.strip().splitlines()
     result = json.loads(lines[-1])
     assert result == {"rc": 0, "loaded": []}
+    assert "CUDA_HOME" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
     assert len(lines) == 3 and all("tier" in json.loads(line) for line in lines[:2])
 
 
@@ -369,8 +372,11 @@ def test_folders_expand_to_every_visible_file_below_in_order(tmp_path: Path) -> 
         (tmp_path / rel).write_bytes(b"x")
     (tmp_path / "link.png").symlink_to(tmp_path / "z.png")
     (tmp_path / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "self.png").symlink_to(tmp_path / "self.png")  # a link to itself
     (tmp_path / "looped").symlink_to(tmp_path / "b", target_is_directory=True)  # not entered
-    want = [str(tmp_path / r) for r in ("a.jpg", "b/c.png", "b/deep/d.txt", "link.png", "z.png")]
+    # broken links are listed: each gets its error line instead of vanishing from the output
+    names = ("a.jpg", "b/c.png", "b/deep/d.txt", "broken.png", "link.png", "self.png", "z.png")
+    want = [str(tmp_path / r) for r in names]
     assert expand_inputs([str(tmp_path)]) == want
     assert expand_inputs([str(tmp_path) + "/"]) == want
     assert expand_inputs([str(tmp_path / "b"), str(tmp_path / "missing.png"), str(tmp_path / "*.jpg")]) == [
@@ -385,6 +391,10 @@ def test_folders_expand_to_every_visible_file_below_in_order(tmp_path: Path) -> 
         decode(str(tmp_path / "missing.png"))
     with pytest.raises(ImageError, match="is a directory"):
         decode(str(tmp_path / "b"))
+    with pytest.raises(ImageError, match=r"broken symbolic link .*nowhere\.png"):
+        decode(str(tmp_path / "broken.png"))
+    with pytest.raises(ImageError, match="unreadable: Too many levels of symbolic links"):
+        decode(str(tmp_path / "self.png"))
 
 
 def test_a_thin_strip_is_resized_without_a_huge_intermediate(tmp_path: Path) -> None:

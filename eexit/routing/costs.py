@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor
-from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from eexit.routing.engine import RoutedClassifier
@@ -60,6 +59,10 @@ def measure_latency(fn, min_run_time: float = 0.5, num_threads: int | None = Non
         num_threads: torch threads while timing (default: ``torch.get_num_threads()``, as the
             model is served; ``benchmark.Timer`` alone would time on one thread).
     """
+    # imported here: torch.utils.benchmark pulls in cpp_extension (setuptools, and a CUDA_HOME
+    # warning on machines without CUDA) that loading a bundle and serving never need
+    from torch.utils import benchmark
+
     threads = torch.get_num_threads() if num_threads is None else num_threads
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     return timer.blocked_autorange(min_run_time=min_run_time).median
