@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -59,8 +61,11 @@ def measure_latency(fn, min_run_time: float = 0.5, num_threads: int | None = Non
         num_threads: torch threads while timing (default: ``torch.get_num_threads()``, as the
             model is served; ``benchmark.Timer`` alone would time on one thread).
     """
-    # imported here: torch.utils.benchmark pulls in cpp_extension (setuptools, and a CUDA_HOME
-    # warning on machines without CUDA) that loading a bundle and serving never need
+    # imported here: torch.utils.benchmark pulls in cpp_extension (setuptools), which loading a
+    # bundle and serving never need; its import-time notice "No CUDA runtime is found, using
+    # CUDA_HOME=..." is about building C++ extensions, which timing never does: silenced
+    if "torch.utils.cpp_extension" not in sys.modules:
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import benchmark
 
     threads = torch.get_num_threads() if num_threads is None else num_threads
