@@ -37,8 +37,18 @@ def test_onnx_decisions_equal_torch_decisions(calibrated_run, tmp_path: Path, kn
 
 
 def test_runner_names_missing_pieces(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"first\.onnx"):
+    with pytest.raises(FileNotFoundError, match=r"first\.onnx.*routing\.json"):
         OnnxRoutedRunner(tmp_path)
+
+
+def test_runner_refuses_a_batch_of_the_wrong_shape(calibrated_run, tmp_path: Path) -> None:
+    runner = OnnxRoutedRunner(export_onnx(calibrated_run["bundle"], tmp_path / "onnx"))
+    c, (h, w) = runner.meta["input"]["channels"], runner.meta["input"]["size"]
+    for bad in (np.zeros((2, c, h + 1, w), np.float32), np.zeros((c, h, w), np.float32)):
+        with pytest.raises(ValueError, match=rf"expected a normalised batch of shape \(B, {c}, {h}, {w}\)"):
+            runner(bad)
+    empty = runner(np.zeros((0, c, h, w), np.float32))
+    assert empty["logits"].shape == (0, len(runner.meta["class_names"])) and empty["tier"].shape == (0,)
 
 
 def test_export_command_writes_onnx_pieces(calibrated_run, tmp_path: Path) -> None:

@@ -137,9 +137,10 @@ class OnnxRoutedRunner:
         import onnxruntime as ort
 
         d = Path(onnx_dir)
-        missing = [p for p in PIECES if not (d / f"{p}.onnx").is_file()]
+        missing = [f"{p}.onnx" for p in PIECES if not (d / f"{p}.onnx").is_file()]
+        missing += [] if (d / META_NAME).is_file() else [META_NAME]
         if missing:
-            raise FileNotFoundError(f"{d} lacks ONNX pieces: {', '.join(f'{p}.onnx' for p in missing)}")
+            raise FileNotFoundError(f"{d} lacks ONNX pieces: {', '.join(missing)} (write them with export_onnx)")
         opts = ort.SessionOptions()
         self.sessions = {
             p: ort.InferenceSession(str(d / f"{p}.onnx"), opts, providers=providers or ["CPUExecutionProvider"])
@@ -155,6 +156,21 @@ class OnnxRoutedRunner:
             TINY ``features (B, 7)``.
         """
         x = np.ascontiguousarray(x, dtype=np.float32)
+        spec = self.meta["input"]
+        want = (spec["channels"], *spec["size"])
+        if x.ndim != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(
+                f"expected a normalised batch of shape (B, {', '.join(map(str, want))}) as the bundle's input "
+                f"says, got {tuple(x.shape)}"
+            )
+        if len(x) == 0:
+            k = len(self.meta["class_names"])
+            return {
+                "logits": np.zeros((0, k), np.float32),
+                "tier": np.zeros(0, np.int64),
+                "confidence": np.zeros(0, np.float32),
+                "features": np.zeros((0, 7), np.float32),  # the 7 complexity features (no torch import here)
+            }
         h, logits0, feats = self.sessions["first"].run(None, {"image": x})
         tier, confidence = self.sessions["gate"].run(None, {"features": feats})
         logits = np.zeros_like(logits0)
