@@ -70,6 +70,27 @@ def _first_line(text: str, default: str = "") -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), default)
 
 
+_CONTAINERS = (b"PK\x03\x04", b"\x80")
+"""How a ``torch.save`` file starts: a zip archive (the default format) or a pickle (protocol 2+,
+the legacy format)."""
+
+
+def _check_container(path: Path) -> None:
+    """Refuse a file that is no ``torch.save`` output at all, before the unpickler (whose message
+    for, say, a PNG is about ``weights_only`` and suggests disabling it) sees it."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        raise ValueError(f"{path} is not a readable checkpoint: {err.strerror or err}") from None
+    if not head:
+        raise ValueError(f"{path} is not a checkpoint: the file is empty")
+    if not head.startswith(_CONTAINERS):
+        raise ValueError(
+            f"{path} is not a checkpoint: a torch.save file is a zip archive or a pickle, this one starts with {head!r}"
+        )
+
+
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", trust: bool = False) -> dict:
     """``torch.load`` of a checkpoint that refuses to run code from an untrusted file.
 
@@ -85,6 +106,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    _check_container(path)
     try:
         if trust:
             ckpt = torch.load(path, map_location=map_location, weights_only=False)
