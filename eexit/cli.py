@@ -24,8 +24,17 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from eexit.checkpoint import load_checkpoint
 
+    if Path(args.checkpoint).is_dir():  # a bundle: verified (weights' hash, spec) as predict loads it
+        from eexit.bundle import load_bundle
+
+        bundle = load_bundle(args.checkpoint)
+        Console().print(bundle.manifest)
+        Console(stderr=True).print(f"bundle verified: weights sha256 {bundle.manifest['weights']['sha256'][:12]}")
+        return 0
     loaded = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
     Console().print({"spec": loaded.net.spec, "data": loaded.data, **loaded.extra})
     return 0
@@ -95,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eexit", description="Explainable early-exit image classification")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("models", help="list the registered networks").set_defaults(func=_models)
-    info = sub.add_parser("info", help="show what a checkpoint holds (spec, data, calibration)")
-    info.add_argument("checkpoint")
+    info = sub.add_parser("info", help="show what a checkpoint or a bundle holds (spec, data, calibration)")
+    info.add_argument("checkpoint", help="a checkpoint file or a bundle directory")
     info.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     info.set_defaults(func=_info)
     export = sub.add_parser(

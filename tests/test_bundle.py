@@ -99,7 +99,12 @@ def test_export_refuses_an_uncalibrated_checkpoint(calibrated_run, tmp_path: Pat
         export_bundle(path, tmp_path / "b")
 
 
-def test_one_changed_weight_byte_is_refused(bundle_copy: Path) -> None:
+def test_one_changed_weight_byte_is_refused(bundle_copy: Path, capsys) -> None:
+    from eexit.cli import main
+
+    assert main(["info", str(bundle_copy)]) == 0  # info shows a bundle's manifest, verified
+    out = capsys.readouterr()
+    assert "'format': 'eexit-bundle'" in out.out and "bundle verified" in out.err
     weights = bundle_copy / WEIGHTS_NAME
     raw = bytearray(weights.read_bytes())
     (n,) = struct.unpack("<Q", raw[:8])
@@ -107,6 +112,7 @@ def test_one_changed_weight_byte_is_refused(bundle_copy: Path) -> None:
     weights.write_bytes(bytes(raw))
     with pytest.raises(BundleError, match=r"model\.safetensors was changed after export: its sha256 is [0-9a-f]{64}"):
         load_bundle(bundle_copy)
+    assert main(["info", str(bundle_copy)]) == 2 and "changed after export" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
