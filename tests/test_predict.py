@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -447,3 +448,23 @@ def test_staged_radar_only_for_features_of_tiny(calibrated_run, tmp_path: Path) 
             assert "cam" in r["explanation"] and "attributions" in r["explanation"]
             seen.add(r["tier"])
     assert "tiny" in seen and seen - {"tiny"}, seen  # both cases happened
+
+
+def test_an_unreadable_subfolder_is_listed_for_its_error_line(tmp_path: Path, monkeypatch) -> None:
+    import eexit.serve.images as images
+
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "x.png").write_bytes(b"x")
+    (tmp_path / "a.png").write_bytes(b"x")
+    scandir = os.scandir
+
+    def denied(path):  # as os.scandir behaves for a folder without read permission (root has them all)
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(images.os, "scandir", denied)
+    assert expand_inputs([str(tmp_path)]) == [str(tmp_path / "a.png"), str(tmp_path / "locked")]
+    monkeypatch.setattr(images.os, "access", lambda path, mode: Path(path).name != "locked")
+    with pytest.raises(ImageError, match="unreadable folder: permission denied"):
+        decode(str(tmp_path / "locked"))
