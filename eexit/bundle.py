@@ -209,10 +209,13 @@ def write_bundle(
 ) -> Path:
     """Write a bundle from a network, its data section and its calibration (see ``export_bundle``)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     manifest, router_tensors = build_manifest(net.spec, data, calibration, serve, source)
     tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     tensors.update(router_tensors)
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise BundleError(f"{source or 'the model'} holds non-finite weights, not exported: {_listing(bad)}")
+    out.mkdir(parents=True, exist_ok=True)  # only once there is something to write
     weights = out / WEIGHTS_NAME
     tmp = out / f".{WEIGHTS_NAME}.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt", SEAL_KEY: _canonical(manifest)})
@@ -387,8 +390,31 @@ def _listing(names: list[str], limit: int = 5) -> str:
     return "; ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
+def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or +-inf (``"name (n of N values)"``)."""
+    bad = []
+    for name, t in tensors.items():
+        if t.is_floating_point():
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                bad.append(f"{name} ({n} of {t.numel()} values)")
+    return bad
+
+
 def _check_tensors(net: MultiExitNet, tensors: dict[str, torch.Tensor], file: Path) -> None:
-    """Parameter names and shapes the spec builds against the file's ``net.*`` tensors."""
+    """Parameter names, shapes and dtypes the spec builds against the file's ``net.*`` tensors,
+    and every tensor finite (a NaN weight gives NaN logits, which the fused serving kernels can
+    even turn into confident wrong answers)."""
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise BundleError(f"{file} holds non-finite weights: {_listing(bad)}")
+    dtypes = [
+        f"net.{k}: {tensors[f'net.{k}'].dtype} (a floating-point dtype expected)"
+        for k, v in net.state_dict().items()
+        if v.is_floating_point() and f"net.{k}" in tensors and not tensors[f"net.{k}"].is_floating_point()
+    ]
+    if dtypes:
+        raise BundleError(f"{file} holds weights of the wrong dtype: {_listing(dtypes)}")
     expected = {f"net.{k}": tuple(v.shape) for k, v in net.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in tensors.items() if k.startswith("net.")}
     shapes = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -40,6 +41,18 @@ def _exit_names(cfg: DictConfig, key: str, values) -> None:
             raise ConfigError(key, str(err)) from None
 
 
+def _number(key: str, value, minimum: float, *, above: bool = False, integer: bool = False, what: str = "") -> None:
+    """Refuse a value that is not a finite number (an int where ``integer``) ``>= minimum`` (``>``
+    where ``above``): a string, NaN or inf would otherwise pass a comparison silently or fail deep
+    inside torch or Lightning."""
+    kinds = (int,) if integer else (int, float)
+    ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and (value > minimum if above else value >= minimum):
+        return
+    bound = f"{'>' if above else '>='} {minimum}"
+    raise ConfigError(key, f"{what}must be a finite {'integer' if integer else 'number'} {bound}, got {value!r}")
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     """Check the values that would otherwise fail late or deep inside torch.
 
@@ -47,13 +60,19 @@ def validate_train_config(cfg: DictConfig) -> None:
         ConfigError: naming the first bad key.
     """
     loss = cfg.model.loss
-    if loss.attn_weight is None or loss.attn_weight < 0:
-        raise ConfigError("model.loss.attn_weight", f"lambda must be >= 0, got {loss.attn_weight}")
+    _number("model.loss.attn_weight", loss.attn_weight, 0, what="lambda ")
     weights = loss.get("exit_weights") or {}
     _exit_names(cfg, "model.loss.exit_weights", weights.keys())
     for name, w in weights.items():
-        if w is None or w < 0:
-            raise ConfigError(f"model.loss.exit_weights.{name}", f"must be >= 0, got {w}")
+        _number(f"model.loss.exit_weights.{name}", w, 0)
+    if "eps" in loss:
+        _number("model.loss.eps", loss.eps, 0, above=True)  # eps = 0 makes an all-zero cam 0 / 0
+    if loss.get("temperature") is not None:
+        _number("model.loss.temperature", loss.temperature, 0, above=True)
+    if cfg.model.get("optimizer") is not None and "lr" in cfg.model.optimizer:
+        _number("model.optimizer.lr", cfg.model.optimizer.lr, 0, above=True)
+    if cfg.get("trainer") is not None and cfg.trainer.get("max_epochs") is not None:
+        _number("trainer.max_epochs", cfg.trainer.max_epochs, -1, integer=True, what="(-1: no limit) ")
     if loss.get("consistency_exits") is not None:
         _exit_names(cfg, "model.loss.consistency_exits", loss.consistency_exits)
         if any(ExitLevel.parse(n) == ExitLevel.HEAVY for n in loss.consistency_exits):
@@ -64,10 +83,8 @@ def validate_train_config(cfg: DictConfig) -> None:
         raise ConfigError(
             "model.net.name", f"unknown model {cfg.model.net.name!r}; registered: {', '.join(list_models())}"
         )
-    if cfg.data.get("batch_size", 1) < 1:
-        raise ConfigError("data.batch_size", f"must be >= 1, got {cfg.data.batch_size}")
-    if cfg.data.get("image_size", 1) < 1:
-        raise ConfigError("data.image_size", f"must be >= 1, got {cfg.data.image_size}")
+    _number("data.batch_size", cfg.data.get("batch_size", 1), 1, integer=True)
+    _number("data.image_size", cfg.data.get("image_size", 1), 1, integer=True)
 
 
 def check_image_size(image_size: int, min_size: int, model_name: str) -> None:

@@ -194,14 +194,14 @@ def run_calibration(ckpt_path: str, dm: SplitDataModule, router_cfg: DictConfig)
 
     dm.setup("calibrate")
     calib = list(dm.calib_dataloader())
-    x = torch.cat([b[0] for b in calib])[: router_cfg.get("latency_batch", 256)]
     n = sum(len(b[1]) for b in calib)
-    if n < MIN_CALIBRATION_IMAGES:
+    if n < MIN_CALIBRATION_IMAGES:  # before the cat, which fails on an empty split
         raise ConfigError(
             "data.calib_size",
             f"{n} held-out calibration images; router calibration needs at least {MIN_CALIBRATION_IMAGES} "
             "(or set router.calibrate=false)",
         )
+    x = torch.cat([b[0] for b in calib])[: router_cfg.get("latency_batch", 256)]
     log.info("calibrating routers on %d held-out images", n)
     return calibrate_checkpoint(
         ckpt_path,

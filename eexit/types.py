@@ -30,7 +30,7 @@ class ExitLevel(IntEnum):
         """
         if isinstance(value, ExitLevel):
             return value
-        if isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool):  # True is no exit index
             if 0 <= value < len(cls):
                 return cls(value)
         elif isinstance(value, str) and value.upper() in cls.__members__:

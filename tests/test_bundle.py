@@ -275,3 +275,26 @@ def test_a_file_that_is_no_checkpoint_gives_a_clear_error(tmp_path: Path, capsys
     torch.save([1, 2], path)  # a valid torch file that is no checkpoint
     with pytest.raises(ValueError, match=r"x\.ckpt is not a checkpoint \(it holds a list"):
         load_checkpoint(path)
+
+
+def test_non_finite_or_integer_weights_are_refused_at_export_and_load(calibrated_run, bundle_copy, tmp_path) -> None:
+    ckpt = torch.load(calibrated_run["ckpt"], map_location="cpu", weights_only=False)
+    name = next(k for k in ckpt["state_dict"] if k.endswith("conv1.weight"))
+    ckpt["state_dict"][name].view(-1)[0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.ckpt")
+    with pytest.raises(BundleError, match=r"holds non-finite weights, not exported: net\..*conv1\.weight \(1 of"):
+        export_bundle(tmp_path / "nan.ckpt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    # a forged bundle, re-sealed: NaN in a router's knob, then integer weights
+    manifest = json.loads((bundle_copy / MANIFEST_NAME).read_text())
+    weights = bundle_copy / WEIGHTS_NAME
+    tensors = load_file(str(weights))
+    knob = next(k for k in tensors if k.startswith("router.") and k.endswith("knob"))
+    for key, value in ((knob, torch.tensor(float("nan"))), (name, None)):
+        forged = dict(tensors)
+        forged[key] = value if value is not None else forged[f"net.{name.removeprefix('net.')}"].to(torch.int32)
+        save_file(forged, str(weights))
+        _reseal(bundle_copy, manifest)
+        message = "non-finite weights" if value is not None else "wrong dtype"
+        with pytest.raises(BundleError, match=message):
+            load_bundle(bundle_copy)

@@ -468,3 +468,18 @@ def test_an_unreadable_subfolder_is_listed_for_its_error_line(tmp_path: Path, mo
     monkeypatch.setattr(images.os, "access", lambda path, mode: Path(path).name != "locked")
     with pytest.raises(ImageError, match="unreadable folder: permission denied"):
         decode(str(tmp_path / "locked"))
+
+
+def test_fifos_devices_and_quoted_globs_of_folders(tmp_path: Path) -> None:
+    (tmp_path / "tree" / "a").mkdir(parents=True)
+    for rel in ("tree/top.png", "tree/a/x.png"):
+        (tmp_path / rel).write_bytes(b"x")
+    os.mkfifo(tmp_path / "tree" / "pipe")
+    # a quoted glob matching folders gives their files, as the shell's expansion does
+    assert expand_inputs([str(tmp_path / "tree" / "*")]) == [
+        str(tmp_path / "tree" / r) for r in ("a/x.png", "pipe", "top.png")
+    ]
+    # a FIFO (listed in its folder or named) is refused without blocking on it; so is a device
+    for path in (str(tmp_path / "tree" / "pipe"), "/dev/zero"):
+        with pytest.raises(ImageError, match=r"not a regular file \(a (FIFO|device)\)"):
+            decode(path)

@@ -171,6 +171,16 @@ def test_chunk_size_must_be_positive(trained) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_a_forced_tier_that_names_no_exit_is_refused(trained, kind: str) -> None:
+    net, cal, x, _, _ = trained
+    model = cal.routed(net, kind)
+    for bad in (7, -1, True, "huge"):  # 7 and -1 sent every image to HEAVY, True to LIGHT
+        with pytest.raises(ValueError, match="unknown exit"):
+            model(x[:4], force_tier=bad)
+    assert (model(x[:4], force_tier="medium").tier == 2).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_knob_sweep_is_monotone_on_the_calibration_split(trained, kind: str) -> None:
     net, cal, _, _, calib = trained
     records = collect_records(net, calib, cal.feature_kwargs)

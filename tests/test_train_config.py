@@ -61,6 +61,14 @@ def test_cifar10_experiment_fast_dev_run(tmp_path: Path) -> None:
         ("model.loss.exit_weights.tiny=-1", ConfigError, "model.loss.exit_weights.tiny"),
         ("data.image_size=3", ConfigError, "data.image_size"),
         ("model.net.name=resnet999", ConfigError, "model.net"),
+        ("model.loss.attn_weight=nan", ConfigError, "model.loss.attn_weight"),  # nan < 0 is False
+        ("model.loss.attn_weight=inf", ConfigError, "model.loss.attn_weight"),
+        ("model.loss.attn_weight=abc", ConfigError, "model.loss.attn_weight"),
+        ("model.loss.eps=0", ConfigError, "model.loss.eps"),
+        ("model.loss.temperature=0", ConfigError, "model.loss.temperature"),
+        ("model.optimizer.lr=-0.1", ConfigError, "model.optimizer.lr"),
+        ("trainer.max_epochs=abc", ConfigError, "trainer.max_epochs"),
+        ("data.batch_size=abc", ConfigError, "data.batch_size"),
     ],
 )
 def test_bad_values_fail_at_start_naming_the_key(tmp_path: Path, override: str, error, names: str) -> None:
@@ -158,3 +166,14 @@ def test_list_hyperparameters_keep_the_checkpoint_safe_to_load(tmp_path: Path) -
         hparams["optimizer"].keywords["betas"] == [0.8, 0.95] and type(hparams["optimizer"].keywords["betas"]) is list
     )
     assert loaded.net.num_classes == 4
+
+
+def test_an_empty_calibration_split_names_the_key() -> None:
+    from omegaconf import OmegaConf
+
+    from eexit.data.synthetic import SyntheticDataModule
+    from eexit.training import run_calibration
+
+    dm = SyntheticDataModule(num_train=64, num_test=16, val_size=0.25, calib_size=0, seed=0)
+    with pytest.raises(ConfigError, match=r"data\.calib_size.*0 held-out calibration images"):
+        run_calibration("never-read.ckpt", dm, OmegaConf.create({}))

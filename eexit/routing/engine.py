@@ -153,6 +153,8 @@ class RoutedClassifier(nn.Module):
                 counted; used to measure each tier's cost).
             with_heatmap: also return the deciding exit's cam, upsampled to ``(H, W)``.
         """
+        if force_tier is not None:  # 7 or -1 would silently mean HEAVY (or fail deep in indexing)
+            force_tier = int(ExitLevel.parse(force_tier))
         if self.optimized and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         b = x.shape[0]

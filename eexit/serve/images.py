@@ -30,6 +30,7 @@ import functools
 import glob
 import io
 import os
+import stat
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -74,7 +75,11 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
             # so that it gets its error line instead of vanishing from the output
             out += sorted(_files_below(str(p))) or [arg]
         elif not p.exists() and any(c in arg for c in _GLOB_CHARS):
-            matches = sorted(m for m in glob.glob(arg, recursive=True) if not Path(m).is_dir())
+            # a matched folder expands as a folder argument does (a quoted 'photos/*' gives what
+            # the shell's photos/* gives); matched folders holding no file give nothing
+            matches = []
+            for m in sorted(glob.glob(arg, recursive=True)):
+                matches += sorted(_files_below(m)) if os.path.isdir(m) else [m]
             out += matches or [arg]
         else:
             out.append(arg)
@@ -84,8 +89,8 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
 def _files_below(folder: str, top: bool = True) -> Iterator[str]:
     """Every file below ``folder``, recursively: symlinks to files included, symlinked folders not
     entered (as ``Path.rglob``), hidden entries (``.DS_Store``, ``.git/``: names starting with a
-    dot) skipped as a shell glob skips them. A broken symlink and an unreadable subfolder are
-    listed themselves, so that each gets its error line instead of silently taking its images
+    dot) skipped as a shell glob skips them. A broken symlink, a FIFO or device and an unreadable
+    subfolder are listed themselves, so that each gets its error line instead of silently taking its images
     out of the run. ``os.scandir`` without a ``Path`` per entry: a tenth of ``rglob``'s time on
     large folders."""
     try:
@@ -99,28 +104,31 @@ def _files_below(folder: str, top: bool = True) -> Iterator[str]:
         try:
             if entry.is_dir(follow_symlinks=False):
                 yield from _files_below(entry.path, top=False)
-            elif entry.is_symlink():
-                if _listed_link(entry):
-                    yield entry.path
-            elif entry.is_file():
-                yield entry.path
+            elif not _links_to_folder(entry):
+                yield entry.path  # a FIFO, socket or device too: its line says it is no file
         except OSError:  # vanished while listed: nothing left to report
             continue
 
 
-def _listed_link(entry: os.DirEntry) -> bool:
-    """A symlink is listed when it leads to a file, nowhere (broken) or round in a loop; not when
-    it leads to a folder (not entered) or to a FIFO, socket or device (opening one could block)."""
+def _links_to_folder(entry: os.DirEntry) -> bool:
+    """Whether a symlink leads to a folder (not entered, as ``Path.rglob``); a broken link or a
+    link loop does not, so it is listed and its error line says what it is."""
     try:
-        return not entry.is_dir() and (entry.is_file() or not os.path.exists(entry.path))
-    except OSError:  # a link loop: listed, so that its error line says so
-        return True
+        return entry.is_symlink() and entry.is_dir()
+    except OSError:  # a link loop
+        return False
+
+
+MAX_FILE_BYTES = 1 << 30
+"""Largest input file read (1 GiB): far above any image the pixel limit lets through."""
 
 
 def _read(path: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        with open(path, "rb", opener=_open_regular) as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise ImageError(path, f"file too large (over {MAX_FILE_BYTES >> 20} MiB)")
     except IsADirectoryError:
         if not os.access(path, os.R_OK | os.X_OK):
             raise ImageError(path, "unreadable folder: permission denied") from None
@@ -141,6 +149,26 @@ def _read(path: str) -> bytes:
     if not data:
         raise ImageError(path, "empty file (0 bytes)")
     return data
+
+
+def _open_regular(path: str, flags: int) -> int:
+    """``os.open`` that refuses, before reading, what is not a regular file: a FIFO would block the
+    whole run until a writer appears, a device such as ``/dev/zero`` never ends. ``O_NONBLOCK``
+    keeps the open of a FIFO itself from blocking; it is cleared again for the read."""
+    fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(21, "Is a directory", path)
+        if not stat.S_ISREG(mode):
+            kind = "FIFO" if stat.S_ISFIFO(mode) else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "socket"
+            raise ImageError(path, f"not a regular file (a {kind})")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def decode(path: str) -> Image.Image:
