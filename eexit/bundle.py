@@ -35,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import eexit
+from eexit.checkpoint import first_line
 from eexit.models.net import MultiExitNet
 from eexit.models.registry import create_model
 from eexit.routing.calibrate import Calibration
@@ -195,7 +196,11 @@ def export_bundle(ckpt_path: str | Path, out_dir: str | Path, serve: str = "gate
         raise BundleError(f"{ckpt_path} holds no router calibration; run calibration first (train.py does it)")
     if not loaded.data:
         raise BundleError(f"{ckpt_path} has no data section (classes, input size, normalisation)")
-    calibration = Calibration.from_state(loaded.extra["calibration"])
+    try:
+        calibration = Calibration.from_state(loaded.extra["calibration"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+        reason = f"missing {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
+        raise BundleError(f"{ckpt_path}: its router calibration (eexit.calibration) is malformed: {reason}") from None
     return write_bundle(loaded.net, loaded.data, calibration, out_dir, serve, source=str(Path(ckpt_path).name))
 
 
@@ -457,8 +462,13 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> B
         raise BundleError(
             f"{weights} was changed after export: its sha256 is {actual}, {MANIFEST_NAME} records {recorded}"
         )
-    with safe_open(str(weights), framework="pt") as f:
-        sealed = (f.metadata() or {}).get(SEAL_KEY)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            sealed = (f.metadata() or {}).get(SEAL_KEY)
+    except Exception as err:  # safetensors' own error type: a file whose hash was forged to match
+        raise BundleError(
+            f"{weights} is not a readable safetensors file: {first_line(str(err), type(err).__name__)}"
+        ) from None
     if sealed is None:
         raise BundleError(f"{weights} carries no sealed manifest (key {SEAL_KEY!r} in its metadata)")
     body = {k: v for k, v in manifest.items() if k != "weights"}
@@ -479,7 +489,12 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> B
         net = create_model(spec.pop("name"), **spec)
     except (TypeError, ValueError, KeyError) as err:
         raise BundleError(f"the spec in {path / MANIFEST_NAME} builds no network: {err}") from None
-    tensors = load_file(str(weights), device=str(map_location))
+    try:
+        tensors = load_file(str(weights), device=str(map_location))
+    except Exception as err:
+        raise BundleError(
+            f"{weights} is not a readable safetensors file: {first_line(str(err), type(err).__name__)}"
+        ) from None
     _check_tensors(net, tensors, weights)
     net.load_state_dict({k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")})
     net.to(map_location).eval()

@@ -65,7 +65,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
-def _first_line(text: str, default: str = "") -> str:
+def first_line(text: str, default: str = "") -> str:
     """The first non-blank line of an error's text (torch's are paragraphs)."""
     return next((line.strip() for line in text.splitlines() if line.strip()), default)
 
@@ -104,6 +104,9 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
             checkpoint at all (the reason given).
     """
     path = Path(path)
+    if path.is_dir():
+        hint = " (a bundle: it is already exported; `eexit info` shows it)" if (path / "bundle.json").is_file() else ""
+        raise ValueError(f"{path} is a directory, not a checkpoint file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     _check_container(path)
@@ -122,7 +125,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
                 "can run code); if you trust where the file comes from, load it with trust=True (CLI: "
                 "--trust-checkpoint, evaluate.py: trust_checkpoint=true)"
             ) from None
-        raise ValueError(f"{path} is not a readable checkpoint: {type(err).__name__}: {_first_line(text)}") from None
+        raise ValueError(f"{path} is not a readable checkpoint: {type(err).__name__}: {first_line(text)}") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} is not a checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
     return ckpt
@@ -158,7 +161,7 @@ def load_checkpoint(
         state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
         net.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
-        first = _first_line(str(err), type(err).__name__)
+        first = first_line(str(err), type(err).__name__)
         raise ValueError(f"{path}: its spec and weights do not build a network: {first}") from None
     net.eval()
     extra = {k: v for k, v in meta.items() if k not in ("spec", "data")}

@@ -298,3 +298,23 @@ def test_non_finite_or_integer_weights_are_refused_at_export_and_load(calibrated
         message = "non-finite weights" if value is not None else "wrong dtype"
         with pytest.raises(BundleError, match=message):
             load_bundle(bundle_copy)
+
+
+def test_export_names_a_malformed_calibration_a_directory_and_a_forged_unreadable_weights_file(
+    calibrated_run, bundle_copy: Path, tmp_path: Path
+) -> None:
+    ckpt = torch.load(calibrated_run["ckpt"], map_location="cpu", weights_only=False)
+    ckpt["eexit"]["calibration"] = {"foo": 1}
+    torch.save(ckpt, tmp_path / "badcal.ckpt")
+    with pytest.raises(BundleError, match=r"badcal\.ckpt: its router calibration .* is malformed: missing 'routers'"):
+        export_bundle(tmp_path / "badcal.ckpt", tmp_path / "out")
+    with pytest.raises(ValueError, match=r"is a directory, not a checkpoint file \(a bundle"):
+        export_bundle(bundle_copy, tmp_path / "out")
+    # a truncated weights file whose recorded sha256 was forged to match
+    weights = bundle_copy / WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:100])
+    manifest = json.loads((bundle_copy / MANIFEST_NAME).read_text())
+    manifest["weights"]["sha256"] = file_sha256(weights)
+    (bundle_copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"model\.safetensors is not a readable safetensors file"):
+        load_bundle(bundle_copy)

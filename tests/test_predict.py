@@ -483,3 +483,12 @@ def test_fifos_devices_and_quoted_globs_of_folders(tmp_path: Path) -> None:
     for path in (str(tmp_path / "tree" / "pipe"), "/dev/zero"):
         with pytest.raises(ImageError, match=r"not a regular file \(a (FIFO|device)\)"):
             decode(path)
+
+
+def test_an_explain_path_that_is_a_file_is_refused_before_routing(calibrated_run, tmp_path: Path, capsys) -> None:
+    Image.fromarray(_shape_u8(0)).save(tmp_path / "a.png")
+    (tmp_path / "taken").write_text("")
+    rc = main(
+        ["predict", "--bundle", calibrated_run["bundle"], str(tmp_path / "a.png"), "--explain", str(tmp_path / "taken")]
+    )
+    assert rc == 2 and "explain folder" in capsys.readouterr().err

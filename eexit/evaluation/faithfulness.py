@@ -163,7 +163,9 @@ def exit_faithfulness(
         score = softmax_score(lambda z, level=level: net.predict_exit(z, level))
         cam = out.cams[level]
         res = deletion_insertion(score, images, cam, classes, steps, base, max_batch)
-        rnd = deletion_insertion(score, images, torch.rand(cam.shape, generator=g), classes, steps, base, max_batch)
+        rnd = deletion_insertion(
+            score, images, torch.rand(cam.shape, generator=g).to(cam.device), classes, steps, base, max_batch
+        )
         k = level.key
         metrics[f"deletion_auc/{k}"] = float(res.deletion_auc.mean())
         metrics[f"insertion_auc/{k}"] = float(res.insertion_auc.mean())

@@ -63,13 +63,13 @@ def gate_explanation_quality(
     g = torch.Generator().manual_seed(seed)
 
     def subset_to_baseline(inputs: Tensor, baselines: Tensor) -> tuple[Tensor, Tensor]:
-        keep = torch.rand(inputs.shape, generator=g) < 0.5  # True: feature set to the baseline
+        keep = torch.rand(inputs.shape, generator=g).to(inputs.device) < 0.5  # True: feature set to the baseline
         # perturbation in attribution units: attributions already carry (f - baseline)
         return keep.float(), torch.where(keep, baselines, inputs)
 
     def jitter(inputs: Tensor | tuple[Tensor, ...], radius: float) -> Tensor:
         x = inputs[0] if isinstance(inputs, tuple) else inputs  # Captum passes 1-tuples
-        return x + (torch.rand(x.shape, generator=g) * 2 - 1) * radius * scale
+        return x + (torch.rand(x.shape, generator=g).to(x.device) * 2 - 1) * radius * scale
 
     def explain(inputs: Tensor | tuple[Tensor, ...]) -> tuple[Tensor]:
         x = inputs[0] if isinstance(inputs, tuple) else inputs

@@ -95,7 +95,7 @@ def tier_profiles(features: Tensor, tiers: Tensor) -> dict[str, dict[str, list[f
         sel = features[tiers == int(level)]
         if len(sel) == 0:
             continue
-        q = torch.quantile(sel.double(), torch.tensor([0.1, 0.9], dtype=torch.float64), dim=0)
+        q = torch.quantile(sel.double(), torch.tensor([0.1, 0.9], dtype=torch.float64, device=sel.device), dim=0)
         out[level.key] = {name: [float(q[0, i]), float(q[1, i])] for i, name in enumerate(FEATURE_NAMES)}
     return out
 

@@ -79,8 +79,9 @@ def simulate(router: Router, records: ExitRecords, knob: float) -> Tensor:
     if router.one_shot:
         tier, _ = router.choose_tier(records.features[:, 0], records.probs[:, 0], knob=knob)
         return tier
-    tier = torch.full((n,), NUM_TIERS - 1, dtype=torch.long)
-    undecided = torch.ones(n, dtype=torch.bool)
+    device = records.probs.device
+    tier = torch.full((n,), NUM_TIERS - 1, dtype=torch.long, device=device)
+    undecided = torch.ones(n, dtype=torch.bool, device=device)
     for level in list(ExitLevel)[:-1]:
         k = int(level)
         score = router.stop_score(level, records.features[:, k], records.probs[:, k])
@@ -112,7 +113,7 @@ class SweepPoint:
 def evaluate_tiers(tier: Tensor, records: ExitRecords, tier_cost: Sequence[float]) -> tuple[float, float, list[float]]:
     """Accuracy, mean cost and tier distribution of a routing ``(N,)``."""
     acc = records.correct.gather(1, tier.view(-1, 1)).float().mean().item()
-    cost = torch.as_tensor(tier_cost, dtype=torch.float64)[tier].mean().item()
+    cost = torch.as_tensor(tier_cost, dtype=torch.float64, device=tier.device)[tier].mean().item()
     fractions = torch.bincount(tier, minlength=NUM_TIERS).float().div(len(tier)).tolist()
     return acc, cost, fractions
 
@@ -128,7 +129,7 @@ def knob_candidates(router: Router, records: ExitRecords, num: int = 201) -> lis
                 for lv in list(ExitLevel)[:-1]
             ]
         )
-    qs = torch.quantile(scores.double(), torch.linspace(0, 1, num, dtype=torch.float64))
+    qs = torch.quantile(scores.double(), torch.linspace(0, 1, num, dtype=torch.float64, device=scores.device))
     return sorted({0.0, *qs.tolist(), 1.0 + 1e-6})
 
 

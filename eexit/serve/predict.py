@@ -162,7 +162,13 @@ def predict_rows(
     tier = None if force_tier is None else int(ExitLevel.parse(force_tier))
     out_dir = Path(explain_dir) if explain_dir is not None else None
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # checked before any image is routed: no result is lost
+            why = (
+                "a file of that name exists" if out_dir.is_file() or isinstance(err, FileExistsError) else err.strerror
+            )
+            raise ValueError(f"explain folder {out_dir} cannot be created: {why}") from None
     costs = bundle.calibration.tier_costs[router]
     chunks = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
     index = 0
