@@ -18,6 +18,7 @@ nor Hydra, W&B or torchmetrics: a bundle serves where only torch is installed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ import math
 import os
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -413,14 +415,15 @@ def _check_tensors(net: MultiExitNet, tensors: dict[str, torch.Tensor], file: Pa
     bad = non_finite_tensors(tensors)
     if bad:
         raise BundleError(f"{file} holds non-finite weights: {_listing(bad)}")
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
     dtypes = [
-        f"net.{k}: {tensors[f'net.{k}'].dtype} (a floating-point dtype expected)"
-        for k, v in net.state_dict().items()
-        if v.is_floating_point() and f"net.{k}" in tensors and not tensors[f"net.{k}"].is_floating_point()
+        f"{k}: {tensors[k].dtype} (a floating-point dtype expected)"
+        for k, v in state.items()
+        if v.is_floating_point() and k in tensors and not tensors[k].is_floating_point()
     ]
     if dtypes:
         raise BundleError(f"{file} holds weights of the wrong dtype: {_listing(dtypes)}")
-    expected = {f"net.{k}": tuple(v.shape) for k, v in net.state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in state.items()}
     found = {k: tuple(v.shape) for k, v in tensors.items() if k.startswith("net.")}
     shapes = [
         f"{k}: spec builds {list(shape)}, file has {list(found[k])}"
@@ -440,6 +443,20 @@ def _check_tensors(net: MultiExitNet, tensors: dict[str, torch.Tensor], file: Pa
         raise BundleError(
             f"the spec in {file.parent / MANIFEST_NAME} does not match the weights in {file}: " + "; ".join(parts)
         )
+
+
+@contextlib.contextmanager
+def _safetensors_errors(weights: Path) -> Iterator[None]:
+    """Turn safetensors' own error type (a file whose recorded hash was forged to match) into a
+    ``BundleError`` naming the file."""
+    try:
+        yield
+    except BundleError:
+        raise
+    except Exception as err:
+        raise BundleError(
+            f"{weights} is not a readable safetensors file: {first_line(str(err), type(err).__name__)}"
+        ) from None
 
 
 def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> Bundle:
@@ -462,13 +479,8 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> B
         raise BundleError(
             f"{weights} was changed after export: its sha256 is {actual}, {MANIFEST_NAME} records {recorded}"
         )
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            sealed = (f.metadata() or {}).get(SEAL_KEY)
-    except Exception as err:  # safetensors' own error type: a file whose hash was forged to match
-        raise BundleError(
-            f"{weights} is not a readable safetensors file: {first_line(str(err), type(err).__name__)}"
-        ) from None
+    with _safetensors_errors(weights), safe_open(str(weights), framework="pt") as f:
+        sealed = (f.metadata() or {}).get(SEAL_KEY)
     if sealed is None:
         raise BundleError(f"{weights} carries no sealed manifest (key {SEAL_KEY!r} in its metadata)")
     body = {k: v for k, v in manifest.items() if k != "weights"}
@@ -489,12 +501,8 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> B
         net = create_model(spec.pop("name"), **spec)
     except (TypeError, ValueError, KeyError) as err:
         raise BundleError(f"the spec in {path / MANIFEST_NAME} builds no network: {err}") from None
-    try:
+    with _safetensors_errors(weights):
         tensors = load_file(str(weights), device=str(map_location))
-    except Exception as err:
-        raise BundleError(
-            f"{weights} is not a readable safetensors file: {first_line(str(err), type(err).__name__)}"
-        ) from None
     _check_tensors(net, tensors, weights)
     net.load_state_dict({k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")})
     net.to(map_location).eval()

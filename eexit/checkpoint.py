@@ -105,7 +105,9 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     """
     path = Path(path)
     if path.is_dir():
-        hint = " (a bundle: it is already exported; `eexit info` shows it)" if (path / "bundle.json").is_file() else ""
+        from eexit.bundle import MANIFEST_NAME  # here: eexit.bundle imports this module
+
+        hint = " (a bundle: it is already exported; `eexit info` shows it)" if (path / MANIFEST_NAME).is_file() else ""
         raise ValueError(f"{path} is a directory, not a checkpoint file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")

@@ -165,9 +165,8 @@ def predict_rows(
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:  # checked before any image is routed: no result is lost
-            why = (
-                "a file of that name exists" if out_dir.is_file() or isinstance(err, FileExistsError) else err.strerror
-            )
+            # with exist_ok, FileExistsError means the path exists and is no folder
+            why = "a file of that name exists" if isinstance(err, FileExistsError) else err.strerror
             raise ValueError(f"explain folder {out_dir} cannot be created: {why}") from None
     costs = bundle.calibration.tier_costs[router]
     chunks = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
