@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hydra
 from omegaconf import DictConfig
+from rich.console import Console
 
 from eexit.cli_output import print_exit_table, print_router_table
 from eexit.config import register_resolvers
@@ -20,9 +21,10 @@ def main(cfg: DictConfig) -> float | None:
     print_exit_table(metrics, title=f"{cfg.task_name}: per-exit accuracy")
     if objs["calibration"] is not None:
         print_router_table(objs["calibration"].fit_summary)
-    print(f"checkpoint: {objs['best_ckpt']}")
+    console = Console(soft_wrap=True)  # paths stay on one line, whatever the terminal width
+    console.print(f"checkpoint: {objs['best_ckpt']}", highlight=False)
     if objs.get("bundle"):
-        print(f"bundle: {objs['bundle']}  (eexit predict --bundle {objs['bundle']} IMAGES...)")
+        console.print(f"bundle: {objs['bundle']}  (eexit predict --bundle {objs['bundle']} IMAGES...)", highlight=False)
     return metrics.get("val/acc/heavy")
 
 

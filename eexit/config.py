@@ -87,6 +87,33 @@ def validate_train_config(cfg: DictConfig) -> None:
     _number("data.image_size", cfg.data.get("image_size", 1), 1, integer=True)
 
 
+def validate_eval_config(cfg: DictConfig) -> None:
+    """Check ``evaluate.py``'s own keys before any model or data is loaded.
+
+    Raises:
+        ConfigError: naming the first bad key.
+    """
+    if cfg.get("limit") is not None:
+        _number("limit", cfg.limit, 1, integer=True, what="(null: the whole test split) ")
+    _number("batch_size", cfg.get("batch_size", 256), 1, integer=True)
+    ec = cfg.get("eval") or {}
+    _number("eval.latency_batch", ec.get("latency_batch", 1), 1, integer=True)
+    _number("eval.latency_min_run_time", ec.get("latency_min_run_time", 1.0), 0, above=True, what="(seconds) ")
+    top = ec.get("top_fraction", 0.5)
+    _number("eval.top_fraction", top, 0, above=True)
+    if top > 1:
+        raise ConfigError("eval.top_fraction", f"is a share of the pixels, in (0, 1]; got {top!r}")
+    for group in ("faithfulness", "gate_quality", "cluttered"):
+        if (ec.get(group) or {}).get("num_images") is not None:
+            _number(f"eval.{group}.num_images", ec[group].num_images, 1, integer=True)
+    faith = ec.get("faithfulness") or {}
+    _number("eval.faithfulness.steps", faith.get("steps", 1), 1, integer=True)
+    if faith.get("baseline", "mean") not in ("mean", "blur"):
+        raise ConfigError("eval.faithfulness.baseline", f"must be 'mean' or 'blur', got {faith.baseline!r}")
+    plots = ec.get("plots") or {}
+    _number("eval.plots.num_heatmap_images", plots.get("num_heatmap_images", 1), 1, integer=True)
+
+
 def check_image_size(image_size: int, min_size: int, model_name: str) -> None:
     """Refuse an image size the backbone cannot take (smaller than its total stride)."""
     if image_size < min_size:

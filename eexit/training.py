@@ -12,6 +12,7 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
+from eexit.checkpoint import checkpoint_globals, read_checkpoint
 from eexit.config import ConfigError, check_image_size, validate_train_config
 from eexit.data.base import SplitDataModule
 from eexit.lit.multi_exit import MultiExitModule
@@ -68,7 +69,8 @@ def build_module(cfg: DictConfig, dm: SplitDataModule) -> MultiExitModule:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:
-    """``"last"`` -> the newest ``last.ckpt`` under this task's log folder."""
+    """``"last"`` -> the newest ``last.ckpt`` under this task's log folder; a given file must be
+    a checkpoint that unpickles safely (or ``trust_checkpoint=true``)."""
     if ckpt_path in (None, "", "null"):
         return None
     if ckpt_path == "last":
@@ -79,6 +81,10 @@ def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:
         return str(found[-1])
     if not Path(ckpt_path).is_file():
         raise ConfigError("ckpt_path", f"checkpoint not found: {ckpt_path}")
+    try:  # the same safe unpickling as the resume itself, with the file and the reason named
+        read_checkpoint(ckpt_path, trust=bool(cfg.get("trust_checkpoint", False)))
+    except ValueError as err:
+        raise ConfigError("ckpt_path", str(err)) from None
     return ckpt_path
 
 
@@ -152,7 +158,9 @@ def _fit_test_calibrate_export(
 
     if ckpt_path is not None:
         continue_checkpoints_in(callbacks, ckpt_path, str(Path(cfg.paths.output_dir) / "checkpoints"))
-    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path, weights_only=False)
+    trust = bool(cfg.get("trust_checkpoint", False))
+    with torch.serialization.safe_globals(checkpoint_globals()):  # what an eexit checkpoint holds
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path, weights_only=trust)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
@@ -161,7 +169,8 @@ def _fit_test_calibrate_export(
         best = str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
         trainer.save_checkpoint(best)
     if cfg.get("test"):  # the best checkpoint (or the final weights just saved)
-        trainer.test(model, datamodule=dm, ckpt_path=best, weights_only=False)
+        with torch.serialization.safe_globals(checkpoint_globals()):  # the file this run just wrote
+            trainer.test(model, datamodule=dm, ckpt_path=best, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     calibration = None
     router_cfg = cfg.get("router") or {}

@@ -67,6 +67,43 @@ def test_curve_batching_does_not_change_the_result(synthetic_case) -> None:
     assert torch.allclose(one.insertion_auc, many.insertion_auc)
 
 
+def test_more_images_than_max_batch_go_through_in_groups(synthetic_case) -> None:
+    images, weights, classes, g = synthetic_case
+    shared = weights[0:1]  # one weight map for every image: the score does not depend on batch order
+    seen: list[int] = []
+
+    def score(x: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        seen.append(x.shape[0])
+        return torch.sigmoid((shared * x).sum(dim=(1, 2, 3)) - 0.5 * shared.sum())
+
+    sal = torch.rand(images.shape[0], 6, 6, generator=g)
+    whole = deletion_insertion(score, images, sal, classes, steps=10, max_batch=10_000)
+    seen.clear()
+    grouped = deletion_insertion(score, images, sal, classes, steps=10, max_batch=5)  # 16 images
+    assert max(seen) <= 5
+    assert torch.allclose(grouped.deletion_curve, whole.deletion_curve)
+    assert torch.allclose(grouped.insertion_auc, whole.insertion_auc)
+
+
+def test_empty_batch_gives_empty_curves() -> None:
+    res = deletion_insertion(
+        lambda x, c: x.sum(dim=(1, 2, 3)),
+        torch.zeros(0, 1, 8, 8),
+        torch.zeros(0, 4, 4),
+        torch.zeros(0, dtype=torch.long),
+        steps=4,
+    )
+    assert res.deletion_curve.shape == (0, 5) and res.insertion_auc.shape == (0,)
+    with pytest.raises(ValueError, match="max_batch"):
+        deletion_insertion(
+            lambda x, c: x.sum(dim=(1, 2, 3)),
+            torch.zeros(1, 1, 8, 8),
+            torch.zeros(1, 4, 4),
+            torch.zeros(1, dtype=torch.long),
+            max_batch=0,
+        )
+
+
 def test_pixel_ranks_put_the_most_relevant_pixel_first() -> None:
     sal = torch.tensor([[[0.1, 0.9], [0.5, 0.3]]])
     assert pixel_ranks(sal, (2, 2)).tolist() == [[3, 0, 1, 2]]

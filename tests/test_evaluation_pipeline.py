@@ -123,6 +123,14 @@ def test_evaluate_refuses_bad_inputs_naming_the_key(tmp_path: Path, checkpoints)
     for override, key in (
         ("bundle_path=/some/bundle", "bundle_path"),
         ("limit=0", "limit"),
+        ("limit=2.5", "limit"),
+        ("batch_size=0", "batch_size"),
+        ("batch_size=many", "batch_size"),
+        ("eval.latency_min_run_time=0", "eval.latency_min_run_time"),
+        ("eval.top_fraction=1.5", "eval.top_fraction"),
+        ("eval.faithfulness.steps=0", "eval.faithfulness.steps"),
+        ("eval.faithfulness.baseline=noise", "eval.faithfulness.baseline"),
+        ("eval.cluttered.num_images=0", "eval.cluttered.num_images"),
         (f"baseline_ckpt_path={tmp_path / 'none.ckpt'}", "baseline_ckpt_path"),
     ):
         cfg = compose_train(tmp_path, [*SMALL, f"ckpt_path={egt}", override], config_name="eval")

@@ -180,6 +180,22 @@ def test_ckpt_path_that_does_not_exist_names_the_key_and_file(tmp_path: Path) ->
         train(cfg)
 
 
+class _RunsCode:
+    """Stands for what a crafted pickle rebuilds (any class outside the checkpoint globals)."""
+
+
+def test_ckpt_path_that_is_not_a_safe_checkpoint_is_refused_before_training(tmp_path: Path) -> None:
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": {}, "payload": _RunsCode()}, crafted)
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    base = ["data=synthetic", "model=micro", "logger=none"]
+    with pytest.raises(ConfigError, match=r"ckpt_path.*crafted\.ckpt: refused to unpickle .*_RunsCode.*trust"):
+        train(compose_train(tmp_path / "a", [*base, f"ckpt_path={crafted}"]))
+    with pytest.raises(ConfigError, match=r"ckpt_path.*notes\.ckpt is not a checkpoint"):
+        train(compose_train(tmp_path / "b", [*base, f"ckpt_path={text}"]))
+
+
 def test_resume_drops_the_old_calibration_and_refuses_a_changed_schedule_length(tmp_path: Path) -> None:
     overrides = [
         "data=synthetic",

@@ -85,7 +85,8 @@ def deletion_insertion(
         baseline: the value of a removed pixel, a scalar or ``(B, C, H, W)`` (0 is the data
             mean for normalised inputs; ``blurred(images)`` is another common choice). The
             insertion curve starts from it.
-        max_batch: images per forward pass (curve points are stacked up to this).
+        max_batch: most images per forward pass (curve points are stacked up to this; larger
+            batches go through in groups).
 
     Returns:
         ``FaithfulnessResult``; areas by the trapezoid rule over ``[0, 1]``.
@@ -97,27 +98,44 @@ def deletion_insertion(
         )
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     b, _, h, w = images.shape
-    n = h * w
-    ranks = pixel_ranks(saliency, (h, w)).view(b, 1, h, w)
     base = torch.as_tensor(baseline, dtype=images.dtype, device=images.device).expand_as(images)
-    counts = [round(i * n / steps) for i in range(steps + 1)]
+    if b == 0:
+        empty = images.new_zeros((0, steps + 1), dtype=torch.float32)
+        return FaithfulnessResult(empty[:, 0], empty[:, 0], empty, empty.clone())
+    ranks = pixel_ranks(saliency, (h, w)).view(b, 1, h, w)
+    counts = [round(i * h * w / steps) for i in range(steps + 1)]
+    parts = []
+    for lo in range(0, b, max_batch):  # more images than max_batch: one group at a time
+        hi = min(lo + max_batch, b)
+        parts.append(_curves(score_fn, images[lo:hi], ranks[lo:hi], base[lo:hi], classes[lo:hi], counts, max_batch))
+    deletion = torch.cat([d for d, _ in parts]).float()
+    insertion = torch.cat([i for _, i in parts]).float()
+    dx = 1.0 / steps
+    return FaithfulnessResult(
+        torch.trapezoid(deletion, dx=dx, dim=1), torch.trapezoid(insertion, dx=dx, dim=1), deletion, insertion
+    )
+
+
+def _curves(
+    score_fn: ScoreFn, images: Tensor, ranks: Tensor, base: Tensor, classes: Tensor, counts: list[int], max_batch: int
+) -> tuple[Tensor, Tensor]:
+    """Deletion and insertion curves ``(b, len(counts))`` of at most ``max_batch`` images, with as
+    many curve points per forward pass as fit in ``max_batch``."""
+    b = images.shape[0]
     per_pass = max(1, max_batch // b)
-    curves = {"deletion": [], "insertion": []}
-    for start in range(0, steps + 1, per_pass):
+    curves: dict[str, list[Tensor]] = {"deletion": [], "insertion": []}
+    for start in range(0, len(counts), per_pass):
         chunk = counts[start : start + per_pass]
-        removed = torch.cat([ranks < k for k in chunk])  # (len * B, 1, H, W)
+        removed = torch.cat([ranks < k for k in chunk])  # (len * b, 1, H, W)
         x = images.repeat(len(chunk), 1, 1, 1)
         bx = base.repeat(len(chunk), 1, 1, 1)
         cls = classes.repeat(len(chunk))
         curves["deletion"].append(score_fn(torch.where(removed, bx, x), cls).view(len(chunk), b))
         curves["insertion"].append(score_fn(torch.where(removed, x, bx), cls).view(len(chunk), b))
-    deletion = torch.cat(curves["deletion"]).T.float()
-    insertion = torch.cat(curves["insertion"]).T.float()
-    dx = 1.0 / steps
-    return FaithfulnessResult(
-        torch.trapezoid(deletion, dx=dx, dim=1), torch.trapezoid(insertion, dx=dx, dim=1), deletion, insertion
-    )
+    return torch.cat(curves["deletion"]).T, torch.cat(curves["insertion"]).T
 
 
 def softmax_score(model: Callable[[Tensor], Tensor]) -> ScoreFn:

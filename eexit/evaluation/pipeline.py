@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from eexit.checkpoint import LoadedCheckpoint, load_checkpoint
-from eexit.config import ConfigError
+from eexit.config import ConfigError, validate_eval_config
 from eexit.data.base import SplitDataModule
 from eexit.evaluation import plots
 from eexit.evaluation.cluttered import cluttered_localization, scenes_from_test
@@ -174,6 +174,7 @@ def evaluate(cfg: DictConfig) -> dict:
     Returns:
         The metrics (see the module docstring for the keys).
     """
+    validate_eval_config(cfg)
     loaded = load_model(cfg)
     baseline = load_model(cfg, "baseline_ckpt_path") if cfg.get("baseline_ckpt_path") else None
     from eexit.training import build_datamodule
@@ -191,8 +192,6 @@ def evaluate(cfg: DictConfig) -> dict:
         if model is not None:
             _check_data_matches(model, info, name)
     limit = cfg.get("limit")
-    if limit is not None and limit < 1:
-        raise ConfigError("limit", f"must be >= 1 (or null for the whole test split), got {limit}")
     x, y = _test_tensors(dm, limit, cfg.get("seed") or 0)
     subset = limit is not None and limit < len(dm.data_test)  # limit >= the split: all of it
     bs = int(cfg.get("batch_size") or 256)

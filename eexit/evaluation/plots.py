@@ -5,7 +5,6 @@ through pyplot: no display is needed and no global backend or figure state is to
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -14,11 +13,11 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from eexit.explain.figures import TIER_COLOURS, draw_attribution_bars, draw_radar
 from eexit.routing.features import FEATURE_NAMES
 from eexit.types import ExitLevel
 
 ROUTER_COLOURS = {"gate": "tab:red", "staged": "tab:purple", "cascade": "tab:blue"}
-TIER_COLOURS = {"tiny": "tab:green", "light": "tab:olive", "medium": "tab:orange", "heavy": "tab:red"}
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -146,67 +145,35 @@ def heatmap_grid(
 def radar_plot(
     features: Tensor, profiles: Mapping[str, Mapping[str, Sequence[float]]], path: Path, labels: Sequence[str]
 ) -> Path:
-    """The seven features of example images against each tier's typical profile.
-
-    Each axis is scaled to ``[0, 1]`` by the lowest 10th and highest 90th percentile over the
-    tiers; a tier's profile is drawn as the midpoint of its 10th-90th percentile range.
+    """The seven features of example images against each tier's typical profile
+    (``eexit.explain.figures.draw_radar``: the same chart ``eexit predict --explain`` draws).
 
     Args:
         features: ``(B, 7)`` TINY features of the examples.
         profiles: ``{tier: {feature: [p10, p90]}}`` (``tier_profiles``).
         labels: one legend label per example.
     """
-    names = list(FEATURE_NAMES)
-    lo = np.array([min(p[n][0] for p in profiles.values()) for n in names])
-    hi = np.array([max(p[n][1] for p in profiles.values()) for n in names])
-    span = np.where(hi - lo > 1e-12, hi - lo, 1.0)
-
-    def scaled(values: np.ndarray) -> np.ndarray:
-        return np.clip((values - lo) / span, 0, 1)
-
-    angles = np.linspace(0, 2 * math.pi, len(names), endpoint=False).tolist()
-    angles_closed = [*angles, angles[0]]
     fig = Figure(figsize=(6, 6))
     ax = fig.subplots(subplot_kw={"projection": "polar"})
-    for tier, prof in profiles.items():
-        mid = scaled(np.array([(prof[n][0] + prof[n][1]) / 2 for n in names]))
-        ax.plot(
-            angles_closed, [*mid, mid[0]], "--", color=TIER_COLOURS.get(tier, "grey"), lw=1.2, label=f"{tier} (typical)"
-        )
-    feats = features.detach().float().cpu().numpy()
-    for i in range(feats.shape[0]):
-        v = scaled(feats[i])
-        ax.plot(angles_closed, [*v, v[0]], "-", lw=2, label=labels[i])
-        ax.fill(angles_closed, [*v, v[0]], alpha=0.08)
-    ax.set_xticks(angles, [n.replace("_", "\n") for n in names], fontsize=7)
-    ax.set_yticks([0.25, 0.5, 0.75], [], fontsize=6)
-    ax.set_ylim(0, 1)
-    ax.legend(loc="upper right", bbox_to_anchor=(1.45, 1.1), fontsize=7)
+    rows = features.detach().float().cpu().tolist()
+    draw_radar(ax, list(zip(labels, rows, strict=True)), FEATURE_NAMES, profiles)
     ax.set_title("complexity features vs each tier's typical profile", fontsize=9)
     return _save(fig, path)
 
 
 def attribution_bars(attributions: Tensor, path: Path, titles: Sequence[str]) -> Path:
-    """One horizontal bar chart per example: red pushes toward a heavier tier, blue toward a
-    lighter one.
+    """One bar chart per example (``eexit.explain.figures.draw_attribution_bars``).
 
     Args:
         attributions: ``(B, 7)`` gate attributions.
         titles: one title per example.
     """
-    attr = attributions.detach().float().cpu().numpy()
-    b = attr.shape[0]
-    fig = Figure(figsize=(3.6 * b, 3.2))
-    axes = fig.subplots(1, b, squeeze=False, sharey=True)
-    for i in range(b):
-        ax = axes[0, i]
-        colours = ["tab:red" if v > 0 else "tab:blue" for v in attr[i]]
-        ax.barh(range(len(FEATURE_NAMES)), attr[i], color=colours)
-        ax.axvline(0, color="k", lw=0.8)
-        ax.set_yticks(range(len(FEATURE_NAMES)), FEATURE_NAMES, fontsize=7)
-        ax.invert_yaxis()
-        ax.set_title(titles[i], fontsize=8)
-        ax.set_xlabel("attribution (expected tier)", fontsize=7)
+    attr = attributions.detach().float().cpu().tolist()
+    fig = Figure(figsize=(3.6 * len(attr), 3.2))
+    axes = fig.subplots(1, len(attr), squeeze=False, sharey=True)
+    for ax, values, title in zip(axes[0], attr, titles, strict=True):
+        draw_attribution_bars(ax, FEATURE_NAMES, values, "attribution (expected tier)")
+        ax.set_title(title, fontsize=8)
     return _save(fig, path)
 
 

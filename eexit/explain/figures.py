@@ -10,11 +10,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-TIER_COLOURS = {"tiny": "#2ca02c", "light": "#1f77b4", "medium": "#ff7f0e", "heavy": "#d62728"}
+from eexit.types import EXIT_KEYS
+
+# the one colour map of the tiers (every figure of the package uses it), cheapest first
+TIER_COLOURS: dict[str, str] = dict(zip(EXIT_KEYS, ("tab:green", "tab:cyan", "tab:orange", "tab:red"), strict=True))
+HEAVIER, LIGHTER = "tab:red", "tab:blue"  # attribution signs: toward more / less compute
 
 
 def _new(width: float, height: float, polar: bool = False):
@@ -53,56 +58,88 @@ def cam_overlay(image: Tensor, mean: Sequence[float], std: Sequence[float], heat
     return fig
 
 
+def draw_radar(
+    ax: Axes,
+    series: Sequence[tuple[str, Sequence[float]]],
+    names: Sequence[str],
+    profiles: Mapping[str, Mapping[str, Sequence[float]]],
+) -> None:
+    """Draw feature vectors against each tier's 10th-90th percentile band on a polar axes.
+
+    Each axis is scaled to [0, 1] between the smallest 10th and the largest 90th percentile of
+    the tiers, widened to include every drawn value, so features of different units share a
+    chart and no value is clipped.
+
+    Args:
+        ax: a polar ``Axes``.
+        series: ``(label, values)`` pairs, each ``values`` of ``len(names)`` (``None`` drawn as 0).
+        names: the feature names, one per axis.
+        profiles: ``{tier: {name: [p10, p90]}}`` (``Calibration.tier_profiles``).
+    """
+    rows = np.array([[0.0 if v is None else float(v) for v in values] for _, values in series], dtype=float)
+    rows = rows.reshape(len(series), len(names))
+    lo = np.array([min([p[n][0] for p in profiles.values()] + rows[:, i].tolist()) for i, n in enumerate(names)])
+    hi = np.array([max([p[n][1] for p in profiles.values()] + rows[:, i].tolist()) for i, n in enumerate(names)])
+    span = np.where(hi - lo > 1e-12, hi - lo, 1.0)
+
+    def closed(v: np.ndarray) -> np.ndarray:
+        scaled = (v - lo) / span
+        return np.append(scaled, scaled[0])
+
+    theta = np.append(np.linspace(0, 2 * np.pi, len(names), endpoint=False), 0.0)
+    for tier, prof in profiles.items():
+        p10 = np.array([prof[n][0] for n in names], dtype=float)
+        p90 = np.array([prof[n][1] for n in names], dtype=float)
+        colour = TIER_COLOURS.get(tier, "grey")
+        ax.fill_between(theta, closed(p10), closed(p90), color=colour, alpha=0.12)
+        ax.plot(theta, closed((p10 + p90) / 2), "--", color=colour, lw=1, label=f"{tier} (p10-p90)")
+    one = len(series) == 1
+    for (label, _), row in zip(series, rows, strict=True):
+        ax.plot(theta, closed(row), color="black" if one else None, lw=2, label=label)
+    ax.set_xticks(theta[:-1])
+    ax.set_xticklabels([n.replace("_", "\n") for n in names], fontsize=7)
+    ax.set_yticklabels([])
+    ax.set_ylim(0, 1.05)
+    ax.legend(loc="upper right", bbox_to_anchor=(1.4, 1.12), fontsize=7)
+
+
+def draw_attribution_bars(ax: Axes, names: Sequence[str], values: Sequence[float | None], xlabel: str) -> None:
+    """Horizontal bars, one per feature: red pushes toward more compute, blue toward less.
+
+    Args:
+        ax: an ``Axes``.
+        names: the feature names, top to bottom.
+        values: one attribution per name (``None`` drawn as 0).
+        xlabel: what the attributions explain.
+    """
+    vals = np.array([0.0 if v is None else float(v) for v in values], dtype=float)
+    ax.barh(range(len(names)), vals, color=[HEAVIER if v > 0 else LIGHTER for v in vals])
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_yticks(range(len(names)), list(names))
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+
+
 def radar_chart(
     features: Mapping[str, float | None], profiles: Mapping[str, Mapping[str, Sequence[float]]], title: str
 ) -> Figure:
-    """The image's features against each tier's 10th-90th percentile band.
-
-    Each axis is scaled to [0, 1] between the smallest 10th and the largest 90th percentile of
-    the tiers (widened to include the image's value), so features of different units share a
-    chart.
+    """The image's features against each tier's 10th-90th percentile band (see ``draw_radar``).
 
     Args:
         features: ``{name: value}`` the router saw.
         profiles: ``{tier: {name: [p10, p90]}}`` (``Calibration.tier_profiles``).
         title: figure title.
     """
-    names = list(features)
-    values = np.array([features[n] if features[n] is not None else 0.0 for n in names], dtype=float)
-    lo = np.array([min([p[n][0] for p in profiles.values()] + [values[i]]) for i, n in enumerate(names)])
-    hi = np.array([max([p[n][1] for p in profiles.values()] + [values[i]]) for i, n in enumerate(names)])
-    span = np.where(hi - lo > 1e-12, hi - lo, 1.0)
-
-    def scaled(v: np.ndarray) -> np.ndarray:
-        return np.append((v - lo) / span, (v[0] - lo[0]) / span[0])
-
-    theta = np.append(np.linspace(0, 2 * np.pi, len(names), endpoint=False), 0.0)
     fig, ax = _new(4.6, 4.6, polar=True)
-    for tier, prof in profiles.items():
-        p10 = np.array([prof[n][0] for n in names])
-        p90 = np.array([prof[n][1] for n in names])
-        colour = TIER_COLOURS.get(tier, "grey")
-        ax.fill_between(theta, scaled(p10), scaled(p90), color=colour, alpha=0.12)
-        ax.plot(theta, scaled((p10 + p90) / 2), color=colour, lw=1, label=f"{tier} (p10-p90)")
-    ax.plot(theta, scaled(values), color="black", lw=2, label="this image")
-    ax.set_xticks(theta[:-1])
-    ax.set_xticklabels([n.replace("_", "\n") for n in names], fontsize=7)
-    ax.set_yticklabels([])
-    ax.set_ylim(0, 1.05)
+    draw_radar(ax, [("this image", list(features.values()))], list(features), profiles)
     ax.set_title(title, fontsize=9)
-    ax.legend(loc="upper right", bbox_to_anchor=(1.35, 1.12), fontsize=7)
     return fig
 
 
 def attribution_bars(attributions: Mapping[str, float | None], title: str) -> Figure:
-    """Horizontal bars, one per feature: red pushes toward a heavier tier, blue toward a lighter one."""
-    names = list(attributions)
-    vals = np.array([attributions[n] if attributions[n] is not None else 0.0 for n in names], dtype=float)
+    """One image's attributions as bars (see ``draw_attribution_bars``)."""
     fig, ax = _new(4.6, 3.0)
-    ax.barh(names, vals, color=["#d62728" if v > 0 else "#1f77b4" for v in vals])
-    ax.axvline(0.0, color="black", lw=0.8)
-    ax.invert_yaxis()
-    ax.set_xlabel("attribution (+ heavier, - lighter)", fontsize=8)
-    ax.tick_params(labelsize=7)
+    draw_attribution_bars(ax, list(attributions), list(attributions.values()), "attribution (+ heavier, - lighter)")
     ax.set_title(title, fontsize=9)
     return fig
