@@ -94,6 +94,27 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _exit_name(text: str) -> str:
+    """argparse type: an exit name (any case) or index -> its lower-case key."""
+    from eexit.types import ExitLevel
+
+    try:
+        return ExitLevel.parse(int(text) if text.isdigit() else text).key
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 TRUST_HELP = (
     "unpickle any object the checkpoint holds (by default only tensors, optimizer settings and "
     "random states are: a crafted checkpoint can run code); only for files from a trusted source"
@@ -101,6 +122,8 @@ TRUST_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from eexit.routing.routers import ROUTERS
+
     parser = argparse.ArgumentParser(prog="eexit", description="Explainable early-exit image classification")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("models", help="list the registered networks").set_defaults(func=_models)
@@ -114,18 +137,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint")
     export.add_argument("out_dir")
     export.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
-    export.add_argument("--router", default="gate", help="router served by default (gate, staged, cascade)")
+    export.add_argument("--router", default="gate", choices=sorted(ROUTERS), help="router served by default")
     export.add_argument("--onnx", action="store_true", help="also write ONNX pieces to OUT_DIR/onnx (the onnx extra)")
     export.set_defaults(func=_export)
     predict = sub.add_parser("predict", help="route images through a bundle; one JSON line per input on stdout")
     predict.add_argument("--bundle", required=True, help="bundle directory (from `eexit export` or train.py)")
     predict.add_argument("inputs", nargs="+", help="image files, folders (recursive) or globs")
-    predict.add_argument("--router", default=None, help="router kind (default: the bundle's served router)")
-    predict.add_argument("--tier", default=None, help="force every image to this exit (tiny, light, medium, heavy)")
+    predict.add_argument(
+        "--router", default=None, choices=sorted(ROUTERS), help="router kind (default: the bundle's served router)"
+    )
+    predict.add_argument(
+        "--tier", default=None, type=_exit_name, help="force every image to this exit (tiny, light, medium, heavy)"
+    )
     predict.add_argument(
         "--explain", default=None, metavar="OUT", help="write cam overlay, radar and attribution charts here"
     )
-    predict.add_argument("--batch-size", type=int, default=256)
+    predict.add_argument("--batch-size", type=_positive_int, default=256, help="images per routed batch")
     predict.add_argument("--no-attributions", action="store_true", help="skip the Captum attributions")
     predict.add_argument("--no-progress", action="store_true", help="never show the progress bar")
     predict.set_defaults(func=_predict)

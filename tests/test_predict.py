@@ -492,3 +492,20 @@ def test_an_explain_path_that_is_a_file_is_refused_before_routing(calibrated_run
         ["predict", "--bundle", calibrated_run["bundle"], str(tmp_path / "a.png"), "--explain", str(tmp_path / "taken")]
     )
     assert rc == 2 and "explain folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--tier", "huge"], "argument --tier: unknown exit 'huge'; expected one of: tiny, light, medium, heavy"),
+        (["--router", "fast"], "argument --router: invalid choice: 'fast'"),
+        (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got 0"),
+        (["--batch-size", "lots"], "argument --batch-size: expected an integer >= 1, got 'lots'"),
+    ],
+)
+def test_bad_options_are_refused_before_the_bundle_is_read(tmp_path: Path, capsys, option, message) -> None:
+    with pytest.raises(SystemExit) as stop:  # argparse's usage error, exit status 2
+        main(["predict", "--bundle", str(tmp_path / "no_bundle"), *option, str(tmp_path)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "no_bundle" not in err
