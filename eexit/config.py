@@ -85,6 +85,13 @@ def validate_train_config(cfg: DictConfig) -> None:
         )
     _number("data.batch_size", cfg.data.get("batch_size", 1), 1, integer=True)
     _number("data.image_size", cfg.data.get("image_size", 1), 1, integer=True)
+    for key in ("val_size", "calib_size"):
+        size = cfg.data.get(key)
+        if size is None:
+            continue
+        _number(f"data.{key}", size, 0, what="(images, or a fraction of the pool below 1) ")
+        if size >= 1 and not float(size).is_integer():  # 2.5 images: a typo, not a fraction
+            raise ConfigError(f"data.{key}", f"a number of images must be an integer (a fraction is < 1), got {size!r}")
 
 
 def validate_eval_config(cfg: DictConfig) -> None:

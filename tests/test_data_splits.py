@@ -141,3 +141,12 @@ def test_evaluation_refuses_to_recalibrate_on_another_pool(tmp_path: Path) -> No
     cfg = OmegaConf.create({"router": {}})
     with pytest.raises(ConfigError, match=r"trained on a pool of 1024 images, this data config gives 512"):
         _calibration(loaded, dm, cfg, torch.zeros(2, 1, 16, 16))
+
+
+@pytest.mark.parametrize("size", [-1, 2.5, float("nan"), "100"])
+def test_split_sizes_that_are_neither_counts_nor_fractions_are_refused(size) -> None:
+    from eexit.data import SyntheticDataModule
+
+    dm = SyntheticDataModule(num_train=64, num_test=8, val_size=size, calib_size=8, seed=0)
+    with pytest.raises(ValueError, match=r"val_size must be a number of images .* got"):
+        dm.setup("fit")

@@ -242,3 +242,25 @@ def test_evaluate_copes_with_small_and_odd_configs(tmp_path: Path, checkpoints, 
         assert "random subset" not in metrics["meta"]["data"]
     if "eval.top_fraction=0.1" in overrides:
         assert "consistency/iou_top10/tiny" in metrics
+
+
+def test_localisation_table_has_a_column_per_configured_fraction() -> None:
+    from eexit.evaluation.report import localisation_tables
+
+    metrics = {f"cluttered/{name}/{lv.key}": 0.5 for lv in ExitLevel for name in ("acc", "pointing_game", "energy")}
+    for k in (10, 30):  # eval.cluttered.fractions=[0.1,0.3]: no 5, 20 or 50
+        metrics.update({f"cluttered/{name}@{k}/{lv.key}": k / 100 for lv in ExitLevel for name in ("iou", "dice")})
+        metrics.update({f"cluttered/{name}@{k}/{lv.key}": 0.2 for lv in ExitLevel for name in ("precision", "recall")})
+    (table,) = localisation_tables(metrics)
+    assert table.header == [
+        "exit",
+        "acc",
+        "pointing_game",
+        "energy",
+        "iou@10",
+        "iou@30",
+        "dice@30",
+        "precision@30",
+        "recall@30",
+    ]
+    assert all("-" not in row for row in table.rows) and table.rows[0][4:6] == [0.1, 0.3]

@@ -69,6 +69,8 @@ def test_cifar10_experiment_fast_dev_run(tmp_path: Path) -> None:
         ("model.optimizer.lr=-0.1", ConfigError, "model.optimizer.lr"),
         ("trainer.max_epochs=abc", ConfigError, "trainer.max_epochs"),
         ("data.batch_size=abc", ConfigError, "data.batch_size"),
+        ("data.val_size=-10", ConfigError, "data.val_size"),
+        ("data.calib_size=2.5", ConfigError, "data.calib_size"),
     ],
 )
 def test_bad_values_fail_at_start_naming_the_key(tmp_path: Path, override: str, error, names: str) -> None:

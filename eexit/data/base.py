@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import pytorch_lightning as pl
@@ -104,10 +105,17 @@ class SplitDataModule(pl.LightningDataModule):
         return self.info.num_classes
 
     def _sizes(self, n: int) -> list[int]:
-        def count(size: int | float) -> int:
-            return round(size * n) if isinstance(size, float) and size < 1 else int(size)
+        def count(name: str, size: int | float) -> int:
+            ok = isinstance(size, (int, float)) and not isinstance(size, bool) and math.isfinite(size) and size >= 0
+            if ok and isinstance(size, float) and size < 1:
+                return round(size * n)
+            if ok and float(size).is_integer():
+                return int(size)
+            raise ValueError(
+                f"{name} must be a number of images (an integer >= 0) or a fraction of the pool in [0, 1), got {size!r}"
+            )
 
-        n_val, n_calib = count(self.val_size), count(self.calib_size)
+        n_val, n_calib = count("val_size", self.val_size), count("calib_size", self.calib_size)
         if n_val + n_calib >= n:
             raise ValueError(f"val_size + calib_size ({n_val} + {n_calib}) leave no training images out of {n}")
         return [n - n_val - n_calib, n_val, n_calib]

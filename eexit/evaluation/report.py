@@ -195,17 +195,23 @@ def metric_tables(metrics: Mapping) -> list[MetricTable]:
                 f"within {m.get('gate_explanation/perturb_radius', 0.1):g} standard deviations. Lower is better for both.",
             )
         )
+    out += localisation_tables(m)
+    return out
+
+
+def localisation_tables(m: Mapping) -> list[MetricTable]:
+    """The cluttered-scene tables (this model, and the baseline when evaluated): one IoU column
+    per configured top fraction (``eval.cluttered.fractions``), dice / precision / recall at 20%
+    (or the middle fraction when 20% is not configured)."""
+    out: list[MetricTable] = []
+    kept = sorted({int(hit.group(1)) for key in m if (hit := re.fullmatch(r"cluttered/iou@(\d+)/tiny", key))})
+    one = 20 if 20 in kept else (kept[len(kept) // 2] if kept else 20)  # dice, precision, recall at one k
     cols = [
         "acc",
         "pointing_game",
         "energy",
-        "iou@5",
-        "iou@10",
-        "iou@20",
-        "iou@50",
-        "dice@20",
-        "precision@20",
-        "recall@20",
+        *(f"iou@{k}" for k in kept),
+        *(f"{name}@{one}" for name in ("dice", "precision", "recall")),
     ]
     for prefix, label in (("", ""), ("baseline/", ": baseline (second checkpoint)")):
         if f"{prefix}cluttered/acc/tiny" not in m:
