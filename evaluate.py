@@ -11,7 +11,7 @@ import hydra
 from omegaconf import DictConfig
 from rich.console import Console
 
-from eexit.cli_output import print_eval_summary
+from eexit.cli_output import config_errors_exit, print_eval_summary
 from eexit.config import register_resolvers
 from eexit.evaluation import evaluate
 
@@ -20,7 +20,8 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    metrics = evaluate(cfg)
+    with config_errors_exit():
+        metrics = evaluate(cfg)
     print_eval_summary(metrics)
     Console().print(f"report: {Path(cfg.paths.output_dir) / 'report.html'}")
 

@@ -6,7 +6,7 @@ import hydra
 from omegaconf import DictConfig
 from rich.console import Console
 
-from eexit.cli_output import print_exit_table, print_router_table
+from eexit.cli_output import config_errors_exit, print_exit_table, print_router_table
 from eexit.config import register_resolvers
 from eexit.training import train
 
@@ -15,7 +15,8 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics, objs = train(cfg)
+    with config_errors_exit():
+        metrics, objs = train(cfg)
     if not objs["trainer"].is_global_zero:  # DDP: one report, from rank zero
         return None
     print_exit_table(metrics, title=f"{cfg.task_name}: per-exit accuracy")

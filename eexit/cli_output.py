@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from rich.console import Console
 from rich.table import Table
 
+from eexit.config import ConfigError
 from eexit.types import ExitLevel
+
+
+@contextmanager
+def config_errors_exit() -> Iterator[None]:
+    """In an entry point: a ``ConfigError`` (a bad key, named in the message) ends the program
+    with that one line on stderr and exit status 2, instead of a traceback under Hydra's
+    "Error executing job" banner."""
+    try:
+        yield
+    except ConfigError as err:
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {err}", highlight=False)
+        raise SystemExit(2) from None
 
 
 def print_exit_table(

@@ -179,3 +179,29 @@ def test_an_empty_calibration_split_names_the_key() -> None:
     dm = SyntheticDataModule(num_train=64, num_test=16, val_size=0.25, calib_size=0, seed=0)
     with pytest.raises(ConfigError, match=r"data\.calib_size.*0 held-out calibration images"):
         run_calibration("never-read.ckpt", dm, OmegaConf.create({}))
+
+
+@pytest.mark.parametrize(
+    ("script", "override", "message"),
+    [
+        ("train.py", "model.loss.attn_weight=-1", "error: config key 'model.loss.attn_weight': lambda must be"),
+        ("evaluate.py", "limit=0", "error: config key 'limit': (null: the whole test split) must be"),
+    ],
+)
+def test_entry_points_report_a_bad_key_in_one_line_with_status_2(
+    tmp_path: Path, script: str, override: str, message: str
+) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, script, "data=synthetic", "logger=none", f"hydra.run.dir={tmp_path}", override],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and "Error executing job" not in proc.stderr
