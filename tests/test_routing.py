@@ -376,3 +376,22 @@ def test_calibration_refuses_a_split_too_small_to_cross_fit(trained) -> None:
         calibrate(net, [(x[:5], y[:5])], x[:4], min_run_time=0.01)
     with pytest.raises(ValueError, match=r"at least 16 held-out images.*got 0"):  # an empty split
         calibrate(net, [], x[:4], min_run_time=0.01)
+
+
+def test_latencies_are_timed_in_interleaved_rounds_and_the_fastest_counts(monkeypatch) -> None:
+    from eexit.routing import costs as costs_mod
+
+    calls: list[tuple[str, float]] = []
+    # what each call's timing window gives, round by round: a burst of load during one window
+    script = {"a": iter([1.0, 1.1, 0.9]), "b": iter([10.0, 2.0, 2.1])}
+
+    def fake_measure(fn, min_run_time):
+        calls.append((fn(), min_run_time))
+        return next(script[fn()])
+
+    monkeypatch.setattr(costs_mod, "measure_latency", fake_measure)
+    assert costs_mod.measure_latencies([lambda: "a", lambda: "b"], min_run_time=0.3, rounds=3) == [0.9, 2.0]
+    assert [name for name, _ in calls] == ["a", "b"] * 3  # interleaved, not a then b
+    assert all(t == pytest.approx(0.1) for _, t in calls)  # the time is split over the rounds
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        costs_mod.measure_latencies([lambda: "a"], rounds=0)

@@ -19,7 +19,7 @@ from eexit.models.inference import inference_copy
 from eexit.models.net import MultiExitNet
 from eexit.routing.calibrate import Calibration, tier_profiles
 from eexit.routing.calibration import ExitRecords, evaluate_tiers, oracle_tiers, simulate, sweep
-from eexit.routing.costs import count_flops, measure_latency
+from eexit.routing.costs import count_flops, measure_latencies
 from eexit.routing.engine import predict_exit_chunked
 from eexit.routing.routers import NUM_TIERS
 from eexit.types import ExitLevel
@@ -39,14 +39,16 @@ def exit_costs(net: MultiExitNet, example: Tensor, min_run_time: float = 0.2) ->
     Returns:
         ``[{"exit", "mflops", "latency_ms"}] * 4``, cheapest first.
     """
-    out = []
     fast = inference_copy(net)
     served = example.contiguous(memory_format=torch.channels_last)
-    for level in ExitLevel:
-        flops = count_flops(net.predict_exit, example[:1], level)
-        seconds = measure_latency(lambda level=level: predict_exit_chunked(fast, served, level), min_run_time)
-        out.append({"exit": level.key, "mflops": flops / 1e6, "latency_ms": 1e3 * seconds / len(example)})
-    return out
+    flops = [count_flops(net.predict_exit, example[:1], level) for level in ExitLevel]
+    seconds = measure_latencies(
+        [lambda level=level: predict_exit_chunked(fast, served, level) for level in ExitLevel], min_run_time
+    )
+    return [
+        {"exit": level.key, "mflops": f / 1e6, "latency_ms": 1e3 * t / len(example)}
+        for level, f, t in zip(ExitLevel, flops, seconds, strict=True)
+    ]
 
 
 def _thin(points: list[dict], max_points: int) -> list[dict]:
