@@ -41,8 +41,15 @@ def test_radar_scales_every_axis_to_the_profiles_and_widens_for_outliers() -> No
 
 def test_one_colour_map_for_every_tier_and_every_figure() -> None:
     assert list(figures.TIER_COLOURS) == list(EXIT_KEYS)
-    assert len({to_rgba(c) for c in figures.TIER_COLOURS.values()}) == len(EXIT_KEYS)
+    tiers = {to_rgba(c) for c in figures.TIER_COLOURS.values()}
+    assert len(tiers) == len(EXIT_KEYS)
     assert plots.TIER_COLOURS is figures.TIER_COLOURS
+    # the images on a radar chart are never drawn in a tier's colour
+    _, ax = _polar()
+    series = [(f"image {i}", [0.5, 15.0, 0.5]) for i in range(8)]
+    figures.draw_radar(ax, series, ["a", "b", "c"], PROFILES)
+    drawn = {to_rgba(line.get_color()) for line in ax.get_lines() if line.get_label().startswith("image")}
+    assert drawn and not drawn & tiers
 
 
 def test_attribution_bars_colour_by_sign() -> None:

@@ -20,6 +20,8 @@ from eexit.types import EXIT_KEYS
 # the one colour map of the tiers (every figure of the package uses it), cheapest first
 TIER_COLOURS: dict[str, str] = dict(zip(EXIT_KEYS, ("tab:green", "tab:cyan", "tab:orange", "tab:red"), strict=True))
 HEAVIER, LIGHTER = "tab:red", "tab:blue"  # attribution signs: toward more / less compute
+# the images drawn on a radar chart: colours no tier uses
+SERIES_COLOURS = ("black", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:gray")
 
 
 def _new(width: float, height: float, polar: bool = False):
@@ -93,9 +95,8 @@ def draw_radar(
         colour = TIER_COLOURS.get(tier, "grey")
         ax.fill_between(theta, closed(p10), closed(p90), color=colour, alpha=0.12)
         ax.plot(theta, closed((p10 + p90) / 2), "--", color=colour, lw=1, label=f"{tier} (p10-p90)")
-    one = len(series) == 1
-    for (label, _), row in zip(series, rows, strict=True):
-        ax.plot(theta, closed(row), color="black" if one else None, lw=2, label=label)
+    for i, ((label, _), row) in enumerate(zip(series, rows, strict=True)):
+        ax.plot(theta, closed(row), color=SERIES_COLOURS[i % len(SERIES_COLOURS)], lw=2, label=label)
     ax.set_xticks(theta[:-1])
     ax.set_xticklabels([n.replace("_", "\n") for n in names], fontsize=7)
     ax.set_yticklabels([])
