@@ -509,3 +509,27 @@ def test_bad_options_are_refused_before_the_bundle_is_read(tmp_path: Path, capsy
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "no_bundle" not in err
+
+
+def test_dash_reads_one_image_from_standard_input(calibrated_run, tmp_path: Path, capsys, monkeypatch) -> None:
+    image = tmp_path / "shape.png"
+    Image.fromarray(_shape_u8(4, 40)).save(image)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(image.read_bytes())))
+    # '-' twice: standard input holds one image, the second '-' is an error line
+    rc = main(["predict", "--bundle", calibrated_run["bundle"], "-", str(image), "-", "--no-progress"])
+    piped, from_file, again = [_strict_json(line) for line in capsys.readouterr().out.splitlines()]
+    assert rc == 1
+    assert piped["path"] == "-" and from_file["path"] == str(image)
+    assert {k: v for k, v in piped.items() if k != "path"} == {k: v for k, v in from_file.items() if k != "path"}
+    assert again == {"path": "-", "error": "standard input is empty (or an earlier '-' input read it)"}
+
+
+def test_dash_on_a_terminal_is_refused_without_waiting(calibrated_run, capsys, monkeypatch) -> None:
+    class Terminal(io.TextIOWrapper):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal(io.BytesIO(b"")))
+    assert main(["predict", "--bundle", calibrated_run["bundle"], "-", "--no-progress"]) == 1
+    (row,) = [_strict_json(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["path"] == "-" and row["error"].startswith("standard input is a terminal")

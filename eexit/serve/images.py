@@ -31,6 +31,7 @@ import glob
 import io
 import os
 import stat
+import sys
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -65,7 +66,7 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
 
     A path that does not exist and is not a glob, a glob matching nothing, or a folder without
     files is kept as it is: loading it later yields an error for that input rather than silently
-    dropping it.
+    dropping it. ``-`` (``STDIN``) stands for one image read from standard input.
     """
     out: list[str] = []
     for arg in inputs:
@@ -123,7 +124,27 @@ MAX_FILE_BYTES = 1 << 30
 """Largest input file read (1 GiB): far above any image the pixel limit lets through."""
 
 
+STDIN = "-"
+"""The input name that reads one image from standard input (``cat a.png | eexit predict ... -``)."""
+
+
+def _read_stdin() -> bytes:
+    stream = sys.stdin
+    if stream is None or stream.isatty():
+        raise ImageError(STDIN, "standard input is a terminal, not an image: pipe one in (cat a.png | ... -)")
+    data = getattr(stream, "buffer", stream).read(MAX_FILE_BYTES + 1)
+    if not isinstance(data, bytes):
+        raise ImageError(STDIN, "standard input is a text stream, not bytes")
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError(STDIN, f"standard input too large (over {MAX_FILE_BYTES >> 20} MiB)")
+    if not data:
+        raise ImageError(STDIN, "standard input is empty (or an earlier '-' input read it)")
+    return data
+
+
 def _read(path: str) -> bytes:
+    if path == STDIN:
+        return _read_stdin()
     try:
         with open(path, "rb", opener=_open_regular) as f:
             data = f.read(MAX_FILE_BYTES + 1)
