@@ -395,3 +395,23 @@ def test_latencies_are_timed_in_interleaved_rounds_and_the_fastest_counts(monkey
     assert all(t == pytest.approx(0.1) for _, t in calls)  # the time is split over the rounds
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         costs_mod.measure_latencies([lambda: "a"], rounds=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_bfloat16_network_routes_with_float32_features_and_confidence(trained, kind: str) -> None:
+    import copy
+
+    net, cal, x, _, _ = trained
+    model = _mixed_model(net, cal, kind, x)
+    low = copy.deepcopy(net).to(torch.bfloat16)
+    routed = RoutedClassifier(low, model.router, cal.feature_kwargs)
+    xb = x.to(torch.bfloat16)
+    for force in (None, int(ExitLevel.MEDIUM)):
+        out = routed(xb, force_tier=force, with_heatmap=True)
+        assert out.features.dtype == out.confidence.dtype == torch.float32  # not rounded to the net's dtype
+        assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.features).all()
+        assert ((out.confidence >= 0) & (out.confidence <= 1)).all()
+        for level in ExitLevel:
+            sel = out.tier == int(level)
+            if sel.any():
+                assert torch.allclose(out.logits[sel].float(), low.predict_exit(xb[sel], level).float(), atol=0.05)

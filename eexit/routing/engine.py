@@ -27,12 +27,12 @@ class RoutedOutput:
     Attributes:
         logits: ``(B, K)`` logits of the exit each image stopped at.
         tier: ``(B,)`` that exit (0 = TINY ... 3 = HEAVY).
-        confidence: ``(B,)`` the router's probability for the tier in ``tier``: for its own
+        confidence: ``(B,)`` float32, the router's probability for the tier in ``tier``: for its own
             decision, or under ``force_tier`` for the forced exit (one-shot gate: the probability
             that the image needs no more than that exit; staged gate and cascade: the stop score
             there, the staged gate's sigmoid or the exit's top softmax probability; at HEAVY, one
             minus MEDIUM's stop score).
-        features: ``(B, 7)`` the features the deciding router step saw (TINY's for the one-shot
+        features: ``(B, 7)`` float32, the features the deciding router step saw (TINY's for the one-shot
             gate, the deciding exit's for the staged gate; zeros for the cascade).
         decided_at: ``(B,)`` the exit where the decision was taken (TINY for the one-shot gate).
             Under ``force_tier`` the staged gate's ``features`` and ``decided_at`` are those of
@@ -161,8 +161,9 @@ class RoutedClassifier(nn.Module):
         result = RoutedOutput(
             logits=x.new_zeros(b, self.net.num_classes),
             tier=torch.full((b,), NUM_TIERS - 1, dtype=torch.long, device=x.device),
-            confidence=x.new_ones(b),
-            features=x.new_zeros(b, 7),
+            # float32 whatever the network's dtype: the features and the router are float32
+            confidence=torch.ones(b, dtype=torch.float32, device=x.device),
+            features=torch.zeros(b, len(FEATURE_NAMES), dtype=torch.float32, device=x.device),
             decided_at=torch.zeros(b, dtype=torch.long, device=x.device),
             heatmap=x.new_zeros(b, *x.shape[-2:]) if with_heatmap else None,
             router_tier=None if force_tier is None else torch.full((b,), -1, dtype=torch.long, device=x.device),
@@ -283,7 +284,7 @@ class RoutedClassifier(nn.Module):
         result.logits[sel] = stopped_logits
         result.tier[sel] = k
         if conf_here is not None:
-            result.confidence[sel] = _take(conf_here, stop_i)
+            result.confidence[sel] = _take(conf_here, stop_i).float()  # a cascade's softmax follows the net
         if result.heatmap is not None and len(sel):
             if cam is None:
                 cam = cam_from_gradient(out.attention, head.logit_gradient(out, None))
