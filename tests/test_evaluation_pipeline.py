@@ -188,8 +188,18 @@ def test_evaluate_sends_figures_tables_and_scalars_to_wandb_offline(
         assert logged[f"eval_tables/{table}/_type"] == "table-file", table
 
 
-def test_checkpoint_without_calibration_is_calibrated_on_the_held_out_split(tmp_path: Path) -> None:
+def test_checkpoint_without_calibration_is_calibrated_on_the_held_out_split(tmp_path: Path, monkeypatch) -> None:
     from eexit.checkpoint import load_checkpoint
+    from eexit.evaluation import pipeline
+
+    seen = {}
+
+    def spy(net, batches, example, **kwargs):
+        seen.update(batches=batches, example=example)
+        return real(net, batches, example, **kwargs)
+
+    real = pipeline.calibrate
+    monkeypatch.setattr(pipeline, "calibrate", spy)
 
     cfg = compose_train(
         tmp_path / "train", ["data=synthetic", "model=micro", "debug=fdr", "logger=none", "router.calibrate=false"]
@@ -199,6 +209,9 @@ def test_checkpoint_without_calibration_is_calibrated_on_the_held_out_split(tmp_
     small = [*SMALL, "router.latency_min_run_time=0.01", f"ckpt_path={objs['best_ckpt']}"]
     metrics = evaluate(compose_train(tmp_path / "eval", small, config_name="eval"))
     assert metrics["meta"]["calibration"] == "fitted at evaluation"
+    # the latency timing batch is made of calibration images too, not test images
+    calib_images = torch.cat([x for x, _ in seen["batches"]])
+    assert len(seen["example"]) > 0 and torch.equal(seen["example"], calib_images[: len(seen["example"])])
     assert {"routed/gate/accuracy", "routed/staged/accuracy", "routed/cascade/accuracy"} <= metrics.keys()
     assert "calibration" not in load_checkpoint(objs["best_ckpt"]).extra, "evaluation never writes the checkpoint"
 

@@ -98,6 +98,8 @@ def _batches(x: Tensor, y: Tensor, size: int) -> list[tuple[Tensor, Tensor]]:
 
 
 def _calibration(loaded: LoadedCheckpoint, dm: SplitDataModule, cfg: DictConfig, example: Tensor) -> Calibration:
+    """The checkpoint's stored calibration, or a new one fitted on the held-out calibration split
+    (``example``: only its size is used, the timing batch is taken from that split)."""
     state = loaded.extra.get("calibration")
     if state:
         return Calibration.from_state(state)
@@ -112,9 +114,12 @@ def _calibration(loaded: LoadedCheckpoint, dm: SplitDataModule, cfg: DictConfig,
             "data config, or a checkpoint that stores its calibration)",
         )
     rc = cfg.router
+    batches = list(dm.calib_dataloader())
+    # the timing batch comes from the calibration split too: nothing of the fit sees test images
+    example = torch.cat([x for x, _ in batches])[: len(example)]
     return calibrate(
         loaded.net,
-        list(dm.calib_dataloader()),
+        batches,
         example,
         max_drop=rc.max_drop,
         margin_se=rc.get("margin_se", 1.0),
