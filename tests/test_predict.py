@@ -533,3 +533,17 @@ def test_dash_on_a_terminal_is_refused_without_waiting(calibrated_run, capsys, m
     assert main(["predict", "--bundle", calibrated_run["bundle"], "-", "--no-progress"]) == 1
     (row,) = [_strict_json(line) for line in capsys.readouterr().out.splitlines()]
     assert row["path"] == "-" and row["error"].startswith("standard input is a terminal")
+
+
+def test_colour_spaces_without_a_direct_gray_conversion_load_for_both_channel_counts(tmp_path: Path) -> None:
+    from eexit.serve import images
+
+    lab = Image.fromarray(np.stack([_shape_u8(5), np.full((16, 16), 128, np.uint8), _shape_u8(6)], axis=2), "LAB")
+    path = tmp_path / "lab.tif"
+    lab.save(path)
+    assert Image.open(path).mode == "LAB"
+    rgb = images.load_pixels(str(path), 3, 16)
+    gray = images.load_pixels(str(path), 1, 16)  # PIL has no LAB -> L: it goes through RGB
+    assert rgb.shape == (3, 16, 16) and gray.shape == (1, 16, 16) and gray.dtype == np.uint8
+    expected = np.asarray(Image.fromarray(rgb.transpose(1, 2, 0)).convert("L"))
+    assert np.array_equal(gray[0], expected)

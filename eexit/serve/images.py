@@ -290,7 +290,12 @@ def _to_8bit(im: Image.Image, channels: int) -> Image.Image:
         rgba = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
     target = "L" if channels == 1 else "RGB"
-    return im if im.mode == target else im.convert(target)
+    if im.mode == target:
+        return im
+    try:
+        return im.convert(target)
+    except ValueError:  # no direct conversion (LAB to L): through RGB, as an RGB model sees it
+        return im.convert("RGB").convert(target)
 
 
 def to_model_mode(im: Image.Image, channels: int) -> Image.Image:
