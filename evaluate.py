@@ -23,7 +23,9 @@ def main(cfg: DictConfig) -> None:
     with config_errors_exit():
         metrics = evaluate(cfg)
     print_eval_summary(metrics)
-    Console().print(f"report: {Path(cfg.paths.output_dir) / 'report.html'}")
+    Console(soft_wrap=True).print(
+        f"report: {Path(cfg.paths.output_dir) / 'report.html'}", markup=False, highlight=False
+    )
 
 
 if __name__ == "__main__":

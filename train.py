@@ -23,9 +23,10 @@ def main(cfg: DictConfig) -> float | None:
     if objs["calibration"] is not None:
         print_router_table(objs["calibration"].fit_summary)
     console = Console(soft_wrap=True)  # paths stay on one line, whatever the terminal width
-    console.print(f"checkpoint: {objs['best_ckpt']}", highlight=False)
+    console.print(f"checkpoint: {objs['best_ckpt']}", markup=False, highlight=False)
     if objs.get("bundle"):
-        console.print(f"bundle: {objs['bundle']}  (eexit predict --bundle {objs['bundle']} IMAGES...)", highlight=False)
+        hint = f"bundle: {objs['bundle']}  (eexit predict --bundle {objs['bundle']} IMAGES...)"
+        console.print(hint, markup=False, highlight=False)
     return metrics.get("val/acc/heavy")
 
 

@@ -125,7 +125,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
             raise ValueError(
                 f"{path}: refused to unpickle {found.group(1)}, which an eexit checkpoint does not hold (a pickle "
                 "can run code); if you trust where the file comes from, load it with trust=True (CLI: "
-                "--trust-checkpoint, evaluate.py: trust_checkpoint=true)"
+                "--trust-checkpoint, train.py and evaluate.py: trust_checkpoint=true)"
             ) from None
         raise ValueError(f"{path} is not a readable checkpoint: {type(err).__name__}: {first_line(text)}") from None
     if not isinstance(ckpt, dict):

@@ -16,12 +16,24 @@ from eexit.types import ExitLevel
 def config_errors_exit() -> Iterator[None]:
     """In an entry point: a ``ConfigError`` (a bad key, named in the message) ends the program
     with that one line on stderr and exit status 2, instead of a traceback under Hydra's
-    "Error executing job" banner."""
+    "Error executing job" banner. In a multirun (``-m``) the error is left to Hydra, which
+    reports it for that job and goes on with the others."""
     try:
         yield
     except ConfigError as err:
-        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {err}", highlight=False)
+        if _in_multirun():
+            raise
+        console = Console(stderr=True, soft_wrap=True)
+        console.print("[red]error:[/red] ", end="")
+        console.print(str(err), markup=False, highlight=False)  # a path may hold [brackets]
         raise SystemExit(2) from None
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def print_exit_table(

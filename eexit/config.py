@@ -53,6 +53,17 @@ def _number(key: str, value, minimum: float, *, above: bool = False, integer: bo
     raise ConfigError(key, f"{what}must be a finite {'integer' if integer else 'number'} {bound}, got {value!r}")
 
 
+def trusts_checkpoints(cfg: DictConfig) -> bool:
+    """``trust_checkpoint``: a real boolean (a string such as ``"no"`` would be truthy and turn
+    the safe unpickling off)."""
+    value = cfg.get("trust_checkpoint", False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ConfigError("trust_checkpoint", f"must be true or false, got {value!r}")
+    return value
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     """Check the values that would otherwise fail late or deep inside torch.
 
@@ -60,6 +71,7 @@ def validate_train_config(cfg: DictConfig) -> None:
         ConfigError: naming the first bad key.
     """
     loss = cfg.model.loss
+    trusts_checkpoints(cfg)
     _number("model.loss.attn_weight", loss.attn_weight, 0, what="lambda ")
     weights = loss.get("exit_weights") or {}
     _exit_names(cfg, "model.loss.exit_weights", weights.keys())
@@ -100,9 +112,11 @@ def validate_eval_config(cfg: DictConfig) -> None:
     Raises:
         ConfigError: naming the first bad key.
     """
+    trusts_checkpoints(cfg)
     if cfg.get("limit") is not None:
         _number("limit", cfg.limit, 1, integer=True, what="(null: the whole test split) ")
-    _number("batch_size", cfg.get("batch_size", 256), 1, integer=True)
+    if cfg.get("batch_size") is not None:  # null: 256
+        _number("batch_size", cfg.batch_size, 1, integer=True)
     ec = cfg.get("eval") or {}
     _number("eval.latency_batch", ec.get("latency_batch", 1), 1, integer=True)
     _number("eval.latency_min_run_time", ec.get("latency_min_run_time", 1.0), 0, above=True, what="(seconds) ")
@@ -111,7 +125,7 @@ def validate_eval_config(cfg: DictConfig) -> None:
     if top > 1:
         raise ConfigError("eval.top_fraction", f"is a share of the pixels, in (0, 1]; got {top!r}")
     for group in ("faithfulness", "gate_quality", "cluttered"):
-        if (ec.get(group) or {}).get("num_images") is not None:
+        if "num_images" in (ec.get(group) or {}):
             _number(f"eval.{group}.num_images", ec[group].num_images, 1, integer=True)
     faith = ec.get("faithfulness") or {}
     _number("eval.faithfulness.steps", faith.get("steps", 1), 1, integer=True)

@@ -13,7 +13,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from eexit.checkpoint import checkpoint_globals, read_checkpoint
-from eexit.config import ConfigError, check_image_size, validate_train_config
+from eexit.config import ConfigError, check_image_size, trusts_checkpoints, validate_train_config
 from eexit.data.base import SplitDataModule
 from eexit.lit.multi_exit import MultiExitModule
 from eexit.models.net import MultiExitNet
@@ -78,11 +78,11 @@ def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:
         found = sorted(root.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
             raise ConfigError("ckpt_path", f"'last' asked for, but no last.ckpt under {root}")
-        return str(found[-1])
-    if not Path(ckpt_path).is_file():
+        ckpt_path = str(found[-1])
+    elif not Path(ckpt_path).is_file():
         raise ConfigError("ckpt_path", f"checkpoint not found: {ckpt_path}")
     try:  # the same safe unpickling as the resume itself, with the file and the reason named
-        read_checkpoint(ckpt_path, trust=bool(cfg.get("trust_checkpoint", False)))
+        read_checkpoint(ckpt_path, trust=trusts_checkpoints(cfg))
     except ValueError as err:
         raise ConfigError("ckpt_path", str(err)) from None
     return ckpt_path
@@ -158,9 +158,9 @@ def _fit_test_calibrate_export(
 
     if ckpt_path is not None:
         continue_checkpoints_in(callbacks, ckpt_path, str(Path(cfg.paths.output_dir) / "checkpoints"))
-    trust = bool(cfg.get("trust_checkpoint", False))
-    with torch.serialization.safe_globals(checkpoint_globals()):  # what an eexit checkpoint holds
-        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path, weights_only=trust)
+    # a safe unpickling (what an eexit checkpoint holds) unless the file is trusted
+    with torch.serialization.safe_globals(checkpoint_globals()):
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path, weights_only=not trusts_checkpoints(cfg))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""

@@ -131,6 +131,8 @@ def test_evaluate_refuses_bad_inputs_naming_the_key(tmp_path: Path, checkpoints)
         ("eval.faithfulness.steps=0", "eval.faithfulness.steps"),
         ("eval.faithfulness.baseline=noise", "eval.faithfulness.baseline"),
         ("eval.cluttered.num_images=0", "eval.cluttered.num_images"),
+        ("eval.faithfulness.num_images=null", "eval.faithfulness.num_images"),
+        ("trust_checkpoint=maybe", "trust_checkpoint"),
         (f"baseline_ckpt_path={tmp_path / 'none.ckpt'}", "baseline_ckpt_path"),
     ):
         cfg = compose_train(tmp_path, [*SMALL, f"ckpt_path={egt}", override], config_name="eval")

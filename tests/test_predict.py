@@ -547,3 +547,22 @@ def test_colour_spaces_without_a_direct_gray_conversion_load_for_both_channel_co
     assert rgb.shape == (3, 16, 16) and gray.shape == (1, 16, 16) and gray.dtype == np.uint8
     expected = np.asarray(Image.fromarray(rgb.transpose(1, 2, 0)).convert("L"))
     assert np.array_equal(gray[0], expected)
+
+
+def test_dash_means_standard_input_even_beside_a_folder_named_dash(tmp_path: Path, monkeypatch) -> None:
+    from eexit.serve import images
+    from eexit.serve.predict import _safe_name
+
+    (tmp_path / "-").mkdir()
+    (tmp_path / "-" / "a.png").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    assert expand_inputs(["-", "./-"]) == ["-", "-/a.png"]
+    assert _safe_name(3, "-") == "000003_stdin"
+    monkeypatch.setattr(sys, "stdin", None)  # e.g. started with stdin closed
+    with pytest.raises(ImageError, match="standard input is closed"):
+        images.load_pixels("-", 1, 16)
+    closed = io.TextIOWrapper(io.BytesIO(b""))
+    closed.close()
+    monkeypatch.setattr(sys, "stdin", closed)
+    with pytest.raises(ImageError, match="standard input is closed"):
+        images.load_pixels("-", 1, 16)

@@ -196,6 +196,54 @@ def test_ckpt_path_that_is_not_a_safe_checkpoint_is_refused_before_training(tmp_
         train(compose_train(tmp_path / "b", [*base, f"ckpt_path={text}"]))
 
 
+def test_resume_unpickles_safely_unless_the_checkpoint_is_trusted(tmp_path: Path, monkeypatch) -> None:
+    base = [
+        "data=synthetic",
+        "model=micro",
+        "logger=none",
+        "router.calibrate=false",
+        "test=false",
+        "trainer.max_epochs=2",
+        "callbacks.last_checkpoint.every_n_train_steps=5",
+    ]
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(
+            compose_train(
+                tmp_path / "a",
+                [*base, "+callbacks.fail._target_=tests.test_resume.FailAtStep", "+callbacks.fail.step=17"],
+            )
+        )
+    last = tmp_path / "a" / "out" / "checkpoints" / "last.ckpt"
+    loads: list[tuple[str, object]] = []
+    real_load = torch.load
+
+    def spy(f, *args, **kwargs):
+        loads.append((str(f), kwargs.get("weights_only")))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    for trust, safe in ((False, True), (True, False)):
+        loads.clear()
+        extra = [f"ckpt_path={last}", f"trust_checkpoint={str(trust).lower()}"]
+        train(compose_train(tmp_path / f"b{trust}", [*base, *extra]))
+        of_last = [w for f, w in loads if f == str(last)]
+        assert of_last and all(w is safe for w in of_last), loads  # the pre-check and Lightning's restore
+    with pytest.raises(ConfigError, match=r"'trust_checkpoint': must be true or false, got 'no'"):
+        train(compose_train(tmp_path / "c", [*base, f"ckpt_path={last}", "trust_checkpoint=no"]))
+
+
+def test_ckpt_path_last_is_checked_like_a_named_file(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    crafted = logs / "train" / "runs" / "x" / "checkpoints" / "last.ckpt"
+    crafted.parent.mkdir(parents=True)
+    torch.save({"state_dict": {}, "payload": _RunsCode()}, crafted)
+    cfg = compose_train(
+        tmp_path, ["data=synthetic", "model=micro", "logger=none", "ckpt_path=last", f"paths.log_dir={logs}"]
+    )
+    with pytest.raises(ConfigError, match=r"ckpt_path.*last\.ckpt: refused to unpickle .*_RunsCode"):
+        train(cfg)
+
+
 def test_resume_drops_the_old_calibration_and_refuses_a_changed_schedule_length(tmp_path: Path) -> None:
     overrides = [
         "data=synthetic",

@@ -415,3 +415,7 @@ def test_a_bfloat16_network_routes_with_float32_features_and_confidence(trained,
             sel = out.tier == int(level)
             if sel.any():
                 assert torch.allclose(out.logits[sel].float(), low.predict_exit(xb[sel], level).float(), atol=0.05)
+        if kind == "cascade" and force is None:  # its confidence: the softmax of the exit, taken in float32
+            early = out.tier < int(ExitLevel.HEAVY)
+            top = torch.softmax(out.logits[early].float(), dim=1).amax(dim=1)
+            assert early.any() and torch.equal(out.confidence[early], top)

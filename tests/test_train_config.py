@@ -205,3 +205,16 @@ def test_entry_points_report_a_bad_key_in_one_line_with_status_2(
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr and "Error executing job" not in proc.stderr
+
+
+def test_a_bad_key_in_a_multirun_is_left_to_hydra_so_every_job_is_launched(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    args = ["-m", "data=synthetic", "logger=none", "model.loss.attn_weight=-1,-2", f"hydra.sweep.dir={tmp_path}"]
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=root, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "#1 : data=synthetic logger=none model.loss.attn_weight=-2" in out  # the sweep was not cut short
+    assert "config key 'model.loss.attn_weight': lambda must be" in out

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from eexit.checkpoint import LoadedCheckpoint, load_checkpoint
-from eexit.config import ConfigError, validate_eval_config
+from eexit.config import ConfigError, trusts_checkpoints, validate_eval_config
 from eexit.data.base import SplitDataModule
 from eexit.evaluation import plots
 from eexit.evaluation.cluttered import cluttered_localization, scenes_from_test
@@ -72,7 +72,7 @@ def load_model(cfg: DictConfig, key: str = "ckpt_path") -> LoadedCheckpoint:
     if not path.is_file():
         raise ConfigError(key, f"checkpoint not found: {path}")
     try:
-        return load_checkpoint(path, trust=bool(cfg.get("trust_checkpoint", False)))
+        return load_checkpoint(path, trust=trusts_checkpoints(cfg))
     except ValueError as err:
         raise ConfigError(key, str(err)) from None
 
@@ -97,9 +97,9 @@ def _batches(x: Tensor, y: Tensor, size: int) -> list[tuple[Tensor, Tensor]]:
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
 
 
-def _calibration(loaded: LoadedCheckpoint, dm: SplitDataModule, cfg: DictConfig, example: Tensor) -> Calibration:
+def _calibration(loaded: LoadedCheckpoint, dm: SplitDataModule, cfg: DictConfig, example_size: int) -> Calibration:
     """The checkpoint's stored calibration, or a new one fitted on the held-out calibration split
-    (``example``: only its size is used, the timing batch is taken from that split)."""
+    (its latencies timed on ``example_size`` images of that split)."""
     state = loaded.extra.get("calibration")
     if state:
         return Calibration.from_state(state)
@@ -115,12 +115,19 @@ def _calibration(loaded: LoadedCheckpoint, dm: SplitDataModule, cfg: DictConfig,
         )
     rc = cfg.router
     batches = list(dm.calib_dataloader())
+    if not batches:
+        raise ConfigError("data.calib_size", "the calibration split is empty: nothing to calibrate the routers on")
     # the timing batch comes from the calibration split too: nothing of the fit sees test images
-    example = torch.cat([x for x, _ in batches])[: len(example)]
+    timing, have = [], 0
+    for x, _ in batches:
+        if have >= example_size:
+            break
+        timing.append(x)
+        have += len(x)
     return calibrate(
         loaded.net,
         batches,
-        example,
+        torch.cat(timing)[:example_size],
         max_drop=rc.max_drop,
         margin_se=rc.get("margin_se", 1.0),
         cost_key=rc.cost,
@@ -206,7 +213,7 @@ def evaluate(cfg: DictConfig) -> dict:
     ec = cfg.eval
     torch.manual_seed(cfg.get("seed") or 0)
 
-    cal = _calibration(loaded, dm, cfg, x[: ec.latency_batch])
+    cal = _calibration(loaded, dm, cfg, min(ec.latency_batch, len(x)))
     log.info("evaluating %s on %d test images", loaded.path, len(y))
     records = collect_records(net, batches, cal.feature_kwargs)
     example = x[: ec.latency_batch]

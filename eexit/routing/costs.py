@@ -134,7 +134,11 @@ MAX_RESCALE = 4.0
 
 @torch.no_grad()
 def rescale_to_routed_batch(
-    model: RoutedClassifier, example: Tensor, costs: list[TierCost], min_run_time: float = 0.5
+    model: RoutedClassifier,
+    example: Tensor,
+    costs: list[TierCost],
+    min_run_time: float = 0.5,
+    rounds: int = TIMING_ROUNDS,
 ) -> list[TierCost]:
     """Tier latencies that add up to the time of the router's own mixed batch.
 
@@ -152,6 +156,8 @@ def rescale_to_routed_batch(
         example: the batch ``(B, C, H, W)`` the costs were measured on.
         costs: ``measure_tier_costs(model, example)``.
         min_run_time: seconds of timing.
+        rounds: timing rounds of the routed batch (``measure_latencies``; one call, so they run
+            back to back).
 
     Returns:
         The four costs with ``latency_basis="routed"`` (the input unchanged where no image of
@@ -162,7 +168,7 @@ def rescale_to_routed_batch(
     past_tiny = sum(costs[t].latency_ms - base for t in tiers)
     if past_tiny <= 0:
         return costs
-    (seconds,) = measure_latencies([lambda: model(example)], min_run_time)
+    (seconds,) = measure_latencies([lambda: model(example)], min_run_time, rounds)
     batch_ms = 1e3 * seconds
     factor = min(max((batch_ms - base * len(tiers)) / past_tiny, 1.0 / MAX_RESCALE), MAX_RESCALE)
     return [

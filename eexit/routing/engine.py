@@ -231,7 +231,7 @@ class RoutedClassifier(nn.Module):
             stopped_logits = out.logits
         else:
             out = head.forward_parts(h)
-            probs = torch.softmax(out.logits, dim=1)
+            probs = torch.softmax(out.logits.float(), dim=1)  # float32: the router's stop scores and confidences
             need_feats = router.needs_features and not last
             if need_feats:
                 # spatial complexity depends on the image alone: later exits reuse TINY's value
@@ -284,7 +284,7 @@ class RoutedClassifier(nn.Module):
         result.logits[sel] = stopped_logits
         result.tier[sel] = k
         if conf_here is not None:
-            result.confidence[sel] = _take(conf_here, stop_i).float()  # a cascade's softmax follows the net
+            result.confidence[sel] = _take(conf_here, stop_i)
         if result.heatmap is not None and len(sel):
             if cam is None:
                 cam = cam_from_gradient(out.attention, head.logit_gradient(out, None))

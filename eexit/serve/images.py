@@ -71,7 +71,9 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
     out: list[str] = []
     for arg in inputs:
         p = Path(arg)
-        if p.is_dir():
+        if arg == STDIN:  # even where a file or folder named '-' exists ('./-' names that)
+            out.append(arg)
+        elif p.is_dir():
             # str(p): the spelling rglob gave (no "./", no trailing "/"); an empty folder is kept,
             # so that it gets its error line instead of vanishing from the output
             out += sorted(_files_below(str(p))) or [arg]
@@ -130,7 +132,13 @@ STDIN = "-"
 
 def _read_stdin() -> bytes:
     stream = sys.stdin
-    if stream is None or stream.isatty():
+    try:
+        terminal = stream is not None and stream.isatty()
+    except ValueError:  # a closed stream
+        stream = None
+    if stream is None:
+        raise ImageError(STDIN, "standard input is closed: pipe an image in (cat a.png | ... -)")
+    if terminal:
         raise ImageError(STDIN, "standard input is a terminal, not an image: pipe one in (cat a.png | ... -)")
     data = getattr(stream, "buffer", stream).read(MAX_FILE_BYTES + 1)
     if not isinstance(data, bytes):

@@ -23,7 +23,7 @@ from torch import Tensor
 from eexit.bundle import Bundle
 from eexit.routing.decisions import attribute_output, decision_rows
 from eexit.routing.engine import RoutedOutput
-from eexit.serve.images import NON_FINITE, ImageError, load_pixels, normalise_batch
+from eexit.serve.images import NON_FINITE, STDIN, ImageError, load_pixels, normalise_batch
 from eexit.types import ExitLevel
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,8 @@ def _normalised(loaded: Loaded, bundle: Bundle) -> tuple[Loaded, Tensor | None]:
 
 
 def _safe_name(index: int, path: str) -> str:
+    if path == STDIN:
+        return f"{index:06d}_stdin"
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem)[:60] or "image"
     return f"{index:06d}_{stem}"
 
