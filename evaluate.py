@@ -9,9 +9,8 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
-from rich.console import Console
 
-from eexit.cli_output import config_errors_exit, print_eval_summary
+from eexit.cli_output import config_errors_exit, print_eval_summary, print_plain
 from eexit.config import register_resolvers
 from eexit.evaluation import evaluate
 
@@ -23,9 +22,7 @@ def main(cfg: DictConfig) -> None:
     with config_errors_exit():
         metrics = evaluate(cfg)
     print_eval_summary(metrics)
-    Console(soft_wrap=True).print(
-        f"report: {Path(cfg.paths.output_dir) / 'report.html'}", markup=False, highlight=False
-    )
+    print_plain(f"report: {Path(cfg.paths.output_dir) / 'report.html'}")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import hydra
 from omegaconf import DictConfig
-from rich.console import Console
 
-from eexit.cli_output import config_errors_exit, print_exit_table, print_router_table
+from eexit.cli_output import config_errors_exit, print_exit_table, print_plain, print_router_table
 from eexit.config import register_resolvers
 from eexit.training import train
 
@@ -22,11 +21,9 @@ def main(cfg: DictConfig) -> float | None:
     print_exit_table(metrics, title=f"{cfg.task_name}: per-exit accuracy")
     if objs["calibration"] is not None:
         print_router_table(objs["calibration"].fit_summary)
-    console = Console(soft_wrap=True)  # paths stay on one line, whatever the terminal width
-    console.print(f"checkpoint: {objs['best_ckpt']}", markup=False, highlight=False)
+    print_plain(f"checkpoint: {objs['best_ckpt']}")
     if objs.get("bundle"):
-        hint = f"bundle: {objs['bundle']}  (eexit predict --bundle {objs['bundle']} IMAGES...)"
-        console.print(hint, markup=False, highlight=False)
+        print_plain(f"bundle: {objs['bundle']}  (eexit predict --bundle {objs['bundle']} IMAGES...)")
     return metrics.get("val/acc/heavy")
 
 

@@ -25,8 +25,14 @@ def config_errors_exit() -> Iterator[None]:
             raise
         console = Console(stderr=True, soft_wrap=True)
         console.print("[red]error:[/red] ", end="")
-        console.print(str(err), markup=False, highlight=False)  # a path may hold [brackets]
+        print_plain(str(err), console)
         raise SystemExit(2) from None
+
+
+def print_plain(text: str, console: Console | None = None) -> None:
+    """One line as it is: no rich markup (a path may hold [brackets]), no highlighting, no
+    wrapping (a path stays on one line whatever the terminal width)."""
+    (console or Console(soft_wrap=True)).print(text, markup=False, highlight=False)
 
 
 def _in_multirun() -> bool:

@@ -64,6 +64,20 @@ def trusts_checkpoints(cfg: DictConfig) -> bool:
     return value
 
 
+def check_split_size(name: str, size) -> None:
+    """A split size is a number of images (an integer >= 0) or a fraction of the pool in [0, 1);
+    2.5, a negative, NaN or a string is neither.
+
+    Raises:
+        ValueError: naming ``name`` and the value.
+    """
+    ok = isinstance(size, (int, float)) and not isinstance(size, bool) and math.isfinite(size) and size >= 0
+    if not (ok and (size < 1 or float(size).is_integer())):
+        raise ValueError(
+            f"{name} must be a number of images (an integer >= 0) or a fraction of the pool in [0, 1), got {size!r}"
+        )
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     """Check the values that would otherwise fail late or deep inside torch.
 
@@ -98,12 +112,11 @@ def validate_train_config(cfg: DictConfig) -> None:
     _number("data.batch_size", cfg.data.get("batch_size", 1), 1, integer=True)
     _number("data.image_size", cfg.data.get("image_size", 1), 1, integer=True)
     for key in ("val_size", "calib_size"):
-        size = cfg.data.get(key)
-        if size is None:
-            continue
-        _number(f"data.{key}", size, 0, what="(images, or a fraction of the pool below 1) ")
-        if size >= 1 and not float(size).is_integer():  # 2.5 images: a typo, not a fraction
-            raise ConfigError(f"data.{key}", f"a number of images must be an integer (a fraction is < 1), got {size!r}")
+        if cfg.data.get(key) is not None:
+            try:
+                check_split_size(key, cfg.data[key])
+            except ValueError as err:
+                raise ConfigError(f"data.{key}", str(err)) from None
 
 
 def validate_eval_config(cfg: DictConfig) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import pytorch_lightning as pl
@@ -10,6 +9,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, random_split
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+from eexit.config import check_split_size
 
 
 @dataclass
@@ -106,14 +107,8 @@ class SplitDataModule(pl.LightningDataModule):
 
     def _sizes(self, n: int) -> list[int]:
         def count(name: str, size: int | float) -> int:
-            ok = isinstance(size, (int, float)) and not isinstance(size, bool) and math.isfinite(size) and size >= 0
-            if ok and isinstance(size, float) and size < 1:
-                return round(size * n)
-            if ok and float(size).is_integer():
-                return int(size)
-            raise ValueError(
-                f"{name} must be a number of images (an integer >= 0) or a fraction of the pool in [0, 1), got {size!r}"
-            )
+            check_split_size(name, size)
+            return round(size * n) if isinstance(size, float) and size < 1 else int(size)
 
         n_val, n_calib = count("val_size", self.val_size), count("calib_size", self.calib_size)
         if n_val + n_calib >= n:
