@@ -566,3 +566,29 @@ def test_dash_means_standard_input_even_beside_a_folder_named_dash(tmp_path: Pat
     monkeypatch.setattr(sys, "stdin", closed)
     with pytest.raises(ImageError, match="standard input is closed"):
         images.load_pixels("-", 1, 16)
+
+
+def test_files_over_the_size_bound_are_refused_and_a_file_at_it_is_read(tmp_path: Path, monkeypatch) -> None:
+    from eexit.serve import images
+
+    Image.fromarray(np.full((28, 28), 7, np.uint8)).save(tmp_path / "a.png")
+    size = (tmp_path / "a.png").stat().st_size
+    monkeypatch.setattr(images, "MAX_FILE_BYTES", size)
+    assert images._read(str(tmp_path / "a.png")) == (tmp_path / "a.png").read_bytes()  # exactly at the bound
+    monkeypatch.setattr(images, "MAX_FILE_BYTES", size - 1)
+    with pytest.raises(ImageError, match=r"a\.png: file too large"):
+        images._read(str(tmp_path / "a.png"))
+
+
+def test_a_file_that_grows_while_read_is_read_to_its_end_within_the_bound(tmp_path: Path, monkeypatch) -> None:
+    from eexit.serve import images
+
+    path = tmp_path / "grows.bin"
+    path.write_bytes(b"x" * 10)
+    real_fstat = os.fstat
+    monkeypatch.setattr(images.os, "fstat", lambda fd: os.stat_result((*real_fstat(fd)[:6], 4, *real_fstat(fd)[7:])))
+    with open(path, "rb") as f:  # fstat says 4 bytes, the file holds 10 (it grew after the stat)
+        assert images._read_bounded(f, str(path)) == b"x" * 10
+    monkeypatch.setattr(images, "MAX_FILE_BYTES", 8)
+    with open(path, "rb") as f, pytest.raises(ImageError, match="file too large"):
+        images._read_bounded(f, str(path))
