@@ -86,6 +86,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     """
     loss = cfg.model.loss
     trusts_checkpoints(cfg)
+    validate_router_config(cfg)
     _number("model.loss.attn_weight", loss.attn_weight, 0, what="lambda ")
     weights = loss.get("exit_weights") or {}
     _exit_names(cfg, "model.loss.exit_weights", weights.keys())
@@ -119,6 +120,32 @@ def validate_train_config(cfg: DictConfig) -> None:
                 raise ConfigError(f"data.{key}", str(err)) from None
 
 
+def validate_router_config(cfg: DictConfig) -> None:
+    """Check the ``router`` group (calibration after training, recalibration in ``evaluate.py``)
+    before any training: a bad value there would otherwise fail only after the fit.
+
+    Raises:
+        ConfigError: naming the first bad key.
+    """
+    from eexit.routing.costs import COST_KEYS
+    from eexit.routing.routers import ROUTERS
+
+    rc = cfg.get("router")
+    if rc is None:
+        return
+    if rc.get("cost", "mflops") not in COST_KEYS:
+        raise ConfigError("router.cost", f"must be one of {', '.join(COST_KEYS)}, got {rc.cost!r}")
+    if rc.get("serve", "gate") not in ROUTERS:
+        raise ConfigError("router.serve", f"must be one of {', '.join(sorted(ROUTERS))}, got {rc.serve!r}")
+    drop = rc.get("max_drop", 0.005)
+    _number("router.max_drop", drop, 0, what="(an accuracy share, 0.005 = 0.5 points) ")
+    if drop >= 1:
+        raise ConfigError("router.max_drop", f"is a share of accuracy, in [0, 1); got {drop!r}")
+    _number("router.margin_se", rc.get("margin_se", 1.0), 0)
+    _number("router.latency_batch", rc.get("latency_batch", 1), 1, integer=True)
+    _number("router.latency_min_run_time", rc.get("latency_min_run_time", 1.0), 0, above=True, what="(seconds) ")
+
+
 def validate_eval_config(cfg: DictConfig) -> None:
     """Check ``evaluate.py``'s own keys before any model or data is loaded.
 
@@ -126,6 +153,7 @@ def validate_eval_config(cfg: DictConfig) -> None:
         ConfigError: naming the first bad key.
     """
     trusts_checkpoints(cfg)
+    validate_router_config(cfg)
     if cfg.get("limit") is not None:
         _number("limit", cfg.limit, 1, integer=True, what="(null: the whole test split) ")
     if cfg.get("batch_size") is not None:  # null: 256

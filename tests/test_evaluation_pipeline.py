@@ -133,6 +133,7 @@ def test_evaluate_refuses_bad_inputs_naming_the_key(tmp_path: Path, checkpoints)
         ("eval.cluttered.num_images=0", "eval.cluttered.num_images"),
         ("eval.faithfulness.num_images=null", "eval.faithfulness.num_images"),
         ("trust_checkpoint=maybe", "trust_checkpoint"),
+        ("router.cost=time", "router.cost"),
         (f"baseline_ckpt_path={tmp_path / 'none.ckpt'}", "baseline_ckpt_path"),
     ):
         cfg = compose_train(tmp_path, [*SMALL, f"ckpt_path={egt}", override], config_name="eval")

@@ -370,6 +370,38 @@ def test_gate_fit_depends_on_data_and_seed_only_and_leaves_the_global_rng(traine
     assert torch.equal(torch.rand(3), after_fit)
 
 
+def test_a_gate_fit_on_the_cpu_leaves_the_cuda_generators_unseeded(trained, monkeypatch) -> None:
+    from eexit.routing.routers import OneShotGate
+
+    net, cal, _, _, calib = trained
+    records = collect_records(net, calib, cal.feature_kwargs)
+    seeded = []  # torch.manual_seed would reseed every CUDA generator too (lazily without a GPU)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(seed))
+    OneShotGate().fit(records.features[:, 0], oracle_tiers(records.correct), seed=3, epochs=2)
+    assert seeded == []
+
+
+def test_calibration_takes_its_batches_from_a_generator_and_refuses_a_bad_cost_key(trained) -> None:
+    net, cal, x, _, calib = trained
+    from_gen = calibrate(net, (b for b in calib), x[:32], min_run_time=0.01)  # read once only
+    for kind, fit in cal.fit_summary.items():  # (other tests set the routers' knobs; the summary keeps the fit's)
+        assert from_gen.fit_summary[kind]["knob"] == fit["knob"], kind
+    with pytest.raises(ValueError, match=r"unknown cost key 'flops' \(router\.cost\)"):
+        calibrate(net, calib, x[:32], cost_key="flops", min_run_time=0.01)
+
+
+def test_knob_candidates_skip_non_finite_scores(trained) -> None:
+    from eexit.routing.calibration import knob_candidates
+
+    net, cal, _, _, calib = trained
+    records = collect_records(net, calib, cal.feature_kwargs)
+    clean = knob_candidates(cal.routers["cascade"], records)
+    records.probs[0] = float("nan")  # one corrupt image
+    knobs = knob_candidates(cal.routers["cascade"], records)
+    assert all(k == k for k in knobs) and len(knobs) > 100
+    assert knobs[0] == 0.0 and knobs[-1] == clean[-1]
+
+
 def test_calibration_refuses_a_split_too_small_to_cross_fit(trained) -> None:
     net, _, x, y, _ = trained
     with pytest.raises(ValueError, match=r"at least 16 held-out images.*data\.calib_size"):
@@ -419,3 +451,12 @@ def test_a_bfloat16_network_routes_with_float32_features_and_confidence(trained,
             early = out.tier < int(ExitLevel.HEAVY)
             top = torch.softmax(out.logits[early].float(), dim=1).amax(dim=1)
             assert early.any() and torch.equal(out.confidence[early], top)
+
+
+def test_the_cascade_reports_the_exit_where_it_decided(trained) -> None:
+    net, cal, x, _, _ = trained
+    model = _mixed_model(net, cal, "cascade", x)
+    out = model(x)
+    assert len(out.tier.unique()) > 1, "the knob should mix tiers"
+    # the exit whose stop rule fired; an image sent on to HEAVY was decided at MEDIUM
+    assert torch.equal(out.decided_at, out.tier.clamp(max=int(ExitLevel.MEDIUM)))

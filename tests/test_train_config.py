@@ -71,6 +71,14 @@ def test_cifar10_experiment_fast_dev_run(tmp_path: Path) -> None:
         ("data.batch_size=abc", ConfigError, "data.batch_size"),
         ("data.val_size=-10", ConfigError, "data.val_size"),
         ("data.calib_size=2.5", ConfigError, "data.calib_size"),
+        # the router group is used only after the fit: checked before it
+        ("router.cost=flops", ConfigError, "router.cost"),
+        ("router.serve=oracle", ConfigError, "router.serve"),
+        ("router.max_drop=-0.01", ConfigError, "router.max_drop"),
+        ("router.max_drop=5", ConfigError, "router.max_drop"),
+        ("router.margin_se=nan", ConfigError, "router.margin_se"),
+        ("router.latency_batch=0", ConfigError, "router.latency_batch"),
+        ("router.latency_min_run_time=0", ConfigError, "router.latency_min_run_time"),
     ],
 )
 def test_bad_values_fail_at_start_naming_the_key(tmp_path: Path, override: str, error, names: str) -> None:

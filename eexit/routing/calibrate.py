@@ -12,7 +12,7 @@ from torch import Tensor
 
 from eexit.models.net import MultiExitNet
 from eexit.routing.calibration import ExitRecords, choose_knob, collect_records, oracle_tiers, sweep_folds
-from eexit.routing.costs import TierCost, count_flops, measure_tier_costs, rescale_to_routed_batch
+from eexit.routing.costs import COST_KEYS, TierCost, count_flops, measure_tier_costs, rescale_to_routed_batch
 from eexit.routing.engine import RoutedClassifier
 from eexit.routing.features import FEATURE_NAMES
 from eexit.routing.routers import ROUTERS, ConfidenceCascade, OneShotGate, Router, StagedGate, build_router
@@ -137,8 +137,12 @@ def calibrate(
         min_run_time: seconds of latency timing per tier.
         records: precomputed records of ``calib_batches`` (skips the forward passes).
     """
+    if cost_key not in COST_KEYS:  # checked before any forward pass or fit
+        raise ValueError(f"unknown cost key {cost_key!r} (router.cost); expected one of {list(COST_KEYS)}")
     net.eval()
     feature_kwargs = dict(feature_kwargs or {})
+    if records is None:
+        calib_batches = list(calib_batches)  # read twice (size check, records): a generator would be empty
     n = len(records) if records is not None else sum(len(y) for _, y in calib_batches)
     if n < MIN_CALIBRATION_IMAGES:  # checked before collecting: an empty split has nothing to collect
         raise ValueError(

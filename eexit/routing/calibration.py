@@ -129,7 +129,11 @@ def knob_candidates(router: Router, records: ExitRecords, num: int = 201) -> lis
                 for lv in list(ExitLevel)[:-1]
             ]
         )
-    qs = torch.quantile(scores.double(), torch.linspace(0, 1, num, dtype=torch.float64, device=scores.device))
+    scores = scores.double()
+    scores = scores[torch.isfinite(scores)]  # one NaN score (a corrupt image) would make every quantile NaN
+    if not len(scores):
+        return [0.0, 1.0 + 1e-6]
+    qs = torch.quantile(scores, torch.linspace(0, 1, num, dtype=torch.float64, device=scores.device))
     return sorted({0.0, *qs.tolist(), 1.0 + 1e-6})
 
 

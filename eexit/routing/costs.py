@@ -18,6 +18,9 @@ from eexit.routing.engine import RoutedClassifier
 from eexit.routing.routers import NUM_TIERS
 from eexit.types import ExitLevel
 
+COST_KEYS = ("mflops", "latency_ms")
+"""The ``TierCost`` fields a knob can minimise (``router.cost``)."""
+
 
 @dataclass
 class TierCost:

@@ -34,9 +34,11 @@ class RoutedOutput:
             minus MEDIUM's stop score).
         features: ``(B, 7)`` float32, the features the deciding router step saw (TINY's for the one-shot
             gate, the deciding exit's for the staged gate; zeros for the cascade).
-        decided_at: ``(B,)`` the exit where the decision was taken (TINY for the one-shot gate).
-            Under ``force_tier`` the staged gate's ``features`` and ``decided_at`` are those of
-            the exit where its own stop rule fired, else of the last exit it passed.
+        decided_at: ``(B,)`` the exit where the decision was taken (TINY for the one-shot gate;
+            for the staged gate and the cascade the exit where the stop rule fired, MEDIUM for an
+            image sent on to HEAVY). Under ``force_tier`` the staged gate's and the cascade's
+            ``decided_at`` (and the staged gate's ``features``) are those of the exit where its own
+            stop rule fired, else of the last exit it passed.
         heatmap: ``(B, H, W)`` Grad-CAM of the deciding exit, upsampled to the input size, or
             ``None``.
         router_tier: ``(B,)`` under ``force_tier``, the exit the router itself would have chosen,
@@ -270,10 +272,10 @@ class RoutedClassifier(nn.Module):
                     deciding = _positions(undecided)
                     result.router_tier[idx] = torch.where(fires & undecided, k, own)
                 conf_here = carry
+                rows = _take(idx, deciding)
+                result.decided_at[rows] = k  # the cascade's too: it reads no features, but decides here
                 if need_feats:
-                    rows = _take(idx, deciding)
                     result.features[rows] = _take(f, deciding)
-                    result.decided_at[rows] = k
             stop_i = _positions(stop)
             stopped_logits = _take(out.logits, stop_i)
             if result.heatmap is not None:

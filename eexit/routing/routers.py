@@ -73,8 +73,16 @@ def _fit_classifier(
     The model's layers are re-initialised from ``seed`` first, so the fit depends on the data
     and the seed alone; the caller's global random state is left as it was.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    # only the generator the initialisation draws from is seeded (and restored after):
+    # torch.manual_seed would also reseed every CUDA generator, which fork_rng(devices=[]) leaves
+    with torch.random.fork_rng(devices=cuda):
+        if cuda:
+            with torch.cuda.device(cuda[0]):
+                torch.cuda.manual_seed(seed)
+        else:
+            torch.default_generator.manual_seed(seed)
         for m in model.modules():
             if isinstance(m, nn.Linear):
                 m.reset_parameters()
