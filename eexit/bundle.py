@@ -256,7 +256,7 @@ class Bundle:
     calibration: Calibration
     manifest: dict
     path: Path
-    _served: dict[str, RoutedClassifier] = field(default_factory=dict, repr=False, compare=False)
+    _served: dict[tuple, RoutedClassifier] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def class_names(self) -> list[str]:
@@ -293,15 +293,18 @@ class Bundle:
         Args:
             router: ``gate``, ``staged`` or ``cascade``.
             optimize: serve an inference copy of the network (BatchNorm folded, channels-last;
-                same decisions up to float rounding, see ``RoutedClassifier``), built once and
-                kept; ``False``: the network exactly as loaded.
+                same decisions up to float rounding, see ``RoutedClassifier``), built once per
+                router and device and dtype of ``self.net`` and kept; ``False``: the network
+                exactly as loaded.
         """
         kind = router or self.serve_router
         if not optimize:
             return self.calibration.routed(self.net, kind)
-        if kind not in self._served:
-            self._served[kind] = self.calibration.routed(self.net, kind, optimize=True)
-        return self._served[kind]
+        weight = next(self.net.parameters())
+        key = (kind, weight.device, weight.dtype)  # a copy per place: bundle.net may have been moved since
+        if key not in self._served:
+            self._served[key] = self.calibration.routed(self.net, kind, optimize=True)
+        return self._served[key]
 
 
 def _read_manifest(path: Path) -> dict:

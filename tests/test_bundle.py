@@ -318,3 +318,17 @@ def test_export_names_a_malformed_calibration_a_directory_and_a_forged_unreadabl
     (bundle_copy / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=r"model\.safetensors is not a readable safetensors file"):
         load_bundle(bundle_copy)
+
+
+def test_the_served_copy_follows_the_network_when_it_is_moved(calibrated_run) -> None:
+    bundle = load_bundle(calibrated_run["bundle"])
+    first = bundle.routed("gate")
+    assert bundle.routed("gate") is first  # built once and kept
+    bundle.net.to(torch.float64)  # moved after loading: a stale float32 copy would serve the old one
+    served = bundle.routed("gate")
+    assert served is not first
+    assert next(served.net.parameters()).dtype == torch.float64
+    x, _, _ = make_shapes(16, num_classes=4, image_size=16, seed=6)
+    with torch.no_grad():
+        out = served(x.double())
+    assert torch.isfinite(out.logits).all() and len(out.tier) == 16
