@@ -57,7 +57,7 @@ def build_module(cfg: DictConfig, dm: SplitDataModule) -> MultiExitModule:
     )
     check_image_size(info.image_size, net.min_input_size, cfg.model.net.name)
     loss = instantiate_named(cfg.model.loss, "model.loss")
-    return MultiExitModule(
+    module = MultiExitModule(
         net=net,
         loss=loss,
         # plain lists and dicts in the partials (_convert_): the hyperparameters saved in checkpoints
@@ -66,6 +66,10 @@ def build_module(cfg: DictConfig, dm: SplitDataModule) -> MultiExitModule:
         scheduler=hydra.utils.instantiate(cfg.model.scheduler, _convert_="all") if cfg.model.get("scheduler") else None,
         log_train_kl=cfg.model.get("log_train_kl", False),
     )
+    # Lightning's model summary runs it (in eval mode, without gradients) to show the FLOPs and
+    # the input and output sizes of each module instead of "Total FLOPs: 0"
+    module.example_input_array = torch.zeros(1, info.in_chans, info.image_size, info.image_size)
+    return module
 
 
 def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:

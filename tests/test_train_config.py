@@ -12,7 +12,9 @@ from omegaconf.errors import MissingMandatoryValue
 
 from eexit.checkpoint import load_checkpoint
 from eexit.config import ConfigError
+from eexit.routing.costs import count_flops
 from eexit.training import train
+from eexit.types import ExitLevel
 from tests.conftest import compose_train, needs_cifar, needs_fashion
 
 FAST = ["debug=fdr", "logger=csv"]
@@ -226,3 +228,18 @@ def test_a_bad_key_in_a_multirun_is_left_to_hydra_so_every_job_is_launched(tmp_p
     assert proc.returncode != 0
     assert "#1 : data=synthetic logger=none model.loss.attn_weight=-2" in out  # the sweep was not cut short
     assert "config key 'model.loss.attn_weight': lambda must be" in out
+
+
+def test_the_model_summary_counts_the_flops_of_an_example_input(tmp_path: Path) -> None:
+    from pytorch_lightning.utilities.model_summary import ModelSummary
+
+    from eexit.training import build_datamodule, build_module
+
+    cfg = compose_train(tmp_path, ["data=synthetic", "model=micro", *FAST])
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, dm)
+    assert tuple(module.example_input_array.shape) == (1, dm.info.in_chans, dm.info.image_size, dm.info.image_size)
+    summary = ModelSummary(module, max_depth=1)
+    heavy = count_flops(module.net.predict_exit, module.example_input_array, ExitLevel.HEAVY)
+    assert summary.total_flops >= heavy > 0  # every exit runs in forward: at least HEAVY's path
+    assert module.training  # the summary's forward left the module in train mode
