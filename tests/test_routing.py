@@ -460,3 +460,17 @@ def test_the_cascade_reports_the_exit_where_it_decided(trained) -> None:
     assert len(out.tier.unique()) > 1, "the knob should mix tiers"
     # the exit whose stop rule fired; an image sent on to HEAVY was decided at MEDIUM
     assert torch.equal(out.decided_at, out.tier.clamp(max=int(ExitLevel.MEDIUM)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_image_of_nan_pixels_gets_a_finite_confidence_and_leaves_the_others_alone(trained, kind: str) -> None:
+    net, cal, x, _, _ = trained
+    model = cal.routed(net, kind)
+    clean = model(x[:8])
+    bad = x[:8].clone()
+    bad[3] = float("nan")
+    out = model(bad)
+    assert torch.isfinite(out.confidence).all()
+    keep = torch.arange(8) != 3
+    assert torch.equal(out.tier[keep], clean.tier[keep])
+    assert torch.allclose(out.confidence[keep], clean.confidence[keep], atol=1e-5)

@@ -31,7 +31,7 @@ class RoutedOutput:
             decision, or under ``force_tier`` for the forced exit (one-shot gate: the probability
             that the image needs no more than that exit; staged gate and cascade: the stop score
             there, the staged gate's sigmoid or the exit's top softmax probability; at HEAVY, one
-            minus MEDIUM's stop score).
+            minus MEDIUM's stop score); 0 where that score is NaN (an image of NaN pixels).
         features: ``(B, 7)`` float32, the features the deciding router step saw (TINY's for the one-shot
             gate, the deciding exit's for the staged gate; zeros for the cascade).
         decided_at: ``(B,)`` the exit where the decision was taken (TINY for the one-shot gate;
@@ -190,6 +190,7 @@ class RoutedClassifier(nn.Module):
                 h = torch.cat([k[0] for k in kept])
                 active = torch.cat([k[1] for k in kept])
                 carry = None if kept[0][2] is None else torch.cat([k[2] for k in kept])
+        result.confidence.nan_to_num_(nan=0.0)  # an image of NaN pixels has NaN stop scores
         return result
 
     def _step(
