@@ -256,7 +256,9 @@ class Bundle:
     calibration: Calibration
     manifest: dict
     path: Path
-    _served: dict[tuple, RoutedClassifier] = field(default_factory=dict, repr=False, compare=False)
+    _served: dict[tuple[str, torch.device, torch.dtype], RoutedClassifier] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @property
     def class_names(self) -> list[str]:

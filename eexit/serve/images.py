@@ -186,12 +186,13 @@ def _read_bounded(f: io.BufferedReader, path: str) -> bytes:
     allocation cost 3x the read itself on a 28x28 PNG (45 vs 13 us).
     """
     expected = os.fstat(f.fileno()).st_size
-    data = b"" if expected > MAX_FILE_BYTES else f.read(expected + 1)
-    if len(data) > expected:  # it grew since: read on, up to the bound
-        data += f.read(MAX_FILE_BYTES + 1 - len(data))
-    if expected > MAX_FILE_BYTES or len(data) > MAX_FILE_BYTES:
-        raise ImageError(path, f"file too large (over {MAX_FILE_BYTES >> 20} MiB)")
-    return data
+    if expected <= MAX_FILE_BYTES:
+        data = f.read(expected + 1)
+        if len(data) > expected:  # it grew since: read on, up to the bound
+            data += f.read(MAX_FILE_BYTES + 1 - len(data))
+        if len(data) <= MAX_FILE_BYTES:
+            return data
+    raise ImageError(path, f"file too large (over {MAX_FILE_BYTES >> 20} MiB)")
 
 
 def _open_regular(path: str, flags: int) -> int:
