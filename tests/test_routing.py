@@ -474,3 +474,21 @@ def test_an_image_of_nan_pixels_gets_a_finite_confidence_and_leaves_the_others_a
     keep = torch.arange(8) != 3
     assert torch.equal(out.tier[keep], clean.tier[keep])
     assert torch.allclose(out.confidence[keep], clean.confidence[keep], atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_calibration_follows_the_networks_device(trained) -> None:
+    import copy
+
+    net, cal_cpu, x, _, calib = trained
+    gpu = copy.deepcopy(net).cuda()
+    cal = calibrate(gpu, calib, x[:32], min_run_time=0.01)  # CPU batches, network on the GPU
+    for kind, router in cal.routers.items():
+        assert all(t.device.type == "cuda" for t in router.buffers()), kind
+        out = cal.routed(gpu, kind)(x.cuda())
+        assert out.tier.device.type == "cuda"
+        # the same routing as the CPU calibration up to float rounding in the fits
+        ref = cal_cpu.routed(net, kind)(x)
+        assert (out.tier.cpu() == ref.tier).float().mean() >= 0.9, kind
+    Calibration.from_state(json.loads(json.dumps(cal.to_state())))  # stored as plain numbers

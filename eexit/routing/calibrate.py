@@ -140,6 +140,9 @@ def calibrate(
     if cost_key not in COST_KEYS:  # checked before any forward pass or fit
         raise ValueError(f"unknown cost key {cost_key!r} (router.cost); expected one of {list(COST_KEYS)}")
     net.eval()
+    # devices follow the network: the batches, the timing example and the routers' fits go to
+    # its device, so a network on an accelerator is calibrated (and timed) there
+    example = example.to(next(net.parameters()).device)
     feature_kwargs = dict(feature_kwargs or {})
     if records is None:
         calib_batches = list(calib_batches)  # read twice (size check, records): a generator would be empty
@@ -157,11 +160,12 @@ def calibrate(
     halves = [perm[: len(perm) // 2], perm[len(perm) // 2 :]]
 
     def fit_router(kind: str, recs: ExitRecords) -> Router:
+        device = recs.features.device
         if kind == "gate":
-            return OneShotGate().fit(recs.features[:, 0], oracle_tiers(recs.correct), seed=seed).eval()
+            return OneShotGate().to(device).fit(recs.features[:, 0], oracle_tiers(recs.correct), seed=seed).eval()
         if kind == "staged":
-            return StagedGate().fit(recs.features, recs.correct, seed=seed).eval()
-        return ConfidenceCascade().eval()
+            return StagedGate().to(device).fit(recs.features, recs.correct, seed=seed).eval()
+        return ConfidenceCascade().to(device).eval()
 
     routers: dict[str, Router] = {kind: fit_router(kind, records) for kind in ("gate", "staged", "cascade")}
     assert set(routers) == set(ROUTERS)

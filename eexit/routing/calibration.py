@@ -47,10 +47,14 @@ class ExitRecords:
 def collect_records(
     net: MultiExitNet, batches: Iterable[tuple[Tensor, Tensor]], feature_kwargs: dict | None = None
 ) -> ExitRecords:
-    """Run every exit on every image of ``batches`` and keep features, softmax and labels."""
+    """Run every exit on every image of ``batches`` and keep features, softmax and labels.
+
+    The batches are moved to the network's device (the records are on that device)."""
     feats, probs, labels = [], [], []
     net.eval()
+    device = next(net.parameters()).device
     for x, y in batches:
+        x, y = x.to(device), y.to(device)
         maps = net.backbone.forward_features(x)
         f_img, p_img = [], []
         for head, stage_map in zip(net.heads, maps, strict=True):
