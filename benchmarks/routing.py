@@ -11,7 +11,8 @@ and gate alone on stored maps), routing_accuracy (one-shot tier == oracle tier),
 (one-shot expected vs measured latency; ``latency_error_remeasured``: with the tier latencies
 measured again right after the wall-clock timing, so that the machine's drift since calibration
 does not count) and explain_ms_per_decision per attribution method;
-and ``curves``: each router's accuracy vs FLOPs-ratio trade-off on the test split (its knob
+``part_throughput``: FLOPs, time and GFLOP/s of the stem, each stage and each head (where the
+wall clock departs from FLOPs); and ``curves``: each router's accuracy vs FLOPs-ratio trade-off on the test split (its knob
 swept; the fixed exits and the oracle as points). ``--plot FILE.png`` also draws them.
 """
 
@@ -222,6 +223,8 @@ def main() -> None:
     result["overhead_time_ratio_isolated"] = overhead["route_only"] / t_heavy_batch
     result["tiny_path_time_ratio"] = overhead["tiny"] / t_heavy_batch
 
+    result["part_throughput"] = part_throughput(fast, example_cl[:chunk], args.rounds)
+
     feats = records.features[:, 0][:256]
     score = ExpectedTier(gate.logits_module())
     explain = {}
@@ -259,6 +262,43 @@ def interleaved_times(fns: dict, batches: list, rounds: int) -> dict[str, float]
             if r:  # pass 0 warms up
                 best = {n: min(best[n], total[n]) for n in names}
     return best
+
+
+def part_throughput(fast, x: torch.Tensor, rounds: int) -> dict:
+    """Where the wall clock departs from FLOPs: each part of the inference copy (stem, each
+    stage, each exit head) timed on the maps of one chunk ``x``, interleaved, with its FLOPs per
+    image, ms per image and GFLOP/s; ``tiny_path_vs_heavy``: the TINY path's GFLOP/s over
+    HEAVY's (1 when time follows FLOPs; below 1, TINY costs more time than its FLOPs say)."""
+    bb = fast.backbone
+    with torch.no_grad():
+        maps = [bb.forward_stem(x)]
+        for i in range(len(bb.stages)):
+            maps.append(bb.forward_stage(i, maps[-1]))
+    parts = {"stem": (bb.forward_stem, x)}
+    for i, level in enumerate(ExitLevel):
+        parts[f"stage/{level.key}"] = (lambda h, i=i: bb.forward_stage(i, h), maps[i])
+        parts[f"head/{level.key}"] = (fast.heads[i].forward_parts, maps[i + 1])
+    with torch.no_grad():
+        flops = {name: count_flops(fn, inp[:1]) for name, (fn, inp) in parts.items()}
+    secs = interleaved_times(
+        {name: (lambda _, f=fn, a=inp: f(a)) for name, (fn, inp) in parts.items()}, [None] * 10, rounds
+    )
+    n = len(x) * 10
+    table = {
+        name: {
+            "mflops": flops[name] / 1e6,
+            "ms_per_image": 1e3 * secs[name] / n,
+            "gflops_per_s": flops[name] * n / secs[name] / 1e9,
+        }
+        for name in parts
+    }
+    tiny = ["stem", "stage/tiny", "head/tiny"]
+    heavy = ["stem", *(f"stage/{lv.key}" for lv in ExitLevel), "head/heavy"]
+
+    def speed(names):
+        return sum(flops[k] for k in names) * n / sum(secs[k] for k in names)
+
+    return {"parts": table, "tiny_path_vs_heavy": speed(tiny) / speed(heavy)}
 
 
 def tradeoff_curves(cal, records, heavy_flops: float, plain_flops: list[float], oracle_flops: float, result: dict):
