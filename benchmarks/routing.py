@@ -12,8 +12,9 @@ and gate alone on stored maps), routing_accuracy (one-shot tier == oracle tier),
 measured again right after the wall-clock timing, so that the machine's drift since calibration
 does not count) and explain_ms_per_decision per attribution method;
 ``part_throughput``: FLOPs, time and GFLOP/s of the stem, each stage and each head (where the
-wall clock departs from FLOPs); and ``curves``: each router's accuracy vs FLOPs-ratio trade-off on the test split (its knob
-swept; the fixed exits and the oracle as points). ``--plot FILE.png`` also draws them.
+wall clock departs from FLOPs); and ``curves``: each router's accuracy vs FLOPs-ratio trade-off
+on the test split (its knob swept; the fixed exits and the oracle as points). ``--plot FILE.png``
+also draws them.
 """
 
 from __future__ import annotations
@@ -271,9 +272,7 @@ def part_throughput(fast, x: torch.Tensor, rounds: int) -> dict:
     HEAVY's (1 when time follows FLOPs; below 1, TINY costs more time than its FLOPs say)."""
     bb = fast.backbone
     with torch.no_grad():
-        maps = [bb.forward_stem(x)]
-        for i in range(len(bb.stages)):
-            maps.append(bb.forward_stage(i, maps[-1]))
+        maps = [bb.forward_stem(x), *bb.forward_features(x)]  # each part's input, then HEAVY's map
     parts = {"stem": (bb.forward_stem, x)}
     for i, level in enumerate(ExitLevel):
         parts[f"stage/{level.key}"] = (lambda h, i=i: bb.forward_stage(i, h), maps[i])

@@ -140,9 +140,10 @@ def calibrate(
     if cost_key not in COST_KEYS:  # checked before any forward pass or fit
         raise ValueError(f"unknown cost key {cost_key!r} (router.cost); expected one of {list(COST_KEYS)}")
     net.eval()
-    # devices follow the network: the batches, the timing example and the routers' fits go to
-    # its device, so a network on an accelerator is calibrated (and timed) there
-    example = example.to(next(net.parameters()).device)
+    # devices follow the network: the batches (or given records), the timing example and the
+    # routers' fits go to its device, so a network on an accelerator is calibrated (and timed) there
+    device = next(net.parameters()).device
+    example = example.to(device)
     feature_kwargs = dict(feature_kwargs or {})
     if records is None:
         calib_batches = list(calib_batches)  # read twice (size check, records): a generator would be empty
@@ -152,15 +153,13 @@ def calibrate(
             f"calibration needs at least {MIN_CALIBRATION_IMAGES} held-out images (two cross-fitting halves "
             f"of {MIN_CALIBRATION_IMAGES // 2}), got {n}: enlarge the calibration split (data.calib_size)"
         )
-    if records is None:
-        records = collect_records(net, calib_batches, feature_kwargs)
+    records = collect_records(net, calib_batches, feature_kwargs) if records is None else records.to(device)
     # two-fold cross-fit: each fold's router learns on the other fold, the knob is fitted on the
     # out-of-fold routing of the whole split, and the served router learns on the whole split
     perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))
     halves = [perm[: len(perm) // 2], perm[len(perm) // 2 :]]
 
     def fit_router(kind: str, recs: ExitRecords) -> Router:
-        device = recs.features.device
         if kind == "gate":
             return OneShotGate().to(device).fit(recs.features[:, 0], oracle_tiers(recs.correct), seed=seed).eval()
         if kind == "staged":

@@ -42,6 +42,10 @@ class ExitRecords:
     def subset(self, idx: Tensor) -> ExitRecords:
         return ExitRecords(self.features[idx], self.probs[idx], self.labels[idx])
 
+    def to(self, device: torch.device | str) -> ExitRecords:
+        """The records on ``device`` (``self`` when they are there already)."""
+        return ExitRecords(self.features.to(device), self.probs.to(device), self.labels.to(device))
+
 
 @torch.no_grad()
 def collect_records(
