@@ -122,7 +122,7 @@ TRUST_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from eexit.routing.routers import ROUTERS
+    from eexit.types import ROUTER_KINDS
 
     parser = argparse.ArgumentParser(prog="eexit", description="Explainable early-exit image classification")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,14 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint")
     export.add_argument("out_dir")
     export.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
-    export.add_argument("--router", default="gate", choices=sorted(ROUTERS), help="router served by default")
+    export.add_argument("--router", default="gate", choices=sorted(ROUTER_KINDS), help="router served by default")
     export.add_argument("--onnx", action="store_true", help="also write ONNX pieces to OUT_DIR/onnx (the onnx extra)")
     export.set_defaults(func=_export)
     predict = sub.add_parser("predict", help="route images through a bundle; one JSON line per input on stdout")
     predict.add_argument("--bundle", required=True, help="bundle directory (from `eexit export` or train.py)")
     predict.add_argument("inputs", nargs="+", help="image files, folders (recursive) or globs")
     predict.add_argument(
-        "--router", default=None, choices=sorted(ROUTERS), help="router kind (default: the bundle's served router)"
+        "--router", default=None, choices=sorted(ROUTER_KINDS), help="router kind (default: the bundle's served router)"
     )
     predict.add_argument(
         "--tier", default=None, type=_exit_name, help="force every image to this exit (tiny, light, medium, heavy)"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
-from torch import Tensor
+if TYPE_CHECKING:  # annotations only: `import eexit` (and `eexit --help`) need not load torch
+    from torch import Tensor
 
 
 class ExitLevel(IntEnum):
@@ -40,6 +42,10 @@ class ExitLevel(IntEnum):
 
 
 EXIT_KEYS: tuple[str, ...] = tuple(level.key for level in ExitLevel)
+
+ROUTER_KINDS: tuple[str, ...] = ("gate", "staged", "cascade")
+"""The router kinds (``eexit.routing.routers.ROUTERS`` keys), here so that the CLI's parser
+names them without importing torch."""
 
 
 @dataclass

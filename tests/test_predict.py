@@ -511,6 +511,34 @@ def test_bad_options_are_refused_before_the_bundle_is_read(tmp_path: Path, capsy
     assert message in err and "no_bundle" not in err
 
 
+def test_help_and_option_errors_need_no_torch() -> None:
+    # the parser names the routers and exits without the library behind them: `eexit --help` and
+    # a mistyped option answer at once (importing torch takes 1.5-2 s on the 2-core CPU)
+    script = (
+        "import json, sys\n"
+        "from eexit.cli import main\n"
+        "codes = []\n"
+        "for argv in (['--help'], ['predict', '--help'], ['predict', '--bundle', 'b', '--router', 'fast', 'x']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as stop:\n"
+        "        codes.append(stop.code)\n"
+        "print(json.dumps({'codes': codes, 'torch': 'torch' in sys.modules}))\n"
+    )
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"codes": [0, 0, 2], "torch": False}
+    assert "invalid choice: 'fast'" in proc.stderr
+
+
+def test_the_parser_names_every_router_kind() -> None:
+    from eexit.routing.routers import ROUTERS
+    from eexit.types import ROUTER_KINDS
+
+    assert sorted(ROUTER_KINDS) == sorted(ROUTERS)
+
+
 def test_dash_reads_one_image_from_standard_input(calibrated_run, tmp_path: Path, capsys, monkeypatch) -> None:
     image = tmp_path / "shape.png"
     Image.fromarray(_shape_u8(4, 40)).save(image)
