@@ -301,11 +301,11 @@ class Bundle:
         """
         kind = router or self.serve_router
         if not optimize:
-            return self.calibration.routed(self.net, kind)
+            return self.calibration.routed(self.net, kind, input_size=self.input_size)
         weight = next(self.net.parameters())
         key = (kind, weight.device, weight.dtype)  # a copy per place: bundle.net may have been moved since
         if key not in self._served:
-            self._served[key] = self.calibration.routed(self.net, kind, optimize=True)
+            self._served[key] = self.calibration.routed(self.net, kind, optimize=True, input_size=self.input_size)
         return self._served[key]
 
 

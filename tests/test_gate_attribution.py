@@ -329,6 +329,19 @@ def test_results_are_detached() -> None:
         assert t.grad_fn is None
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_features_of_another_dtype_are_explained_in_the_gates(method: str) -> None:
+    torch.manual_seed(0)
+    gate = ExpectedTier(make_gate())
+    features, baseline = make_data(batch=8)
+    torch.manual_seed(1)  # the sampling methods draw the same permutations / coalitions
+    ref = explain_gate(gate, features, baseline, method)
+    torch.manual_seed(1)
+    res = explain_gate(gate, features.double(), baseline.double(), method)  # crashed in the Linear before
+    assert res.attributions.dtype == torch.float32
+    torch.testing.assert_close(res.attributions, ref.attributions, atol=1e-6, rtol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("method", METHODS)

@@ -253,6 +253,47 @@ def test_decoding_ahead_in_a_thread_or_in_turn_gives_the_same_rows(calibrated_ru
     assert decode_ahead(True) and not decode_ahead(False)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_bundle_cast_to_another_dtype_predicts_with_its_attributions(calibrated_run, tmp_path: Path, dtype) -> None:
+    # decoded images are float32: the routed engine casts them to the network's dtype (a oneDNN
+    # error stopped the whole run before); the attributions run in the gate's float32
+    from eexit.serve.predict import predict_rows
+
+    for i in range(6):
+        Image.fromarray(_shape_u8(i)).save(tmp_path / f"img{i}.png")
+    paths = expand_inputs([str(tmp_path)])
+    bundle = load_bundle(calibrated_run["bundle"])
+    reference = list(predict_rows(bundle, paths))
+    bundle.net.to(dtype)
+    rows = list(predict_rows(bundle, paths))
+    assert len(rows) == 6 and not any("error" in r for r in rows)
+    agree = sum(
+        r["tier"] == ref["tier"] and r["label_index"] == ref["label_index"]
+        for r, ref in zip(rows, reference, strict=True)
+    )
+    assert agree >= 5, (rows, reference)
+    assert all(len(r["attributions"]) == 7 for r in rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_bundle_moved_to_the_gpu_after_loading_predicts_as_on_the_cpu(calibrated_run, tmp_path: Path) -> None:
+    # the routers and explanation baselines stay where load_bundle put them: routing copies the
+    # router to the network's device, attributions run where the calibration is
+    from eexit.serve.predict import predict_rows
+
+    for i in range(6):
+        Image.fromarray(_shape_u8(i)).save(tmp_path / f"img{i}.png")
+    paths = expand_inputs([str(tmp_path)])
+    bundle = load_bundle(calibrated_run["bundle"])
+    reference = list(predict_rows(bundle, paths, router="staged"))
+    bundle.net.cuda()
+    rows = list(predict_rows(bundle, paths, router="staged"))
+    assert [(r["tier"], r["label_index"]) for r in rows] == [(r["tier"], r["label_index"]) for r in reference]
+    for r, ref in zip(rows, reference, strict=True):
+        assert r["attributions"] == pytest.approx(ref["attributions"], abs=1e-3)
+
+
 def _png(path: Path, im: Image.Image, **kwargs) -> str:
     im.save(path, format="PNG", **kwargs)
     return str(path)

@@ -462,18 +462,55 @@ def test_the_cascade_reports_the_exit_where_it_decided(trained) -> None:
     assert torch.equal(out.decided_at, out.tier.clamp(max=int(ExitLevel.MEDIUM)))
 
 
+@pytest.mark.parametrize("optimize", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_an_image_of_nan_pixels_gets_a_finite_confidence_and_leaves_the_others_alone(trained, kind: str) -> None:
+def test_images_with_non_finite_pixels_are_not_run_and_leave_the_others_alone(trained, kind: str, optimize) -> None:
+    # the inference copy's fused conv + ReLU turns NaN into finite, confident logits: such images
+    # must be reported as not run on both paths, not given an answer
     net, cal, x, _, _ = trained
-    model = cal.routed(net, kind)
-    clean = model(x[:8])
+    model = _mixed_model(net, cal, kind, x[:64])
+    if optimize:
+        model = RoutedClassifier(net, model.router, cal.feature_kwargs, optimize=True)
+    clean = model(x[:8], with_heatmap=True)
     bad = x[:8].clone()
     bad[3] = float("nan")
-    out = model(bad)
-    assert torch.isfinite(out.confidence).all()
-    keep = torch.arange(8) != 3
-    assert torch.equal(out.tier[keep], clean.tier[keep])
-    assert torch.allclose(out.confidence[keep], clean.confidence[keep], atol=1e-5)
+    bad[5, :, 2:4, 2:4] = float("nan")  # four pixels are enough
+    bad[6, 0, 0, 0] = float("inf")
+    out = model(bad, with_heatmap=True)
+    broken = torch.tensor([3, 5, 6])
+    keep = torch.ones(8, dtype=torch.bool)
+    keep[broken] = False
+    assert out.logits[broken].isnan().all() and torch.isfinite(out.logits[keep]).all()
+    assert out.tier[broken].tolist() == [3, 3, 3] and out.confidence[broken].tolist() == [0.0, 0.0, 0.0]
+    assert not out.features[broken].any() and not out.heatmap[broken].any()
+    for name in ("tier", "decided_at"):
+        assert torch.equal(getattr(out, name)[keep], getattr(clean, name)[keep]), name
+    for name in ("logits", "confidence", "features", "heatmap"):
+        assert torch.allclose(getattr(out, name)[keep], getattr(clean, name)[keep], atol=1e-5), name
+    forced = model(bad, force_tier=int(ExitLevel.LIGHT))
+    assert (forced.tier == 1).all() and forced.router_tier[broken].tolist() == [-1, -1, -1]
+    assert torch.equal(forced.router_tier[keep], model(x[:8], force_tier=1).router_tier[keep])
+    assert model(torch.full_like(x[:4], float("nan"))).logits.isnan().all()  # no image left to run
+
+
+def test_routed_inputs_are_checked_and_cast_to_the_network(trained) -> None:
+    net, cal, x, _, _ = trained
+    model = cal.routed(net, "gate", input_size=tuple(x.shape[-2:]))
+    reference = model(x[:6])
+    wrong = [
+        (x[0], ValueError, r"expected images of shape \(B, C, H, W\), got shape \(1, 16, 16\) \(one image"),
+        (x[:2].repeat(1, 3, 1, 1), ValueError, r"expected images with 1 channel\(s\), got 3"),
+        (x[:2, :, :8, :8], ValueError, "expected images of 16x16 pixels .* got 8x8: resize them first"),
+        ((x[:2] * 50).to(torch.uint8), TypeError, "expected normalised floating-point images, got torch.uint8"),
+        (x[:2].numpy(), TypeError, "expected a tensor of images"),
+    ]
+    for bad, error, message in wrong:
+        with pytest.raises(error, match=message):
+            model(bad)
+    double = model(x[:6].double())  # run in the network's float32
+    assert double.logits.dtype == torch.float32 and torch.equal(double.tier, reference.tier)
+    assert torch.allclose(double.logits, reference.logits, atol=1e-5)
+    assert cal.routed(net, "gate")(x[:2, :, :8, :8]).tier.shape == (2,)  # no input_size: any size
 
 
 @pytest.mark.gpu

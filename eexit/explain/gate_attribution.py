@@ -121,6 +121,11 @@ class GateAttribution:
     baseline_output: Tensor
     method: str = DEFAULT_METHOD
 
+    def to(self, device: torch.device | str) -> GateAttribution:
+        """The same attributions on ``device``."""
+        moved = (t.to(device) for t in (self.attributions, self.delta, self.output, self.baseline_output))
+        return GateAttribution(*moved, method=self.method)
+
 
 def _wls_train(model: LinearModel, dataloader: DataLoader, construct_kwargs: dict, **_: Any) -> dict[str, float]:
     """Closed-form weighted least squares with intercept (the train_fn of Captum's ``LinearModel``).
@@ -256,7 +261,8 @@ def explain_gate(
 
     Works under ``torch.no_grad()`` and ``torch.inference_mode()`` callers (gradients are
     enabled internally where the method needs them), leaves the gate's parameters, buffers and
-    ``.grad`` untouched, and runs on the device of ``features`` (``score_fn`` must be there too).
+    ``.grad`` untouched, and runs on the device of ``features`` (``score_fn`` must be there too)
+    in the dtype of the score module's parameters (features of another dtype are cast to it).
     The gate should be in eval mode.
 
     Args:
@@ -292,6 +298,15 @@ def explain_gate(
     kwargs = {**_DEFAULT_KWARGS[method], **method_kwargs}
     with torch.inference_mode(False):
         x, b = _as_batch(features, baseline)
+        param = next(score_fn.parameters(), None) if isinstance(score_fn, nn.Module) else None
+        if param is not None:
+            if param.device != x.device:
+                raise ValueError(
+                    f"features are on {x.device} but the score function's parameters on {param.device}: "
+                    "move one of them"
+                )
+            if param.dtype != x.dtype:  # explained in the gate's own precision
+                x, b = x.to(param.dtype), b.to(param.dtype)
         output, baseline_output = _score(score_fn, x, b)
         with warnings.catch_warnings():
             for message in _QUIET:

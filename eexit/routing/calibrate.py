@@ -3,6 +3,7 @@ stored with the model (checkpoint and bundle)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -46,12 +47,23 @@ class Calibration:
     fit_summary: dict[str, dict] = field(default_factory=dict)
     feature_kwargs: dict = field(default_factory=dict)
 
-    def routed(self, net: MultiExitNet, kind: str = "gate", optimize: bool = False) -> RoutedClassifier:
-        """``net`` routed by the ``kind`` router (``optimize``: on an inference copy of ``net``,
-        see ``RoutedClassifier``)."""
+    def routed(
+        self,
+        net: MultiExitNet,
+        kind: str = "gate",
+        optimize: bool = False,
+        input_size: tuple[int, int] | None = None,
+    ) -> RoutedClassifier:
+        """``net`` routed by the ``kind`` router (``optimize``: on an inference copy of ``net``;
+        ``input_size``: the only image size it accepts; see ``RoutedClassifier``). The router
+        runs where ``net`` is: a copy of it is moved there if it sits elsewhere."""
         if kind not in self.routers:
             raise ValueError(f"unknown router {kind!r}; calibrated: {sorted(self.routers)}")
-        return RoutedClassifier(net, self.routers[kind], self.feature_kwargs, optimize=optimize)
+        router = self.routers[kind]
+        device = next(net.parameters()).device
+        if any(t.device != device for t in (*router.parameters(), *router.buffers())):
+            router = copy.deepcopy(router).to(device)
+        return RoutedClassifier(net, router, self.feature_kwargs, optimize=optimize, input_size=input_size)
 
     def to_state(self) -> dict:
         """Plain, picklable and JSON-friendly (tensors as lists) state."""

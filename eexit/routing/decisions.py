@@ -81,24 +81,38 @@ def attribute_output(
         method: one of ``eexit.explain.gate_attribution.METHODS``.
     """
     router = calibration.routers[kind]
+    if kind not in ("gate", "staged"):
+        return None
+    # explained where the calibration's router sits (the routed batch may have run elsewhere),
+    # in its dtype; the results come back to the batch's device
+    weight = next(router.parameters())
+    home = out.features.device
+    result = _attribute_on(calibration, kind, out, out.features.to(weight), method, **method_kwargs)
+    return result if home == weight.device else result.to(home)
+
+
+def _attribute_on(
+    calibration: Calibration, kind: str, out: RoutedOutput, features: Tensor, method: str, **method_kwargs
+) -> GateAttribution:
+    """``attribute_output`` with ``features`` ``(B, 7)`` on the router's device and dtype."""
+    router = calibration.routers[kind]
     if kind == "gate":
         return explain_gate(
-            ExpectedTier(router.logits_module()), out.features, calibration.baseline_features, method, **method_kwargs
+            ExpectedTier(router.logits_module()), features, calibration.baseline_features, method, **method_kwargs
         )
-    if kind != "staged":
-        return None
     if calibration.exit_baselines is None:
         raise ValueError(
             "the staged router's decisions cannot be explained: this calibration stores no per-exit "
             "explanation baselines (exit_baselines); recalibrate, or pass --no-attributions"
         )
     b = len(out.tier)
-    attributions, deltas = out.features.new_zeros(b, NUM_FEATURES), out.features.new_zeros(b)
-    outputs, base_out = out.features.new_zeros(b), out.features.new_zeros(b)
-    for k in out.decided_at.unique().tolist():
-        sel = out.decided_at == k
+    attributions, deltas = features.new_zeros(b, NUM_FEATURES), features.new_zeros(b)
+    outputs, base_out = features.new_zeros(b), features.new_zeros(b)
+    decided_at = out.decided_at.to(features.device)
+    for k in decided_at.unique().tolist():
+        sel = decided_at == k
         res = explain_gate(
-            router.continue_module(k), out.features[sel], calibration.exit_baselines[k], method, **method_kwargs
+            router.continue_module(k), features[sel], calibration.exit_baselines[k], method, **method_kwargs
         )
         attributions[sel], deltas[sel], outputs[sel] = res.attributions, res.delta, res.output
         base_out[sel] = res.baseline_output

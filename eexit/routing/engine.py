@@ -41,6 +41,11 @@ class RoutedOutput:
             stop rule fired, else of the last exit it passed.
         heatmap: ``(B, H, W)`` Grad-CAM of the deciding exit, upsampled to the input size, or
             ``None``.
+
+    An image with a NaN or infinite pixel is not run at all (the fused kernels of the inference
+    copy would turn its NaN into confident logits): its logits are NaN, its tier is HEAVY (the
+    forced tier under ``force_tier``, with ``router_tier`` -1), its confidence, features,
+    ``decided_at`` and heatmap are 0; the other images of the batch are routed as without it.
         router_tier: ``(B,)`` under ``force_tier``, the exit the router itself would have chosen,
             ``-1`` where the forced exit came before the router's stop rule fired (the staged
             gate and the cascade decide exit by exit, so their choice past the forced exit is
@@ -126,6 +131,12 @@ class RoutedClassifier(nn.Module):
         optimize: run an inference copy of ``net`` (``eexit.models.inference.inference_copy``:
             BatchNorm folded, channels-last) instead of ``net`` itself: the serving path, where
             time follows FLOPs; same decisions up to float rounding.
+        input_size: ``(H, W)`` the images must have (the size the router was calibrated at), or
+            ``None`` to accept any size.
+
+    ``forward`` refuses, with a message naming the problem, what is not a ``(B, C, H, W)``
+    floating-point batch with the network's channel count (and ``input_size``, if given); it
+    casts the images to the network's dtype and device.
     """
 
     def __init__(
@@ -135,10 +146,14 @@ class RoutedClassifier(nn.Module):
         feature_kwargs: dict | None = None,
         chunk_size: int | None = DEFAULT_CHUNK_SIZE,
         optimize: bool = False,
+        input_size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 (or None), got {chunk_size}")
+        first_conv = next((m for m in net.backbone.stem.modules() if isinstance(m, nn.Conv2d)), None)
+        self.in_chans: int | None = None if first_conv is None else first_conv.in_channels
+        self.input_size = None if input_size is None else (int(input_size[0]), int(input_size[1]))
         self.net = inference_copy(net) if optimize else net
         self.router = router
         self.feature_kwargs = dict(feature_kwargs or {})
@@ -157,7 +172,14 @@ class RoutedClassifier(nn.Module):
         """
         if force_tier is not None:  # 7 or -1 would silently mean HEAVY (or fail deep in indexing)
             force_tier = int(ExitLevel.parse(force_tier))
-        if self.optimized and x.dim() == 4:
+        x = self._checked(x)
+        # one reduction over the batch: a NaN or an infinity anywhere makes the sum non-finite
+        # (a finite sum that overflows only costs the exact check below)
+        if not bool(torch.isfinite(x.sum())):
+            finite = torch.isfinite(x.flatten(1)).all(dim=1)
+            if not bool(finite.all()):
+                return self._without_non_finite(x, finite, force_tier, with_heatmap)
+        if self.optimized:
             x = x.contiguous(memory_format=torch.channels_last)
         b = x.shape[0]
         result = RoutedOutput(
@@ -191,6 +213,57 @@ class RoutedClassifier(nn.Module):
                 active = torch.cat([k[1] for k in kept])
                 carry = None if kept[0][2] is None else torch.cat([k[2] for k in kept])
         result.confidence.nan_to_num_(nan=0.0)  # an image of NaN pixels has NaN stop scores
+        return result
+
+    def _checked(self, x: Tensor) -> Tensor:
+        """``x`` on the network's device and dtype, after checking that it is a batch of images
+        this network and router can take (see the class docstring)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected a tensor of images (B, C, H, W), got {type(x).__name__}")
+        if x.dim() != 4:
+            hint = " (one image: add the batch dimension, x.unsqueeze(0))" if x.dim() == 3 else ""
+            raise ValueError(f"expected images of shape (B, C, H, W), got shape {tuple(x.shape)}{hint}")
+        if self.in_chans is not None and x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"expected images with {self.in_chans} channel(s), got {x.shape[1]} (shape {tuple(x.shape)})"
+            )
+        if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
+            h, w = self.input_size
+            raise ValueError(
+                f"expected images of {h}x{w} pixels (the size the router was calibrated at), got "
+                f"{x.shape[-2]}x{x.shape[-1]}: resize them first"
+            )
+        if not x.is_floating_point():
+            raise TypeError(
+                f"expected normalised floating-point images, got {x.dtype} (convert to float and "
+                "normalise with the data's mean and std first)"
+            )
+        weight = next(self.net.parameters())
+        return x.to(device=weight.device, dtype=weight.dtype)
+
+    def _without_non_finite(
+        self, x: Tensor, finite: Tensor, force_tier: int | None, with_heatmap: bool
+    ) -> RoutedOutput:
+        """Route the images of ``x`` whose ``finite`` is set; the others get the output of an
+        image that is not run (see ``RoutedOutput``)."""
+        b, dev = x.shape[0], x.device
+        rows = finite.nonzero().squeeze(1)
+        tier = NUM_TIERS - 1 if force_tier is None else force_tier
+        result = RoutedOutput(
+            logits=x.new_full((b, self.net.num_classes), float("nan")),
+            tier=torch.full((b,), tier, dtype=torch.long, device=dev),
+            confidence=torch.zeros(b, dtype=torch.float32, device=dev),
+            features=torch.zeros(b, len(FEATURE_NAMES), dtype=torch.float32, device=dev),
+            decided_at=torch.zeros(b, dtype=torch.long, device=dev),
+            heatmap=x.new_zeros(b, *x.shape[-2:]) if with_heatmap else None,
+            router_tier=None if force_tier is None else torch.full((b,), -1, dtype=torch.long, device=dev),
+        )
+        if len(rows):
+            part = self(x[rows], force_tier=force_tier, with_heatmap=with_heatmap)
+            for name in ("logits", "tier", "confidence", "features", "decided_at", "heatmap", "router_tier"):
+                target = getattr(result, name)
+                if target is not None:
+                    target[rows] = getattr(part, name)
         return result
 
     def _step(
