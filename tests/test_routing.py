@@ -402,6 +402,21 @@ def test_knob_candidates_skip_non_finite_scores(trained) -> None:
     assert knobs[0] == 0.0 and knobs[-1] == clean[-1]
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_calibrated_knob_is_the_knob_served(trained, kind: str) -> None:
+    # knobs are swept as float32 values: the router's float32 buffer serves exactly the knob
+    # whose accuracy and cost calibration reported
+    from eexit.routing.calibration import knob_candidates
+
+    net, cal, _, _, calib = trained
+    records = collect_records(net, calib, cal.feature_kwargs)
+    knobs = knob_candidates(cal.routers[kind], records)
+    assert knobs == torch.tensor(knobs, dtype=torch.float32).tolist()
+    assert knobs[-1] > 1.0
+    fitted = cal.fit_summary[kind]["knob"]  # (other tests move the routers' knobs)
+    assert fitted == float(torch.tensor(fitted, dtype=torch.float32))
+
+
 def test_calibration_refuses_a_split_too_small_to_cross_fit(trained) -> None:
     net, _, x, y, _ = trained
     with pytest.raises(ValueError, match=r"at least 16 held-out images.*data\.calib_size"):

@@ -126,6 +126,10 @@ def evaluate_tiers(tier: Tensor, records: ExitRecords, tier_cost: Sequence[float
     return acc, cost, fractions
 
 
+_ABOVE_ONE = float(torch.tensor(1.0 + 1e-6, dtype=torch.float32))
+"""A knob above every score (all scores are <= 1): everything goes to HEAVY; a float32 value."""
+
+
 def knob_candidates(router: Router, records: ExitRecords, num: int = 201) -> list[float]:
     """Knob values worth trying: quantiles of the router's own scores, plus both ends."""
     if router.one_shot:
@@ -140,9 +144,10 @@ def knob_candidates(router: Router, records: ExitRecords, num: int = 201) -> lis
     scores = scores.double()
     scores = scores[torch.isfinite(scores)]  # one NaN score (a corrupt image) would make every quantile NaN
     if not len(scores):
-        return [0.0, 1.0 + 1e-6]
+        return [0.0, _ABOVE_ONE]
     qs = torch.quantile(scores, torch.linspace(0, 1, num, dtype=torch.float64, device=scores.device))
-    return sorted({0.0, *qs.tolist(), 1.0 + 1e-6})
+    # float32 values: the knob is served from a float32 buffer, so the knob swept is the knob served
+    return sorted({0.0, *qs.float().tolist(), _ABOVE_ONE})
 
 
 Folds = Sequence[tuple[Router, ExitRecords]]
