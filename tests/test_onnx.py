@@ -51,6 +51,23 @@ def test_runner_refuses_a_batch_of_the_wrong_shape(calibrated_run, tmp_path: Pat
     assert empty["logits"].shape == (0, len(runner.meta["class_names"])) and empty["tier"].shape == (0,)
 
 
+def test_runner_treats_bad_pixels_as_the_torch_engine_does(calibrated_run, tmp_path: Path) -> None:
+    bundle = load_bundle(calibrated_run["bundle"])
+    runner = OnnxRoutedRunner(export_onnx(calibrated_run["bundle"], tmp_path / "onnx"))
+    x, _, _ = make_shapes(8, num_classes=4, image_size=16, seed=3)
+    x[2] = float("nan")
+    x[5, :, 0, 0] = float("inf")
+    ref = bundle.routed("gate")(x)
+    got = runner(x.numpy())
+    assert np.array_equal(got["tier"], ref.tier.numpy()) and got["tier"][[2, 5]].tolist() == [3, 3]
+    assert np.array_equal(np.isnan(got["logits"]), ref.logits.isnan().numpy())
+    assert np.isnan(got["logits"][[2, 5]]).all() and not np.isnan(np.delete(got["logits"], [2, 5], 0)).any()
+    assert np.abs(got["confidence"] - ref.confidence.numpy()).max() <= 1e-4
+    assert np.abs(got["features"] - ref.features.numpy()).max() <= 1e-4
+    with pytest.raises(TypeError, match="expected normalised floating-point images, got uint8"):
+        runner((x.nan_to_num(0).clamp(0, 1).numpy() * 255).astype(np.uint8))
+
+
 def test_export_command_writes_onnx_pieces(calibrated_run, tmp_path: Path) -> None:
     from eexit.cli import main
 

@@ -153,8 +153,18 @@ class OnnxRoutedRunner:
 
         Returns:
             ``logits (B, K)`` of the deciding exit, ``tier (B,)``, ``confidence (B,)`` and the
-            TINY ``features (B, 7)``.
+            TINY ``features (B, 7)``. An image with a NaN or infinite pixel is not run, as in
+            the torch engine: NaN logits, tier HEAVY, confidence and features 0.
+
+        Raises:
+            TypeError: for integer (not normalised) pixels.
+            ValueError: for a batch of another shape than the bundle's input.
         """
+        if not np.issubdtype(np.asarray(x).dtype, np.floating):
+            raise TypeError(
+                f"expected normalised floating-point images, got {np.asarray(x).dtype} (convert to float and "
+                "normalise with the bundle's mean and std first)"
+            )
         x = np.ascontiguousarray(x, dtype=np.float32)
         spec = self.meta["input"]
         want = (spec["channels"], *spec["size"])
@@ -171,6 +181,19 @@ class OnnxRoutedRunner:
                 "confidence": np.zeros(0, np.float32),
                 "features": np.zeros((0, 7), np.float32),  # the 7 complexity features (no torch import here)
             }
+        finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        if not finite.all():
+            k = len(self.meta["class_names"])
+            out = {
+                "logits": np.full((len(x), k), np.nan, np.float32),
+                "tier": np.full(len(x), len(ExitLevel) - 1, np.int64),
+                "confidence": np.zeros(len(x), np.float32),
+                "features": np.zeros((len(x), 7), np.float32),
+            }
+            if finite.any():
+                for key, value in self(x[finite]).items():
+                    out[key][finite] = value
+            return out
         h, logits0, feats = self.sessions["first"].run(None, {"image": x})
         tier, confidence = self.sessions["gate"].run(None, {"features": feats})
         logits = np.zeros_like(logits0)
