@@ -280,3 +280,49 @@ def test_localisation_table_has_a_column_per_configured_fraction() -> None:
         "recall@30",
     ]
     assert all("-" not in row for row in table.rows) and table.rows[0][4:6] == [0.1, 0.3]
+
+
+def test_evaluate_refuses_classes_numbered_otherwise() -> None:
+    # an ImageFolder numbers its classes by sorted folder name: the same images in another order
+    # would be scored against the wrong labels (37% instead of 94% on Fashion-MNIST)
+    from types import SimpleNamespace
+
+    from eexit.evaluation.pipeline import _check_data_matches
+
+    names = ["shirt", "bag", "boot"]
+    loaded = SimpleNamespace(net=SimpleNamespace(num_classes=3), data={"class_names": names})
+    _check_data_matches(loaded, SimpleNamespace(num_classes=3, class_names=list(names), mean=[], std=[]), "ckpt_path")
+    sorted_info = SimpleNamespace(num_classes=3, class_names=sorted(names), mean=[], std=[])
+    with pytest.raises(ConfigError, match=r"'data'.*numbered otherwise.*0: 'shirt' vs 'bag'"):
+        _check_data_matches(loaded, sorted_info, "ckpt_path")
+
+
+def test_evaluate_on_a_pool_too_small_for_the_trained_split_names_the_data(tmp_path: Path) -> None:
+    run = [
+        "data=synthetic",
+        "model=micro",
+        "debug=fdr",
+        "logger=none",
+        "data.val_size=64",
+        "data.calib_size=64",
+        "router.calibrate=false",
+    ]
+    _, objs = train(compose_train(tmp_path / "t", run))
+    cfg = compose_train(
+        tmp_path / "e", [*SMALL, f"ckpt_path={objs['best_ckpt']}", "data.num_train=100"], config_name="eval"
+    )
+    with pytest.raises(ConfigError, match=r"'data'.*leave no training images out of 100.*a pool of 512 images"):
+        evaluate(cfg)
+
+
+def test_a_warning_says_when_the_clean_cluttered_scenes_are_not_recognised(caplog) -> None:
+    # at the default canvas (twice the image) the Fashion-MNIST model classified even the clean
+    # scenes at chance (8% against 92%): their localisation scores need that said
+    from eexit.evaluation.pipeline import _warn_if_scenes_are_not_recognised
+
+    with caplog.at_level("WARNING", logger="eexit.evaluation.pipeline"):
+        _warn_if_scenes_are_not_recognised({"cluttered/acc_level0/heavy": 0.6}, 0.92, 2.0)
+        assert not caplog.records
+        _warn_if_scenes_are_not_recognised({"cluttered/acc_level0/heavy": 0.08}, 0.92, 2.0)
+    assert len(caplog.records) == 1
+    assert "at 8.0% against 92.0% on the test split" in caplog.text and "canvas_factor=1" in caplog.text

@@ -100,6 +100,19 @@ def test_gradcam_runs_under_inference_mode() -> None:
     assert all(torch.isfinite(c).all() and (c >= 0).all() for c in out.cams)
 
 
+def test_a_callable_target_works_under_inference_mode() -> None:
+    # autograd differentiates a callable target: it runs outside inference mode on a copy of the
+    # pooled vector (it failed with "element 0 of tensors does not require grad" before)
+    torch.manual_seed(0)
+    net = create_model("resnet_micro", in_chans=1, num_classes=5, head="mlp").eval()
+    x = torch.randn(4, 1, 16, 16)
+    ref = net(x, with_cams=True, targets=torch.full((4,), 3)).cams
+    with torch.inference_mode():
+        cams = net(x, with_cams=True, targets=lambda logits: logits[:, 3]).cams
+    for a, b in zip(cams, ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_identity_attention_layer_is_the_stage_output() -> None:
     net = create_model("resnet_micro", in_chans=1, num_classes=3, head_conv=0)
     assert isinstance(net.cam_layer(ExitLevel.TINY), nn.Identity)

@@ -274,3 +274,25 @@ def test_resume_drops_the_old_calibration_and_refuses_a_changed_schedule_length(
     assert resumed["global_step"] == 2 * STEPS_PER_EPOCH
     assert "calibration" not in resumed["eexit"]  # stale: it fitted the step-15 weights
     assert all("calibration" not in torch.load(p, weights_only=False)["eexit"] for p in last.parent.glob("*.ckpt"))
+
+
+def test_resume_on_a_pool_that_grew_is_refused(tmp_path: Path) -> None:
+    # the same seed and split fractions on a larger pool put other images into training: the
+    # resumed epochs would train on the old run's validation and calibration images
+    overrides = [
+        "data=synthetic",
+        "model=micro",
+        "model.scheduler=null",  # no schedule length to catch the change by chance
+        "logger=none",
+        "trainer.max_epochs=1",
+        "router.calibrate=false",
+        "test=false",
+    ]
+    train(compose_train(tmp_path / "a", overrides))
+    last = tmp_path / "a" / "out" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["eexit"]["data"]["split"]["pool_size"] == 512
+    grown = [*overrides, "trainer.max_epochs=2", "data.num_train=576", f"ckpt_path={last}"]
+    with pytest.raises(ConfigError, match=r"'data'.*a pool of 512 images, this data config gives 576"):
+        train(compose_train(tmp_path / "b", grown))
+    _, objs = train(compose_train(tmp_path / "c", [*overrides, "trainer.max_epochs=2", f"ckpt_path={last}"]))
+    assert objs["trainer"].current_epoch == 2

@@ -90,6 +90,18 @@ def test_bad_values_fail_at_start_naming_the_key(tmp_path: Path, override: str, 
     assert not (tmp_path / "out" / "checkpoints").exists(), "nothing should have run"
 
 
+def test_an_unlimited_run_with_a_schedule_that_needs_its_length_names_the_key(tmp_path: Path) -> None:
+    # OneCycleLR's total_steps is filled in from the run's length: with no limit it is infinite
+    # (an OverflowError deep in Lightning before)
+    unlimited = ["data=synthetic", "model=micro", "logger=none", "trainer.max_epochs=-1"]
+    with pytest.raises(ConfigError, match=r"'trainer\.max_epochs'.*OneCycleLR needs the run's length \(total_steps\)"):
+        train(compose_train(tmp_path / "a", unlimited))
+    _, objs = train(
+        compose_train(tmp_path / "b", [*unlimited, "+trainer.max_steps=3", "router.calibrate=false", "test=false"])
+    )
+    assert objs["trainer"].global_step == 3
+
+
 def test_missing_data_directory_names_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "no_such_dir"
     cfg = compose_train(tmp_path, ["data=image_folder", f"data.root={missing}", *FAST])

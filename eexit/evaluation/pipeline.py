@@ -141,6 +141,16 @@ def _check_data_matches(loaded: LoadedCheckpoint, info, key: str) -> None:
     if loaded.net.num_classes != info.num_classes:
         raise ConfigError("data", f"{info.num_classes} classes, but {key} has {loaded.net.num_classes}")
     trained = loaded.data or {}
+    names = trained.get("class_names")
+    if names and info.class_names and list(names) != list(info.class_names):
+        # the same number of classes, numbered otherwise (an ImageFolder sorts its folder names):
+        # every accuracy would compare labels of one numbering with predictions of another
+        diff = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(names, info.class_names, strict=False)) if a != b]
+        raise ConfigError(
+            "data",
+            f"{key} was trained on classes numbered otherwise than this data's (trained vs here: "
+            f"{'; '.join(diff[:3])}{' ...' if len(diff) > 3 else ''}): evaluate on data with the same class order",
+        )
     for field_name in ("in_chans", "image_size"):
         if field_name in trained and int(trained[field_name]) != int(getattr(info, field_name)):
             raise ConfigError(
@@ -153,6 +163,23 @@ def _check_data_matches(loaded: LoadedCheckpoint, info, key: str) -> None:
             len(want) != len(got) or any(abs(float(a) - float(b)) > 1e-4 for a, b in zip(want, got, strict=False))
         ):
             raise ConfigError(f"data.{field_name}", f"{key} was trained with {field_name}={want}, the data gives {got}")
+
+
+def _warn_if_scenes_are_not_recognised(loc: dict[str, float], test_acc: float, canvas_factor: float) -> None:
+    """Warn when HEAVY classifies the clean (level 0) cluttered scenes at under half its test
+    accuracy: the localisation scores then describe the cams of a network that does not
+    recognise the objects on such canvases (a network trained on centred single objects sees a
+    larger canvas, even a clean one, as another input distribution)."""
+    clean = loc.get("cluttered/acc_level0/heavy")
+    if clean is not None and clean < 0.5 * test_acc:
+        log.warning(
+            "HEAVY classifies the clean cluttered scenes (level 0, canvas %.2gx the image) at %.1f%% against "
+            "%.1f%% on the test split: their localisation scores describe cams of a network that does not "
+            "recognise the objects there (eval.cluttered.canvas_factor=1 keeps the training scale)",
+            canvas_factor,
+            100 * clean,
+            100 * test_acc,
+        )
 
 
 def _display(x: Tensor, mean: list[float], std: list[float]) -> Tensor:
@@ -203,6 +230,16 @@ def evaluate(cfg: DictConfig) -> dict:
     for name, model in (("ckpt_path", loaded), ("baseline_ckpt_path", baseline)):
         if model is not None:
             _check_data_matches(model, info, name)
+    try:
+        dm.setup("test")  # splits the pool too (the calibration split may be needed)
+    except ConfigError:
+        raise
+    except ValueError as err:  # the checkpoint's split sizes do not fit this data's pool
+        pool = (split or {}).get("pool_size")
+        trained = (
+            f" ({loaded.path} was trained on a pool of {pool} images: evaluate with its data config)" if pool else ""
+        )
+        raise ConfigError("data", f"{err}{trained}") from None
     limit = cfg.get("limit")
     x, y = _test_tensors(dm, limit, cfg.get("seed") or 0)
     subset = limit is not None and limit < len(dm.data_test)  # limit >= the split: all of it
@@ -260,6 +297,7 @@ def evaluate(cfg: DictConfig) -> dict:
         scenes = scenes_from_test(x, y, info.mean, info.std, cc.num_images, cc.canvas_factor, cc.seed)
         loc, clutter_cams = cluttered_localization(net, scenes, info.mean, info.std, tuple(cc.fractions), bs)
         metrics.update(loc)
+        _warn_if_scenes_are_not_recognised(loc, metrics["test/acc/heavy"], cc.canvas_factor)
     else:
         log.warning("the evaluated test images hold one class: no cluttered scenes (their distractors need two)")
     if baseline is not None:  # the same explanation-quality figures for the second model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Callable
 
 import pytorch_lightning as pl
@@ -156,7 +157,15 @@ class MultiExitModule(pl.LightningModule):
         extra = {}
         for name in ("total_steps", "T_max"):
             if name in params and name not in given:
-                extra[name] = int(self.trainer.estimated_stepping_batches)
+                steps = self.trainer.estimated_stepping_batches
+                if not math.isfinite(steps):
+                    raise ConfigError(
+                        "trainer.max_epochs",
+                        f"{getattr(factory, 'func', factory).__name__} needs the run's length ({name}), but the run "
+                        "has no limit (trainer.max_epochs=-1 and no trainer.max_steps): set one of them (+trainer.max_steps=N), or "
+                        f"model.scheduler.{name}, or model.scheduler=null",
+                    )
+                extra[name] = int(steps)
         self._schedule_length = next(iter(extra.items()), None)
         # OneCycleLR counts steps whoever gives its length; other schedulers step per batch when
         # their length was filled in from the step count here, per epoch otherwise
@@ -195,6 +204,15 @@ class MultiExitModule(pl.LightningModule):
                 dm.num_workers,
             )
         differs = dm.split_differences(record) if record else []
+        pool = (record or {}).get("pool_size")
+        if not differs and pool is not None and dm.pool_size is not None and pool != dm.pool_size:
+            # the same settings split another pool into other images (a folder that grew)
+            raise ConfigError(
+                "data",
+                f"{self.trainer.ckpt_path} was trained on a pool of {pool} images, this data config gives "
+                f"{dm.pool_size}: its split would put that run's validation and calibration images into training "
+                "(resume on the same data, or start a new run)",
+            )
         if differs:
             key = differs[0].split(":")[0]
             raise ConfigError(

@@ -113,12 +113,15 @@ class ExitHead(nn.Module):
         if isinstance(target, Tensor):
             grad = self._class_gradient(out.pooled, target.to(out.logits.device).long(), out.hidden)
             return grad if create_graph else grad.detach()
-        # a callable target: let autograd differentiate it (needs grad mode, not inference mode)
-        with torch.enable_grad():
+        # a callable target: let autograd differentiate it through the classifier on the pooled
+        # vector (under inference mode too: its tensors are copied out of it, which costs a (B, C)
+        # copy, and autograd runs outside it)
+        with torch.inference_mode(False), torch.enable_grad():
             if create_graph and out.pooled.requires_grad:
                 z, logits = out.pooled, out.logits
             else:
-                z = out.pooled.detach().requires_grad_(True)
+                pooled = out.pooled.detach()
+                z = (pooled.clone() if pooled.is_inference() else pooled).requires_grad_(True)
                 logits = self.classifier(z)
             (grad,) = torch.autograd.grad(target(logits).sum(), z, create_graph=create_graph)
         return grad
