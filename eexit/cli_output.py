@@ -14,13 +14,14 @@ from eexit.types import ExitLevel
 
 @contextmanager
 def config_errors_exit() -> Iterator[None]:
-    """In an entry point: a ``ConfigError`` (a bad key, named in the message) ends the program
-    with that one line on stderr and exit status 2, instead of a traceback under Hydra's
+    """In an entry point: a ``ConfigError`` (a bad key, named in the message) or a missing file
+    (a data folder, a checkpoint: the message names the path) ends the program with that one
+    line on stderr and exit status 2, instead of a traceback under Hydra's
     "Error executing job" banner. In a multirun (``-m``) the error is left to Hydra, which
     reports it for that job and goes on with the others."""
     try:
         yield
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError) as err:  # a bad key, or a file a key names is missing
         if _in_multirun():
             raise
         console = Console(stderr=True, soft_wrap=True)

@@ -112,12 +112,37 @@ def validate_train_config(cfg: DictConfig) -> None:
         )
     _number("data.batch_size", cfg.data.get("batch_size", 1), 1, integer=True)
     _number("data.image_size", cfg.data.get("image_size", 1), 1, integer=True)
+    _number("data.num_workers", cfg.data.get("num_workers", 0), 0, integer=True, what="(0: load in the main process) ")
+    if "seed" in cfg:  # it seeds the data split too: null cannot do that
+        _number("seed", cfg.seed, 0, integer=True, what="(it seeds the split, the initialisation and the shuffling) ")
+    cam_size = loss.get("cam_size")
+    if cam_size is not None:
+        sizes = [cam_size] if isinstance(cam_size, int) else list(cam_size) if OmegaConf.is_list(cam_size) else None
+        if sizes is None or len(sizes) != (1 if isinstance(cam_size, int) else 2):
+            raise ConfigError("model.loss.cam_size", f"must be null, a size or [height, width], got {cam_size!r}")
+        for size in sizes:
+            _number("model.loss.cam_size", size, 1, integer=True)
     for key in ("val_size", "calib_size"):
         if cfg.data.get(key) is not None:
             try:
                 check_split_size(key, cfg.data[key])
             except ValueError as err:
                 raise ConfigError(f"data.{key}", str(err)) from None
+    rc = cfg.get("router") or {}
+    calib_size = cfg.data.get("calib_size")
+    if rc.get("calibrate", False) and calib_size == 0:
+        raise ConfigError(
+            "data.calib_size", "is 0, but router calibration needs held-out images (or set router.calibrate=false)"
+        )
+    if rc.get("calibrate", False) and isinstance(calib_size, int) and not isinstance(calib_size, bool):
+        from eexit.routing.calibrate import MIN_CALIBRATION_IMAGES
+
+        if calib_size < MIN_CALIBRATION_IMAGES:  # found only after the fit otherwise
+            raise ConfigError(
+                "data.calib_size",
+                f"{calib_size} held-out calibration images; router calibration needs at least "
+                f"{MIN_CALIBRATION_IMAGES} (or set router.calibrate=false)",
+            )
 
 
 def validate_router_config(cfg: DictConfig) -> None:
@@ -154,6 +179,8 @@ def validate_eval_config(cfg: DictConfig) -> None:
     """
     trusts_checkpoints(cfg)
     validate_router_config(cfg)
+    if not isinstance(cfg.get("recalibrate", False), bool):
+        raise ConfigError("recalibrate", f"must be true or false, got {cfg.recalibrate!r}")
     if cfg.get("limit") is not None:
         _number("limit", cfg.limit, 1, integer=True, what="(null: the whole test split) ")
     if cfg.get("batch_size") is not None:  # null: 256

@@ -71,7 +71,8 @@ class MultiExitLoss(nn.Module):
         exit_weights: cross-entropy weight per exit name (missing exits weigh 1).
         attn_weight: ``lambda``; 0 is the plain multi-exit baseline.
         consistency_exits: the early exits that get the KL term (default: all but HEAVY).
-        cam_size: common ``(H, W)`` for the distributions; ``None`` uses the largest cam's size.
+        cam_size: common ``(H, W)`` for the distributions (one int: square); ``None`` uses the
+            largest cam's size.
         eps: see ``cam_to_distribution``.
         temperature: see ``cam_to_distribution``.
         label_smoothing: cross-entropy label smoothing.
@@ -82,7 +83,7 @@ class MultiExitLoss(nn.Module):
         exit_weights: Mapping[str, float] | None = None,
         attn_weight: float = 1.0,
         consistency_exits: Sequence[str] | None = None,
-        cam_size: Sequence[int] | None = None,
+        cam_size: int | Sequence[int] | None = None,
         eps: float = 1e-3,
         temperature: float | None = None,
         label_smoothing: float = 0.0,
@@ -102,6 +103,8 @@ class MultiExitLoss(nn.Module):
             raise ValueError("HEAVY is the teacher and cannot be a consistency exit")
         self.exit_weights = weights
         self.attn_weight = float(attn_weight)
+        if isinstance(cam_size, int):
+            cam_size = (cam_size, cam_size)
         self.cam_size = tuple(cam_size) if cam_size is not None else None
         self.eps = eps
         self.temperature = temperature

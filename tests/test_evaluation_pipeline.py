@@ -133,6 +133,7 @@ def test_evaluate_refuses_bad_inputs_naming_the_key(tmp_path: Path, checkpoints)
         ("eval.cluttered.num_images=0", "eval.cluttered.num_images"),
         ("eval.faithfulness.num_images=null", "eval.faithfulness.num_images"),
         ("trust_checkpoint=maybe", "trust_checkpoint"),
+        ("recalibrate=yes", "recalibrate"),
         ("router.cost=time", "router.cost"),
         (f"baseline_ckpt_path={tmp_path / 'none.ckpt'}", "baseline_ckpt_path"),
     ):
@@ -326,3 +327,15 @@ def test_a_warning_says_when_the_clean_cluttered_scenes_are_not_recognised(caplo
         _warn_if_scenes_are_not_recognised({"cluttered/acc_level0/heavy": 0.08}, 0.92, 2.0)
     assert len(caplog.records) == 1
     assert "at 8.0% against 92.0% on the test split" in caplog.text and "canvas_factor=1" in caplog.text
+
+
+def test_recalibrate_fits_the_routers_anew_with_the_router_settings(tmp_path: Path, checkpoints) -> None:
+    egt, _ = checkpoints
+    quick = [*SMALL, f"ckpt_path={egt}", "eval.remeasure_tier_latency=false", "router.max_drop=0.5"]
+    stored = evaluate(compose_train(tmp_path / "s", quick, config_name="eval"))
+    fitted = evaluate(compose_train(tmp_path / "r", [*quick, "recalibrate=true"], config_name="eval"))
+    state = torch.load(egt, weights_only=False)["eexit"]["calibration"]
+    for kind in ROUTERS:  # the stored knobs were fitted for a 0.5-point drop, these for 50 points
+        assert stored[f"routed/{kind}/knob"] == pytest.approx(state["fit_summary"][kind]["knob"])
+    assert any(fitted[f"routed/{k}/knob"] != stored[f"routed/{k}/knob"] for k in ROUTERS)
+    assert all(fitted[f"routed/{k}/mflops"] <= stored[f"routed/{k}/mflops"] + 1e-6 for k in ROUTERS)

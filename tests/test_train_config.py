@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from eexit.config import ConfigError
 from eexit.routing.costs import count_flops
 from eexit.training import train
 from eexit.types import ExitLevel
-from tests.conftest import compose_train, needs_cifar, needs_fashion
+from tests.conftest import ROOT, compose_train, needs_cifar, needs_fashion
 
 FAST = ["debug=fdr", "logger=csv"]
 
@@ -81,6 +83,13 @@ def test_cifar10_experiment_fast_dev_run(tmp_path: Path) -> None:
         ("router.margin_se=nan", ConfigError, "router.margin_se"),
         ("router.latency_batch=0", ConfigError, "router.latency_batch"),
         ("router.latency_min_run_time=0", ConfigError, "router.latency_min_run_time"),
+        # found only inside the fit, after the test or in a reshape before
+        ("seed=null", ConfigError, "seed"),
+        ("data.num_workers=-1", ConfigError, "data.num_workers"),
+        ("model.loss.cam_size=[7]", ConfigError, "model.loss.cam_size"),
+        ("model.loss.cam_size=[7,0]", ConfigError, "model.loss.cam_size"),
+        ("data.calib_size=0", ConfigError, "data.calib_size"),
+        ("data.calib_size=8", ConfigError, "data.calib_size"),
     ],
 )
 def test_bad_values_fail_at_start_naming_the_key(tmp_path: Path, override: str, error, names: str) -> None:
@@ -100,6 +109,34 @@ def test_an_unlimited_run_with_a_schedule_that_needs_its_length_names_the_key(tm
         compose_train(tmp_path / "b", [*unlimited, "+trainer.max_steps=3", "router.calibrate=false", "test=false"])
     )
     assert objs["trainer"].global_step == 3
+
+
+def test_a_square_cam_size_is_one_number(tmp_path: Path) -> None:
+    cfg = compose_train(
+        tmp_path, ["data=synthetic", "model=micro", *FAST, "model.loss.cam_size=4", "router.calibrate=false"]
+    )
+    _, objs = train(cfg)
+    assert objs["model"].loss_fn.cam_size == (4, 4)
+
+
+def test_a_missing_data_folder_ends_train_py_in_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_dir"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "data=image_folder",
+            f"data.root={missing}",
+            "logger=none",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_missing_data_directory_names_the_path(tmp_path: Path) -> None:

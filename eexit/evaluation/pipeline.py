@@ -101,7 +101,15 @@ def _calibration(loaded: LoadedCheckpoint, dm: SplitDataModule, cfg: DictConfig,
     """The checkpoint's stored calibration, or a new one fitted on the held-out calibration split
     (its latencies timed on ``example_size`` images of that split)."""
     state = loaded.extra.get("calibration")
-    if state:
+    if state and not cfg.get("recalibrate", False):
+        ignored = _router_overrides()
+        if ignored:
+            log.warning(
+                "%s stores its calibration, so these settings are not used: %s (recalibrate=true fits the "
+                "routers anew with them)",
+                loaded.path,
+                " ".join(ignored),
+            )
         return Calibration.from_state(state)
     log.warning("%s holds no calibration: calibrating on the held-out calibration split now", loaded.path)
     dm.setup("calibrate")
@@ -134,6 +142,15 @@ def _calibration(loaded: LoadedCheckpoint, dm: SplitDataModule, cfg: DictConfig,
         min_run_time=rc.latency_min_run_time,
         seed=cfg.get("seed") or 0,
     )
+
+
+def _router_overrides() -> list[str]:
+    """The command line's ``router.*`` overrides (empty outside a Hydra run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [o for o in HydraConfig.get().overrides.task if o.lstrip("+~").startswith("router")]
 
 
 def _check_data_matches(loaded: LoadedCheckpoint, info, key: str) -> None:
