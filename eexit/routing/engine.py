@@ -31,7 +31,7 @@ class RoutedOutput:
             decision, or under ``force_tier`` for the forced exit (one-shot gate: the probability
             that the image needs no more than that exit; staged gate and cascade: the stop score
             there, the staged gate's sigmoid or the exit's top softmax probability; at HEAVY, one
-            minus MEDIUM's stop score); 0 where that score is NaN (an image of NaN pixels).
+            minus MEDIUM's stop score); 0 where that score is NaN (logits that overflowed).
         features: ``(B, 7)`` float32, the features the deciding router step saw (TINY's for the one-shot
             gate, the deciding exit's for the staged gate; zeros for the cascade).
         decided_at: ``(B,)`` the exit where the decision was taken (TINY for the one-shot gate;
@@ -41,15 +41,15 @@ class RoutedOutput:
             stop rule fired, else of the last exit it passed.
         heatmap: ``(B, H, W)`` Grad-CAM of the deciding exit, upsampled to the input size, or
             ``None``.
+        router_tier: ``(B,)`` under ``force_tier``, the exit the router itself would have chosen,
+            ``-1`` where the forced exit came before the router's stop rule fired (the staged
+            gate and the cascade decide exit by exit, so their choice past the forced exit is
+            unknown); ``None`` when nothing was forced (the router's choice is ``tier``).
 
     An image with a NaN or infinite pixel is not run at all (the fused kernels of the inference
     copy would turn its NaN into confident logits): its logits are NaN, its tier is HEAVY (the
     forced tier under ``force_tier``, with ``router_tier`` -1), its confidence, features,
     ``decided_at`` and heatmap are 0; the other images of the batch are routed as without it.
-        router_tier: ``(B,)`` under ``force_tier``, the exit the router itself would have chosen,
-            ``-1`` where the forced exit came before the router's stop rule fired (the staged
-            gate and the cascade decide exit by exit, so their choice past the forced exit is
-            unknown); ``None`` when nothing was forced (the router's choice is ``tier``).
     """
 
     logits: Tensor
@@ -212,7 +212,7 @@ class RoutedClassifier(nn.Module):
                 h = torch.cat([k[0] for k in kept])
                 active = torch.cat([k[1] for k in kept])
                 carry = None if kept[0][2] is None else torch.cat([k[2] for k in kept])
-        result.confidence.nan_to_num_(nan=0.0)  # an image of NaN pixels has NaN stop scores
+        result.confidence.nan_to_num_(nan=0.0)  # finite pixels large enough to overflow the logits
         return result
 
     def _checked(self, x: Tensor) -> Tensor:
