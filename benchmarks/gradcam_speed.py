@@ -61,7 +61,12 @@ def main() -> None:
     )
 
     def timed(stmt: str) -> float:
-        t = benchmark.Timer(stmt=stmt, globals={"net": net, "x": x, "torch": torch, "run_captum": run_captum})
+        # with torch's own thread count (Timer runs one thread unless told), as machine() reports
+        t = benchmark.Timer(
+            stmt=stmt,
+            globals={"net": net, "x": x, "torch": torch, "run_captum": run_captum},
+            num_threads=torch.get_num_threads(),
+        )
         return t.blocked_autorange(min_run_time=args.min_run_time).median
 
     t_plain = timed("with torch.no_grad(): net(x)")

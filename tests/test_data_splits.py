@@ -150,3 +150,44 @@ def test_split_sizes_that_are_neither_counts_nor_fractions_are_refused(size) -> 
     dm = SyntheticDataModule(num_train=64, num_test=8, val_size=size, calib_size=8, seed=0)
     with pytest.raises(ValueError, match=r"val_size must be a number of images .* got"):
         dm.setup("fit")
+
+
+def test_hidden_folders_are_no_classes(tmp_path: Path) -> None:
+    _folder(tmp_path, per_class=4)
+    for split in ("train", "test"):  # a notebook's checkpoint copies, a macOS archive's debris
+        for hidden in (".ipynb_checkpoints", "__MACOSX"):
+            (tmp_path / split / hidden).mkdir()
+            Image.new("RGB", (16, 16)).save(tmp_path / split / hidden / "0-checkpoint.png")
+    dm = ImageFolderDataModule(str(tmp_path), image_size=16, augment=False, val_size=2, calib_size=2, seed=0)
+    assert dm.info.class_names == ["a", "b"]
+    dm.setup("test")
+    assert sorted(set(dm.data_train.dataset.targets)) == [0, 1] and len(dm.data_train.dataset) == 8
+    assert dm.data_test.classes == ["a", "b"] and len(dm.data_test) == 8
+
+
+def test_skipping_unreadable_files_may_not_empty_a_class(tmp_path: Path) -> None:
+    _folder(tmp_path, per_class=4)
+    (tmp_path / "train" / "c").mkdir()
+    for i in range(3):
+        (tmp_path / "train" / "c" / f"{i}.png").write_bytes(b"not a png")
+    dm = ImageFolderDataModule(
+        str(tmp_path), image_size=16, augment=False, val_size=2, calib_size=2, seed=0, bad_files="skip"
+    )
+    with pytest.raises(FileNotFoundError, match=r"class folder\(s\) c of .*train hold no readable image"):
+        dm.setup("fit")
+
+
+def test_a_cifar_tarball_without_a_test_split_is_refused_before_it_is_kept(tmp_path: Path) -> None:
+    import tarfile
+
+    from eexit.data.image_folder import CIFAR10DataModule
+
+    src = tmp_path / "src" / "cifar10" / "train" / "cat"
+    src.mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(src / "0.png")
+    tarball = tmp_path / "c.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar10", arcname="cifar10")
+    with pytest.raises(FileNotFoundError, match=r"does not unpack to one folder with train/ and test/"):
+        CIFAR10DataModule(source=str(tarball), data_dir=str(tmp_path / "data"))
+    assert not (tmp_path / "data" / "cifar10").exists()  # no half data set left for the next run

@@ -79,13 +79,23 @@ class CheckedImageFolder(datasets.ImageFolder):
             self.targets = [t for _, t in keep]
             if self.skipped:
                 log.warning("skipped %d unreadable images in %s, e.g. %s", len(self.skipped), root, self.skipped[0])
+            left = set(self.targets)
+            emptied = [c for c, i in self.class_to_idx.items() if i not in left]
+            if emptied and self.samples and not allow_empty:  # an exit output no image would train
+                raise FileNotFoundError(
+                    f"class folder(s) {', '.join(emptied)} of {root} hold no readable image once the unreadable "
+                    "ones are skipped"
+                )
         if not self.samples:
             raise FileNotFoundError(f"no image files in the class folders of {root}")
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
-        found, mapping = super().find_classes(directory)
+        found, _ = super().find_classes(directory)
+        found = [c for c in found if not _hidden_folder(c)]
+        if not found:
+            raise FileNotFoundError(f"no class folders in {directory} (hidden folders do not count)")
         if self._given_classes is None:
-            return found, mapping
+            return found, {c: i for i, c in enumerate(found)}
         extra = sorted(set(found) - set(self._given_classes))
         if extra:
             raise ValueError(
@@ -93,6 +103,12 @@ class CheckedImageFolder(datasets.ImageFolder):
                 f"(training classes: {self._given_classes})"
             )
         return list(self._given_classes), {c: i for i, c in enumerate(self._given_classes)}
+
+
+def _hidden_folder(name: str) -> bool:
+    """A folder that is no class: hidden (``.ipynb_checkpoints``, ``.git``) or a macOS archive's
+    ``__MACOSX``."""
+    return name.startswith(".") or name == "__MACOSX"
 
 
 class ImageFolderDataModule(SplitDataModule):
@@ -150,7 +166,10 @@ class ImageFolderDataModule(SplitDataModule):
         for split in (train_dir, test_dir):
             if not (self.root / split).is_dir():
                 raise FileNotFoundError(f"data folder not found: {self.root / split} (set data.root)")
-        self._classes = sorted(p.name for p in (self.root / train_dir).iterdir() if p.is_dir())
+        # hidden folders (.ipynb_checkpoints, .git) and macOS archive debris are no classes
+        self._classes = sorted(
+            p.name for p in (self.root / train_dir).iterdir() if p.is_dir() and not _hidden_folder(p.name)
+        )
         if not self._classes:
             raise FileNotFoundError(f"no class folders in {self.root / train_dir}")
 
@@ -212,8 +231,10 @@ class CIFAR10DataModule(ImageFolderDataModule):
         **kwargs: see ``ImageFolderDataModule``.
     """
 
-    MEAN = (0.49421, 0.48513, 0.45041)
-    STD = (0.24665, 0.24289, 0.26159)
+    # per-channel statistics of the 50,000 training images as stored (JPEG q75), over all pixels
+    # (the values before 2026-12-04 were the test split's: a leak, if a small one)
+    MEAN = (0.49125, 0.48209, 0.44652)
+    STD = (0.24523, 0.24278, 0.26063)
 
     def __init__(self, source: str, data_dir: str = "data", **kwargs) -> None:
         self.source = Path(source)
@@ -238,7 +259,7 @@ class CIFAR10DataModule(ImageFolderDataModule):
             with tarfile.open(self.source) as tar:
                 tar.extractall(tmp, filter="data")
             unpacked = [p for p in Path(tmp).iterdir() if p.is_dir()]
-            if len(unpacked) != 1 or not (unpacked[0] / self.train_dir).is_dir():
+            if len(unpacked) != 1 or not all((unpacked[0] / d).is_dir() for d in (self.train_dir, self.test_dir)):
                 raise FileNotFoundError(
                     f"{self.source} does not unpack to one folder with {self.train_dir}/ and {self.test_dir}/"
                 )
