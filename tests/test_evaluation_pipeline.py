@@ -339,3 +339,17 @@ def test_recalibrate_fits_the_routers_anew_with_the_router_settings(tmp_path: Pa
         assert stored[f"routed/{kind}/knob"] == pytest.approx(state["fit_summary"][kind]["knob"])
     assert any(fitted[f"routed/{k}/knob"] != stored[f"routed/{k}/knob"] for k in ROUTERS)
     assert all(fitted[f"routed/{k}/mflops"] <= stored[f"routed/{k}/mflops"] + 1e-6 for k in ROUTERS)
+
+
+def test_evaluate_help_says_which_groups_it_uses() -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "evaluate.py composes only data, logger, paths and router" in proc.stdout
+    assert "recalibrate: false" in proc.stdout and "template" not in proc.stdout
