@@ -117,8 +117,11 @@ def validate_train_config(cfg: DictConfig) -> None:
         _number("seed", cfg.seed, 0, integer=True, what="(it seeds the split, the initialisation and the shuffling) ")
     cam_size = loss.get("cam_size")
     if cam_size is not None:
-        sizes = [cam_size] if isinstance(cam_size, int) else list(cam_size) if OmegaConf.is_list(cam_size) else None
-        if sizes is None or len(sizes) != (1 if isinstance(cam_size, int) else 2):
+        if OmegaConf.is_list(cam_size) and len(cam_size) == 2:
+            sizes = list(cam_size)
+        elif isinstance(cam_size, int) and not isinstance(cam_size, bool):
+            sizes = [cam_size]
+        else:
             raise ConfigError("model.loss.cam_size", f"must be null, a size or [height, width], got {cam_size!r}")
         for size in sizes:
             _number("model.loss.cam_size", size, 1, integer=True)
@@ -128,21 +131,31 @@ def validate_train_config(cfg: DictConfig) -> None:
                 check_split_size(key, cfg.data[key])
             except ValueError as err:
                 raise ConfigError(f"data.{key}", str(err)) from None
-    rc = cfg.get("router") or {}
     calib_size = cfg.data.get("calib_size")
-    if rc.get("calibrate", False) and calib_size == 0:
-        raise ConfigError(
-            "data.calib_size", "is 0, but router calibration needs held-out images (or set router.calibrate=false)"
-        )
-    if rc.get("calibrate", False) and isinstance(calib_size, int) and not isinstance(calib_size, bool):
-        from eexit.routing.calibrate import MIN_CALIBRATION_IMAGES
-
-        if calib_size < MIN_CALIBRATION_IMAGES:  # found only after the fit otherwise
+    if (cfg.get("router") or {}).get("calibrate", False) and calib_size is not None:
+        # found only after the fit otherwise; a fraction is checked once the pool is known
+        if calib_size == 0:
             raise ConfigError(
-                "data.calib_size",
-                f"{calib_size} held-out calibration images; router calibration needs at least "
-                f"{MIN_CALIBRATION_IMAGES} (or set router.calibrate=false)",
+                "data.calib_size", "is 0, but router calibration needs held-out images (or set router.calibrate=false)"
             )
+        if isinstance(calib_size, int) and not isinstance(calib_size, bool):
+            check_calibration_size(calib_size)
+
+
+def check_calibration_size(n: int) -> None:
+    """Refuse a calibration split of ``n`` images, too few for router calibration.
+
+    Raises:
+        ConfigError: naming ``data.calib_size``.
+    """
+    from eexit.routing.calibrate import MIN_CALIBRATION_IMAGES
+
+    if n < MIN_CALIBRATION_IMAGES:
+        raise ConfigError(
+            "data.calib_size",
+            f"{n} held-out calibration images; router calibration needs at least {MIN_CALIBRATION_IMAGES} "
+            "(or set router.calibrate=false)",
+        )
 
 
 def validate_router_config(cfg: DictConfig) -> None:

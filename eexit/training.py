@@ -13,7 +13,13 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from eexit.checkpoint import checkpoint_globals, read_checkpoint
-from eexit.config import ConfigError, check_image_size, trusts_checkpoints, validate_train_config
+from eexit.config import (
+    ConfigError,
+    check_calibration_size,
+    check_image_size,
+    trusts_checkpoints,
+    validate_train_config,
+)
 from eexit.data.base import SplitDataModule
 from eexit.lit.multi_exit import MultiExitModule
 from eexit.models.net import MultiExitNet
@@ -203,17 +209,12 @@ def _fit_test_calibrate_export(
 
 def run_calibration(ckpt_path: str, dm: SplitDataModule, router_cfg: DictConfig):
     """Calibrate the routers on the datamodule's calibration split; store them in the checkpoint."""
-    from eexit.routing.calibrate import MIN_CALIBRATION_IMAGES, calibrate_checkpoint
+    from eexit.routing.calibrate import calibrate_checkpoint
 
     dm.setup("calibrate")
     calib = list(dm.calib_dataloader())
     n = sum(len(b[1]) for b in calib)
-    if n < MIN_CALIBRATION_IMAGES:  # before the cat, which fails on an empty split
-        raise ConfigError(
-            "data.calib_size",
-            f"{n} held-out calibration images; router calibration needs at least {MIN_CALIBRATION_IMAGES} "
-            "(or set router.calibrate=false)",
-        )
+    check_calibration_size(n)  # before the cat, which fails on an empty split
     x = torch.cat([b[0] for b in calib])[: router_cfg.get("latency_batch", 256)]
     log.info("calibrating routers on %d held-out images", n)
     return calibrate_checkpoint(

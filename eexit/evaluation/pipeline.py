@@ -111,7 +111,10 @@ def _calibration(loaded: LoadedCheckpoint, dm: SplitDataModule, cfg: DictConfig,
                 " ".join(ignored),
             )
         return Calibration.from_state(state)
-    log.warning("%s holds no calibration: calibrating on the held-out calibration split now", loaded.path)
+    if state:
+        log.info("recalibrate=true: fitting the routers anew on the held-out calibration split")
+    else:
+        log.warning("%s holds no calibration: calibrating on the held-out calibration split now", loaded.path)
     dm.setup("calibrate")
     trained_pool = ((loaded.data or {}).get("split") or {}).get("pool_size")
     if trained_pool is not None and trained_pool != dm.pool_size:
@@ -150,7 +153,8 @@ def _router_overrides() -> list[str]:
 
     if not HydraConfig.initialized():
         return []
-    return [o for o in HydraConfig.get().overrides.task if o.lstrip("+~").startswith("router")]
+    keys = ((o, o.lstrip("+~").split("=", 1)[0]) for o in HydraConfig.get().overrides.task)
+    return [o for o, key in keys if key == "router" or key.startswith("router.")]
 
 
 def _check_data_matches(loaded: LoadedCheckpoint, info, key: str) -> None:

@@ -15,6 +15,7 @@ from eexit.routing.calibrate import Calibration
 from eexit.routing.costs import TierCost
 from eexit.routing.engine import RoutedOutput
 from eexit.routing.features import FEATURE_NAMES, NUM_FEATURES
+from eexit.routing.routers import Router
 from eexit.types import ExitLevel
 
 
@@ -87,15 +88,21 @@ def attribute_output(
     # in its dtype; the results come back to the batch's device
     weight = next(router.parameters())
     home = out.features.device
-    result = _attribute_on(calibration, kind, out, out.features.to(weight), method, **method_kwargs)
+    result = _attribute_on(calibration, router, kind, out, out.features.to(weight), method, **method_kwargs)
     return result if home == weight.device else result.to(home)
 
 
 def _attribute_on(
-    calibration: Calibration, kind: str, out: RoutedOutput, features: Tensor, method: str, **method_kwargs
+    calibration: Calibration,
+    router: Router,
+    kind: str,
+    out: RoutedOutput,
+    features: Tensor,
+    method: str,
+    **method_kwargs,
 ) -> GateAttribution:
-    """``attribute_output`` with ``features`` ``(B, 7)`` on the router's device and dtype."""
-    router = calibration.routers[kind]
+    """``attribute_output`` with ``features`` ``(B, 7)`` on the device and dtype of ``router``
+    (the calibration's ``kind`` router)."""
     if kind == "gate":
         return explain_gate(
             ExpectedTier(router.logits_module()), features, calibration.baseline_features, method, **method_kwargs

@@ -179,6 +179,10 @@ class RoutedClassifier(nn.Module):
             finite = torch.isfinite(x.flatten(1)).all(dim=1)
             if not bool(finite.all()):
                 return self._without_non_finite(x, finite, force_tier, with_heatmap)
+        return self._route(x, force_tier, with_heatmap)
+
+    def _route(self, x: Tensor, force_tier: int | None, with_heatmap: bool) -> RoutedOutput:
+        """``forward`` on a checked batch of finite images."""
         if self.optimized:
             x = x.contiguous(memory_format=torch.channels_last)
         b = x.shape[0]
@@ -259,7 +263,7 @@ class RoutedClassifier(nn.Module):
             router_tier=None if force_tier is None else torch.full((b,), -1, dtype=torch.long, device=dev),
         )
         if len(rows):
-            part = self(x[rows], force_tier=force_tier, with_heatmap=with_heatmap)
+            part = self._route(x[rows], force_tier, with_heatmap)
             for name in ("logits", "tier", "confidence", "features", "decided_at", "heatmap", "router_tier"):
                 target = getattr(result, name)
                 if target is not None:

@@ -173,22 +173,14 @@ class OnnxRoutedRunner:
                 f"expected a normalised batch of shape (B, {', '.join(map(str, want))}) as the bundle's input "
                 f"says, got {tuple(x.shape)}"
             )
-        if len(x) == 0:
-            k = len(self.meta["class_names"])
-            return {
-                "logits": np.zeros((0, k), np.float32),
-                "tier": np.zeros(0, np.int64),
-                "confidence": np.zeros(0, np.float32),
-                "features": np.zeros((0, 7), np.float32),  # the 7 complexity features (no torch import here)
-            }
-        finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
-        if not finite.all():
+        finite = np.isfinite(x).all(axis=(1, 2, 3))
+        if len(x) == 0 or not finite.all():  # outputs of images that are not run (none for B = 0)
             k = len(self.meta["class_names"])
             out = {
                 "logits": np.full((len(x), k), np.nan, np.float32),
                 "tier": np.full(len(x), len(ExitLevel) - 1, np.int64),
                 "confidence": np.zeros(len(x), np.float32),
-                "features": np.zeros((len(x), 7), np.float32),
+                "features": np.zeros((len(x), 7), np.float32),  # the 7 complexity features (no torch import here)
             }
             if finite.any():
                 for key, value in self(x[finite]).items():

@@ -107,9 +107,8 @@ def _explain_one(
 
 @torch.no_grad()
 def _route(bundle: Bundle, router: str, x: Tensor, force_tier: int | None, with_heatmap: bool) -> RoutedOutput:
-    model = bundle.routed(router)
-    device = next(model.net.parameters()).device  # decoded on the CPU; the bundle may sit on a GPU
-    return model(x.to(device), force_tier=force_tier, with_heatmap=with_heatmap)
+    # decoded on the CPU; the engine moves the batch to the network's device and dtype
+    return bundle.routed(router)(x, force_tier=force_tier, with_heatmap=with_heatmap)
 
 
 def decode_ahead(requested: bool | None = None) -> bool:
