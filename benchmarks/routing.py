@@ -31,7 +31,7 @@ from omegaconf import open_dict
 from eexit.checkpoint import load_checkpoint
 from eexit.explain.gate_attribution import METHODS, ExpectedTier, explain_gate
 from eexit.models.inference import inference_copy
-from eexit.routing.calibrate import calibrate
+from eexit.routing.calibrate import calibrate, calibration_settings
 from eexit.routing.calibration import collect_records, evaluate_tiers, oracle_tiers, sweep
 from eexit.routing.costs import count_flops, measure_routed_tier_costs
 from eexit.routing.engine import DEFAULT_CHUNK_SIZE, exit_features, predict_exit_chunked
@@ -102,16 +102,7 @@ def main() -> None:
     example = test[0][0]  # the benchmark's own timings below run on test images
 
     t1 = time.time()
-    cal = calibrate(
-        net,
-        calib,
-        calib_example,
-        max_drop=rc.max_drop,
-        margin_se=rc.margin_se,
-        cost_key=rc.cost,
-        min_run_time=rc.latency_min_run_time,
-        seed=cfg.get("seed") or 0,
-    )
+    cal = calibrate(net, calib, calib_example, **calibration_settings(rc, cfg.get("seed")))
     calib_s = time.time() - t1
     records = collect_records(net, test, cal.feature_kwargs)
     x1 = example[:1]

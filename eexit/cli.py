@@ -55,15 +55,24 @@ def _export(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import json
 
+    import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from eexit.bundle import load_bundle
     from eexit.serve.images import expand_inputs
-    from eexit.serve.predict import predict_rows
+    from eexit.serve.predict import predict_rows, serving_device
 
-    bundle = load_bundle(args.bundle)
+    device = serving_device(args.device)
+    bundle = load_bundle(args.bundle, map_location=device)
     paths = expand_inputs(args.inputs)
     err = Console(stderr=True)
+    costs = bundle.calibration.tier_costs.get(args.router or bundle.serve_router, [])
+    timed_on = {torch.device(c.device).type for c in costs}
+    if timed_on and timed_on != {device.type}:
+        err.print(
+            f"[yellow]note: the rows' latency_ms were measured on {', '.join(sorted(timed_on))} at calibration; "
+            f"this run uses {device}[/yellow]"
+        )
     show = not args.no_progress and len(paths) > args.batch_size
     failed = 0
     progress = Progress(
@@ -152,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--explain", default=None, metavar="OUT", help="write cam overlay, radar and attribution charts here"
     )
+    predict.add_argument("--device", default="cpu", help="where the network runs: cpu (default), cuda, cuda:N or mps")
     predict.add_argument("--batch-size", type=_positive_int, default=256, help="images per routed batch")
     predict.add_argument("--no-attributions", action="store_true", help="skip the Captum attributions")
     predict.add_argument("--no-progress", action="store_true", help="never show the progress bar")

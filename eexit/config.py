@@ -180,6 +180,8 @@ def validate_router_config(cfg: DictConfig) -> None:
     if drop >= 1:
         raise ConfigError("router.max_drop", f"is a share of accuracy, in [0, 1); got {drop!r}")
     _number("router.margin_se", rc.get("margin_se", 1.0), 0)
+    if not isinstance(rc.get("monotone", True), bool):
+        raise ConfigError("router.monotone", f"must be true or false, got {rc.monotone!r}")
     _number("router.latency_batch", rc.get("latency_batch", 1), 1, integer=True)
     _number("router.latency_min_run_time", rc.get("latency_min_run_time", 1.0), 0, above=True, what="(seconds) ")
 

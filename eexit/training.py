@@ -185,7 +185,7 @@ def _fit_test_calibrate_export(
     calibration = None
     router_cfg = cfg.get("router") or {}
     if router_cfg.get("calibrate") and trainer.is_global_zero:
-        calibration = run_calibration(best, dm, router_cfg)
+        calibration = run_calibration(best, dm, router_cfg, cfg.get("seed"))
         for kind, summary in calibration.fit_summary.items():
             for key, value in summary.items():
                 if isinstance(value, float):
@@ -207,9 +207,10 @@ def _fit_test_calibrate_export(
     }
 
 
-def run_calibration(ckpt_path: str, dm: SplitDataModule, router_cfg: DictConfig):
-    """Calibrate the routers on the datamodule's calibration split; store them in the checkpoint."""
-    from eexit.routing.calibrate import calibrate_checkpoint
+def run_calibration(ckpt_path: str, dm: SplitDataModule, router_cfg: DictConfig, seed: int | None = None):
+    """Calibrate the routers on the datamodule's calibration split (the cross-fit split and the
+    gates' fits seeded by ``seed``, the run's); store them in the checkpoint."""
+    from eexit.routing.calibrate import calibrate_checkpoint, calibration_settings
 
     dm.setup("calibrate")
     calib = list(dm.calib_dataloader())
@@ -217,12 +218,4 @@ def run_calibration(ckpt_path: str, dm: SplitDataModule, router_cfg: DictConfig)
     check_calibration_size(n)  # before the cat, which fails on an empty split
     x = torch.cat([b[0] for b in calib])[: router_cfg.get("latency_batch", 256)]
     log.info("calibrating routers on %d held-out images", n)
-    return calibrate_checkpoint(
-        ckpt_path,
-        calib,
-        x,
-        max_drop=router_cfg.get("max_drop", 0.005),
-        margin_se=router_cfg.get("margin_se", 1.0),
-        cost_key=router_cfg.get("cost", "mflops"),
-        min_run_time=router_cfg.get("latency_min_run_time", 0.3),
-    )
+    return calibrate_checkpoint(ckpt_path, calib, x, **calibration_settings(router_cfg, seed))

@@ -251,6 +251,8 @@ def test_decoding_ahead_in_a_thread_or_in_turn_gives_the_same_rows(calibrated_ru
             assert (a["tier"], a["label_index"]) == (b["tier"], b["label_index"])
             assert a["probability"] == pytest.approx(b["probability"], abs=1e-6)
     assert decode_ahead(True) and not decode_ahead(False)
+    assert decode_ahead(None, torch.device("cuda"))  # the CPU is free while a GPU runs the model
+    assert decode_ahead(None, torch.device("cpu")) == decode_ahead(None)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
@@ -550,6 +552,57 @@ def test_bad_options_are_refused_before_the_bundle_is_read(tmp_path: Path, capsy
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "no_bundle" not in err
+
+
+_NO_CUDA = [] if torch.cuda.is_available() else [("cuda", "--device 'cuda': this machine has no CUDA device")]
+_TOO_HIGH = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("banana", "--device 'banana' is not a device (expected cpu, cuda, cuda:N or mps)"),
+        ("meta", "--device 'meta': only cpu, cuda and mps are supported"),
+        *_NO_CUDA,
+        *([] if not _TOO_HIGH else [(f"cuda:{_TOO_HIGH}", f"this machine has {_TOO_HIGH} CUDA device(s)")]),
+    ],
+)
+def test_a_device_this_machine_lacks_is_refused_before_the_bundle_is_read(
+    tmp_path: Path, capsys, device: str, message: str
+) -> None:
+    rc = main(["predict", "--bundle", str(tmp_path / "no_bundle"), "--device", device, str(tmp_path)])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.out == ""
+    assert message in " ".join(captured.err.split()) and "no_bundle" not in captured.err
+
+
+def test_predict_on_an_explicit_cpu_device_gives_the_default_rows(calibrated_run, tmp_path: Path, capsys) -> None:
+    for i in range(3):
+        Image.fromarray(_shape_u8(i)).save(tmp_path / f"img{i}.png")
+    args = ["predict", "--bundle", calibrated_run["bundle"], str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    default = capsys.readouterr()
+    assert main([*args, "--device", "cpu"]) == 0
+    explicit = capsys.readouterr()
+    assert explicit.out == default.out and len(explicit.out.splitlines()) == 3
+    assert "latency_ms were measured" not in explicit.err  # calibrated on the CPU: nothing to note
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_predict_on_cuda_gives_the_cpu_decisions_and_notes_the_latencies(
+    calibrated_run, tmp_path: Path, capsys
+) -> None:
+    for i in range(6):
+        Image.fromarray(_shape_u8(i)).save(tmp_path / f"img{i}.png")
+    args = ["predict", "--bundle", calibrated_run["bundle"], str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    cpu = [_strict_json(line) for line in capsys.readouterr().out.splitlines()]
+    assert main([*args, "--device", "cuda"]) == 0
+    captured = capsys.readouterr()
+    gpu = [_strict_json(line) for line in captured.out.splitlines()]
+    assert [(r["tier"], r["label_index"]) for r in gpu] == [(r["tier"], r["label_index"]) for r in cpu]
+    assert "latency_ms were measured on cpu" in captured.err
 
 
 def test_help_and_option_errors_need_no_torch() -> None:

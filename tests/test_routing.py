@@ -10,7 +10,15 @@ import torch
 from eexit.data.synthetic import make_shapes
 from eexit.models import create_model
 from eexit.routing.calibrate import Calibration, calibrate
-from eexit.routing.calibration import SweepPoint, choose_knob, collect_records, oracle_tiers, simulate, sweep
+from eexit.routing.calibration import (
+    SweepPoint,
+    choose_knob,
+    collect_records,
+    monotone_drops,
+    oracle_tiers,
+    simulate,
+    sweep,
+)
 from eexit.routing.decisions import decisions_from_output
 from eexit.routing.engine import RoutedClassifier
 from eexit.routing.routers import safe_to_stop
@@ -62,6 +70,31 @@ def test_knob_margin_keeps_standard_errors_between_the_drop_and_the_target() -> 
     assert choose_knob(points, 0.92, max_drop=0.02, margin_se=0.0) is cheap  # drop 0.02 fits exactly
     assert choose_knob(points, 0.92, max_drop=0.02, margin_se=1.0) is safe  # 0.02 + 0.01 > 0.02
     assert choose_knob(points, 0.92, max_drop=0.0, margin_se=1.0) is heavy
+
+
+def _points(drops: list[float], heavy: float = 0.9, se: float = 0.0) -> list[SweepPoint]:
+    """Sweep points of ascending cost 1, 2, ... with these accuracy drops against ``heavy``."""
+    return [SweepPoint(i / 10, heavy - d, float(i + 1), [1, 0, 0, 0], se) for i, d in enumerate(drops)]
+
+
+def test_monotone_drops_pool_each_rise_with_the_points_before_it() -> None:
+    points = _points([0.05, 0.01, 0.03, 0.02, 0.0])
+    # 0.01 < 0.03 is a rise in cost order: pooled to 0.02, then with 0.02 as well (0.02, 0.02, 0.02)
+    fitted = monotone_drops(points, 0.9)
+    assert fitted == pytest.approx([0.05, 0.02, 0.02, 0.02, 0.0])
+    shuffled = [points[i] for i in (3, 0, 4, 2, 1)]  # given out of cost order: fitted in cost order
+    assert monotone_drops(shuffled, 0.9) == pytest.approx([0.02, 0.05, 0.0, 0.02, 0.02])
+    assert monotone_drops(_points([0.04, 0.03, 0.0]), 0.9) == pytest.approx([0.04, 0.03, 0.0])  # already monotone
+
+
+def test_a_dip_of_noise_inside_the_target_does_not_set_the_monotone_knob() -> None:
+    # the second point dips inside the 0.5-point target between points well outside it
+    points = _points([0.03, 0.004, 0.012, 0.009, 0.006, 0.001, 0.0])
+    assert choose_knob(points, 0.9, max_drop=0.005, monotone=False) is points[1]
+    # fitted: 0.03, (0.004 + 0.012 + 0.009) / 3 for points 1-3, then 0.006, 0.001, 0
+    assert monotone_drops(points, 0.9) == pytest.approx([0.03, *[0.025 / 3] * 3, 0.006, 0.001, 0.0])
+    assert choose_knob(points, 0.9, max_drop=0.005) is points[5]
+    assert choose_knob(points, 0.9, max_drop=0.0, margin_se=1.0) is points[6]
 
 
 def _mixed_model(net, cal: Calibration, kind: str, x: torch.Tensor) -> RoutedClassifier:

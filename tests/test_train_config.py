@@ -81,6 +81,7 @@ def test_cifar10_experiment_fast_dev_run(tmp_path: Path) -> None:
         ("router.max_drop=-0.01", ConfigError, "router.max_drop"),
         ("router.max_drop=5", ConfigError, "router.max_drop"),
         ("router.margin_se=nan", ConfigError, "router.margin_se"),
+        ("router.monotone=sometimes", ConfigError, "router.monotone"),
         ("router.latency_batch=0", ConfigError, "router.latency_batch"),
         ("router.latency_min_run_time=0", ConfigError, "router.latency_min_run_time"),
         # found only inside the fit, after the test or in a reshape before

@@ -39,7 +39,7 @@ from eexit.evaluation.gate_quality import gate_explanation_quality, gate_score_a
 from eexit.evaluation.report import metric_tables, write_report
 from eexit.evaluation.routing_eval import exit_costs, routing_metrics
 from eexit.explain.gate_attribution import explain_gate
-from eexit.routing.calibrate import Calibration, calibrate
+from eexit.routing.calibrate import Calibration, calibrate, calibration_settings
 from eexit.routing.calibration import collect_records
 from eexit.routing.costs import measure_routed_tier_costs
 from eexit.types import ExitLevel
@@ -135,16 +135,7 @@ def _calibration(loaded: LoadedCheckpoint, dm: SplitDataModule, cfg: DictConfig,
             break
         timing.append(x)
         have += len(x)
-    return calibrate(
-        loaded.net,
-        batches,
-        torch.cat(timing)[:example_size],
-        max_drop=rc.max_drop,
-        margin_se=rc.get("margin_se", 1.0),
-        cost_key=rc.cost,
-        min_run_time=rc.latency_min_run_time,
-        seed=cfg.get("seed") or 0,
-    )
+    return calibrate(loaded.net, batches, torch.cat(timing)[:example_size], **calibration_settings(rc, cfg.get("seed")))
 
 
 def _router_overrides() -> list[str]:

@@ -116,6 +116,19 @@ MIN_CALIBRATION_IMAGES = 16
 """Fewest held-out images ``calibrate`` accepts (each cross-fitting half fits a gate)."""
 
 
+def calibration_settings(router_cfg, seed: int | None) -> dict:
+    """``calibrate``'s keyword arguments from the ``router`` config group (a mapping) and the
+    run's seed: one reading for train.py, evaluate.py and the benchmarks."""
+    return {
+        "max_drop": float(router_cfg.get("max_drop", 0.005)),
+        "margin_se": float(router_cfg.get("margin_se", 1.0)),
+        "monotone": bool(router_cfg.get("monotone", True)),
+        "cost_key": str(router_cfg.get("cost", "mflops")),
+        "min_run_time": float(router_cfg.get("latency_min_run_time", 0.3)),
+        "seed": int(seed or 0),
+    }
+
+
 def calibrate(
     net: MultiExitNet,
     calib_batches: Iterable[tuple[Tensor, Tensor]],
@@ -123,6 +136,7 @@ def calibrate(
     *,
     max_drop: float = 0.005,
     margin_se: float = 1.0,
+    monotone: bool = True,
     cost_key: str = "mflops",
     seed: int = 0,
     feature_kwargs: dict | None = None,
@@ -143,6 +157,7 @@ def calibrate(
         max_drop: allowed accuracy drop against HEAVY when fitting knobs (0.005 = 0.5 points).
         margin_se: standard errors of the drop kept as a margin, so that the target holds on
             unseen images too (0 fits the calibration split exactly).
+        monotone: compare the swept drops as fitted non-increasing in cost (``choose_knob``).
         cost_key: ``"mflops"`` or ``"latency_ms"``: what the knob minimises.
         seed: seed of the split and the gate fits.
         feature_kwargs: arguments of ``complexity_features``.
@@ -192,7 +207,7 @@ def calibrate(
             folds = [(router, records)]
         else:
             folds = [(fit_router(kind, records.subset(halves[1 - i])), records.subset(halves[i])) for i in range(2)]
-        point = choose_knob(sweep_folds(folds, tier_cost), heavy_acc, max_drop, margin_se)
+        point = choose_knob(sweep_folds(folds, tier_cost), heavy_acc, max_drop, margin_se, monotone)
         router.set_knob(point.knob)
         # the knob set, the latencies are rescaled to the router's own mixed batches
         costs[kind] = rescale_to_routed_batch(served, example, costs[kind], min_run_time)

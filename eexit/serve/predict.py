@@ -111,16 +111,39 @@ def _route(bundle: Bundle, router: str, x: Tensor, force_tier: int | None, with_
     return bundle.routed(router)(x, force_tier=force_tier, with_heatmap=with_heatmap)
 
 
-def decode_ahead(requested: bool | None = None) -> bool:
+def serving_device(name: str) -> torch.device:
+    """The device ``name`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``), refused with a message that
+    names it where it is no device or this machine does not have it."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device (expected cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name!r}: this machine has no CUDA device (torch {torch.__version__})")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {name!r}: MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name!r}: only cpu, cuda and mps are supported")
+    return device
+
+
+def decode_ahead(requested: bool | None = None, device: torch.device | None = None) -> bool:
     """Whether to decode the next batch in a background thread while the model runs.
 
-    ``None`` (auto): only when the machine has a core that torch's intra-op threads leave free.
-    Without one, the decoder thread preempts torch's threads, which wait for each other at every
-    op: on the 2-core CPU the model then ran 2-2.5x slower inside ``predict`` than alone, and the
-    whole run was slower than decoding in turn.
+    ``None`` (auto): when the network runs off the CPU (``device``), or where the machine has a
+    core that torch's intra-op threads leave free. Without one, the decoder thread preempts
+    torch's threads, which wait for each other at every op: on the 2-core CPU the model then ran
+    2-2.5x slower inside ``predict`` than alone, and the whole run was slower than decoding in turn.
     """
     if requested is not None:
         return requested
+    if device is not None and device.type != "cpu":
+        return True
     return (os.cpu_count() or 1) > torch.get_num_threads()
 
 
@@ -148,7 +171,8 @@ def predict_rows(
         attributions: compute the features' Captum attributions of each decision.
         on_batch: called with the number of inputs of each finished batch (progress).
         decode_in_background: decode the next batch in a thread while the model runs (``None``:
-            when a core is free of torch's threads, see ``decode_ahead``).
+            when the network is off the CPU or a core is free of torch's threads, see
+            ``decode_ahead``).
         digits: significant digits of the rows' floats (``None``: full float64 text of the
             float32 results; see ``decision_rows``).
 
@@ -173,7 +197,7 @@ def predict_rows(
     chunks = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
     index = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eexit-decode") as pool:
-        ahead = decode_ahead(decode_in_background)
+        ahead = decode_ahead(decode_in_background, next(bundle.net.parameters()).device)
         pending = pool.submit(_load_chunk, chunks[0], bundle) if chunks and ahead else None
         for c in range(len(chunks)):
             loaded = pending.result() if ahead else _load_chunk(chunks[c], bundle)
