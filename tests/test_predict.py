@@ -563,6 +563,7 @@ _TOO_HIGH = torch.cuda.device_count() if torch.cuda.is_available() else 0
     [
         ("banana", "--device 'banana' is not a device (expected cpu, cuda, cuda:N or mps)"),
         ("meta", "--device 'meta': only cpu, cuda and mps are supported"),
+        ("cpu:1", "--device 'cpu:1': there is one cpu device (cpu or cpu:0)"),
         *_NO_CUDA,
         *([] if not _TOO_HIGH else [(f"cuda:{_TOO_HIGH}", f"this machine has {_TOO_HIGH} CUDA device(s)")]),
     ],
@@ -582,9 +583,10 @@ def test_predict_on_an_explicit_cpu_device_gives_the_default_rows(calibrated_run
     args = ["predict", "--bundle", calibrated_run["bundle"], str(tmp_path), "--no-progress"]
     assert main(args) == 0
     default = capsys.readouterr()
-    assert main([*args, "--device", "cpu"]) == 0
-    explicit = capsys.readouterr()
-    assert explicit.out == default.out and len(explicit.out.splitlines()) == 3
+    for device in ("cpu", "cpu:0"):  # safetensors takes no index: cpu:0 is read as cpu
+        assert main([*args, "--device", device]) == 0
+        explicit = capsys.readouterr()
+        assert explicit.out == default.out and len(explicit.out.splitlines()) == 3
     assert "latency_ms were measured" not in explicit.err  # calibrated on the CPU: nothing to note
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,6 +96,19 @@ def test_a_dip_of_noise_inside_the_target_does_not_set_the_monotone_knob() -> No
     assert monotone_drops(points, 0.9) == pytest.approx([0.03, *[0.025 / 3] * 3, 0.006, 0.001, 0.0])
     assert choose_knob(points, 0.9, max_drop=0.005) is points[5]
     assert choose_knob(points, 0.9, max_drop=0.0, margin_se=1.0) is points[6]
+
+
+def test_the_monotone_fit_never_passes_a_point_whose_own_drop_misses_the_target() -> None:
+    # pooled with the dip before it, the second point's fitted drop (0.4 points) plus its small
+    # standard error would pass, while its own drop (0.7) misses: the larger drop counts
+    points = [
+        SweepPoint(0.0, 0.9 - 0.001, 1.0, [1, 0, 0, 0], 0.0045),
+        SweepPoint(0.5, 0.9 - 0.007, 2.0, [0, 1, 0, 0], 0.0005),
+        SweepPoint(1.0, 0.9, 3.0, [0, 0, 0, 1], 0.0),
+    ]
+    assert monotone_drops(points, 0.9)[1] == pytest.approx(0.004)
+    assert choose_knob(points, 0.9, max_drop=0.005, margin_se=1.0) is points[2]
+    assert choose_knob(points, 0.9, max_drop=0.005, margin_se=1.0, monotone=False) is points[2]
 
 
 def _mixed_model(net, cal: Calibration, kind: str, x: torch.Tensor) -> RoutedClassifier:
@@ -577,3 +591,23 @@ def test_calibration_follows_the_networks_device(trained) -> None:
         ref = cal_cpu.routed(net, kind)(x)
         assert (out.tier.cpu() == ref.tier).float().mean() >= 0.9, kind
     Calibration.from_state(json.loads(json.dumps(cal.to_state())))  # stored as plain numbers
+
+
+def test_calibration_settings_read_the_router_group_and_refuse_a_non_boolean_monotone() -> None:
+    from omegaconf import OmegaConf
+
+    from eexit.routing.calibrate import calibration_settings
+
+    rc = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "router" / "default.yaml")
+    settings = calibration_settings(rc, 42)
+    assert settings == {
+        "max_drop": rc.max_drop,
+        "margin_se": rc.margin_se,
+        "monotone": True,
+        "cost_key": rc.cost,
+        "min_run_time": rc.latency_min_run_time,
+        "seed": 42,
+    }
+    assert calibration_settings({}, None)["seed"] == 0
+    with pytest.raises(ValueError, match=r"router\.monotone must be true or false, got 'false'"):
+        calibration_settings({"monotone": "false"}, 0)

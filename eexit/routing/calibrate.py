@@ -119,10 +119,13 @@ MIN_CALIBRATION_IMAGES = 16
 def calibration_settings(router_cfg, seed: int | None) -> dict:
     """``calibrate``'s keyword arguments from the ``router`` config group (a mapping) and the
     run's seed: one reading for train.py, evaluate.py and the benchmarks."""
+    monotone = router_cfg.get("monotone", True)
+    if not isinstance(monotone, bool):
+        raise ValueError(f"router.monotone must be true or false, got {monotone!r}")
     return {
         "max_drop": float(router_cfg.get("max_drop", 0.005)),
         "margin_se": float(router_cfg.get("margin_se", 1.0)),
-        "monotone": bool(router_cfg.get("monotone", True)),
+        "monotone": monotone,
         "cost_key": str(router_cfg.get("cost", "mflops")),
         "min_run_time": float(router_cfg.get("latency_min_run_time", 0.3)),
         "seed": int(seed or 0),

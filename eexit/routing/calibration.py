@@ -184,7 +184,7 @@ def sweep(
 
 def monotone_drops(points: Sequence[SweepPoint], heavy_accuracy: float) -> list[float]:
     """The accuracy drops against HEAVY of ``points``, fitted non-increasing in cost (isotonic
-    regression, pool-adjacent-violators, equal weights; points of equal cost ordered by accuracy).
+    regression, pool-adjacent-violators, equal weights; points of equal cost share one value, their mean).
 
     More compute should not lose accuracy: on a split of a few thousand images the swept drops
     wobble by their standard error around that trend, and the cheapest point inside the target
@@ -220,9 +220,13 @@ def choose_knob(
 
     ``margin_se`` > 0 keeps a statistical margin so that the target also holds on unseen images
     (1.0: a one-sided bound at about 84% confidence); 0 fits the split exactly. ``monotone``
-    compares the drops as fitted non-increasing in cost (``monotone_drops``) rather than as
-    swept, so that a dip of noise below the target does not set the knob.
+    also holds each point's drop as fitted non-increasing in cost (``monotone_drops``) to the
+    target, so that a dip of noise below it does not set the knob; the larger of the two drops
+    counts (the fit lowers the drops of the costlier points it pools with a dip, and those,
+    with their own smaller standard errors, must not pass for that).
     """
-    drops = monotone_drops(points, heavy_accuracy) if monotone else [heavy_accuracy - p.accuracy for p in points]
+    drops = [heavy_accuracy - p.accuracy for p in points]
+    if monotone:  # the fit only tightens the check: a point also needs its own drop inside the target
+        drops = [max(d, f) for d, f in zip(drops, monotone_drops(points, heavy_accuracy), strict=True)]
     ok = [p for p, d in zip(points, drops, strict=True) if d + margin_se * p.drop_se <= max_drop + 1e-9]
     return min(ok, key=lambda p: (p.mean_cost, -p.accuracy)) if ok else max(points, key=lambda p: p.accuracy)

@@ -112,22 +112,26 @@ def _route(bundle: Bundle, router: str, x: Tensor, force_tier: int | None, with_
 
 
 def serving_device(name: str) -> torch.device:
-    """The device ``name`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``), refused with a message that
-    names it where it is no device or this machine does not have it."""
+    """The device ``name`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``; ``cpu:0`` and ``mps:0`` read
+    as ``cpu`` and ``mps``), refused with a message that names it where it is no device or this
+    machine does not have it."""
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise ValueError(f"--device {name!r} is not a device (expected cpu, cuda, cuda:N or mps)") from None
+    if device.type in ("cpu", "mps"):  # one device each: cpu:0 / mps:0 name it too (safetensors takes no index)
+        if device.index not in (None, 0):
+            raise ValueError(f"--device {name!r}: there is one {device.type} device ({device.type} or {device.type}:0)")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"--device {name!r}: MPS is not available on this machine")
+        return torch.device(device.type)
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise ValueError(f"--device {name!r}: this machine has no CUDA device (torch {torch.__version__})")
         if device.index is not None and device.index >= count:
             raise ValueError(f"--device {name!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"--device {name!r}: MPS is not available on this machine")
-    elif device.type != "cpu":
+    else:
         raise ValueError(f"--device {name!r}: only cpu, cuda and mps are supported")
     return device
 
