@@ -195,13 +195,13 @@ def monotone_drops(points: Sequence[SweepPoint], heavy_accuracy: float) -> list[
         One fitted drop per point, in the order of ``points``.
     """
     order = sorted(range(len(points)), key=lambda i: (points[i].mean_cost, -points[i].accuracy))
-    blocks: list[list[float]] = []  # [mean drop, count] per pooled run of points, cost ascending
+    blocks: list[tuple[float, int]] = []  # (mean drop, count) per pooled run of points, cost ascending
     for i in order:
-        blocks.append([heavy_accuracy - points[i].accuracy, 1.0])
+        blocks.append((heavy_accuracy - points[i].accuracy, 1))
         while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:  # a costlier run drops more: pool
             (m2, n2), (m1, n1) = blocks.pop(), blocks.pop()
-            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
-    fitted = [m for m, n in blocks for _ in range(int(n))]
+            blocks.append(((m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2))
+    fitted = [m for m, n in blocks for _ in range(n)]
     out = [0.0] * len(points)
     for rank, i in enumerate(order):
         out[i] = fitted[rank]

@@ -125,14 +125,13 @@ def serving_device(name: str) -> torch.device:
         if device.type == "mps" and not torch.backends.mps.is_available():
             raise ValueError(f"--device {name!r}: MPS is not available on this machine")
         return torch.device(device.type)
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"--device {name!r}: this machine has no CUDA device (torch {torch.__version__})")
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"--device {name!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    else:
+    if device.type != "cuda":
         raise ValueError(f"--device {name!r}: only cpu, cuda and mps are supported")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f"--device {name!r}: this machine has no CUDA device (torch {torch.__version__})")
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {name!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     return device
 
 
