@@ -611,3 +611,50 @@ def test_calibration_settings_read_the_router_group_and_refuse_a_non_boolean_mon
     assert calibration_settings({}, None)["seed"] == 0
     with pytest.raises(ValueError, match=r"router\.monotone must be true or false, got 'false'"):
         calibration_settings({"monotone": "false"}, 0)
+
+
+def test_valid_taps_count_the_kernel_positions_that_read_the_map() -> None:
+    from eexit.routing.costs import valid_taps
+
+    # 3x3, padding 1 on 4 positions: the first and last output each lose one tap
+    assert valid_taps(4, 4, 3, stride=1, padding=1) == 10
+    # stride 2 from 14 to 7: only the first output reaches into the padding
+    assert valid_taps(14, 7, 3, stride=2, padding=1) == 20
+    assert valid_taps(5, 3, 3, stride=1, padding=0) == 9  # no padding: every tap counts
+    assert valid_taps(5, 5, 3, stride=1, padding=2, dilation=2) == 11  # dilated: two lost at each end
+
+
+@pytest.mark.parametrize("optimize", [False, True])
+def test_flops_without_padding_drop_only_the_padding_taps(optimize: bool) -> None:
+    from eexit.models.inference import inference_copy
+    from eexit.routing.costs import count_flops, count_flops_without_padding
+
+    conv = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1, bias=False), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 8, 4, 4)
+    if optimize:  # the inference copy runs a fused oneDNN conv + ReLU where it can
+        net = create_model("resnet_micro", in_chans=8, num_classes=4)
+        net.backbone.stem = conv
+        conv = inference_copy(net).backbone.stem
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert count_flops(conv, x) == 2 * 2 * 16 * 8 * 4 * 4 * 9
+        assert count_flops_without_padding(conv, x) == 2 * 2 * 16 * 8 * 10 * 10
+        # no padding: both counts agree
+        valid = torch.nn.Conv2d(8, 16, 3, padding=0, bias=False)
+        assert count_flops_without_padding(valid, x) == count_flops(valid, x) == 2 * 2 * 16 * 8 * 2 * 2 * 9
+
+
+def test_fused_residual_convs_count_without_padding_as_the_plain_network(trained) -> None:
+    from eexit.models.inference import inference_copy
+    from eexit.routing.costs import count_flops, count_flops_without_padding
+
+    net = trained[0]
+    fast = inference_copy(net)
+    x = trained[2][:1]
+    with torch.no_grad():
+        for level in ExitLevel:
+            plain = count_flops_without_padding(net.predict_exit, x, level)
+            assert plain == count_flops_without_padding(
+                fast.predict_exit, x.contiguous(memory_format=torch.channels_last), level
+            )
+            assert 0 < plain < count_flops(net.predict_exit, x, level)
