@@ -296,3 +296,22 @@ def test_resume_on_a_pool_that_grew_is_refused(tmp_path: Path) -> None:
         train(compose_train(tmp_path / "b", grown))
     _, objs = train(compose_train(tmp_path / "c", [*overrides, "trainer.max_epochs=2", f"ckpt_path={last}"]))
     assert objs["trainer"].current_epoch == 2
+
+
+def test_resume_with_another_network_names_the_key_instead_of_a_size_mismatch(tmp_path: Path) -> None:
+    overrides = [
+        "data=synthetic",
+        "model=micro",
+        "model.scheduler=null",
+        "logger=none",
+        "trainer.max_epochs=1",
+        "router.calibrate=false",
+        "test=false",
+    ]
+    train(compose_train(tmp_path / "a", overrides))
+    last = tmp_path / "a" / "out" / "checkpoints" / "last.ckpt"
+    resume = [*overrides, "trainer.max_epochs=2", f"ckpt_path={last}"]
+    with pytest.raises(ConfigError, match=r"'data'.*another network.*num_classes: 4 there, 3 here"):
+        train(compose_train(tmp_path / "b", [*resume, "data.num_classes=3"]))
+    with pytest.raises(ConfigError, match=r"'model.net.widths'.*widths: \[8, 8, 16, 16\] there, \[8, 8, 16, 32\] here"):
+        train(compose_train(tmp_path / "c", [*resume, "+model.net.widths=[8,8,16,32]"]))

@@ -221,6 +221,27 @@ class MultiExitModule(pl.LightningModule):
                 "with the same seed, data.val_size and data.calib_size",
             )
 
+    def _check_resumed_spec(self, saved: dict | None) -> None:
+        """A resumed checkpoint must hold the network this run builds: another architecture or
+        class count would otherwise fail in ``load_state_dict`` with a size mismatch deep in torch.
+        The first difference is named with its config key (``data`` for the class and channel
+        counts, which the data set decides)."""
+        if not saved:
+            return
+        current = self.net.spec
+        differs = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+        if not differs:
+            return
+        key = differs[0]
+        where = "data" if key in ("num_classes", "in_chans") else f"model.net.{key}"
+        detail = "; ".join(f"{k}: {saved.get(k)!r} there, {current.get(k)!r} here" for k in differs)
+        ckpt = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+        raise ConfigError(
+            where,
+            f"{ckpt} holds another network than this run builds ({detail}); resume with the checkpoint's "
+            "model and data, or start a new run",
+        )
+
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "info"):
@@ -247,6 +268,7 @@ class MultiExitModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._resume_rng = checkpoint.get(RNG_KEY)
         meta = checkpoint.get("eexit", {})
+        self._check_resumed_spec(meta.get("spec"))
         self.data_info = meta.get("data")
         self._resume_split = (self.data_info or {}).get("split")
         self.extra_state = {k: v for k, v in meta.items() if k not in ("spec", "data")}
