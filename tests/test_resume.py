@@ -276,20 +276,29 @@ def test_resume_drops_the_old_calibration_and_refuses_a_changed_schedule_length(
     assert all("calibration" not in torch.load(p, weights_only=False)["eexit"] for p in last.parent.glob("*.ckpt"))
 
 
+# one uncalibrated epoch, no LR schedule (no schedule length to catch a change by chance)
+ONE_EPOCH = [
+    "data=synthetic",
+    "model=micro",
+    "model.scheduler=null",
+    "logger=none",
+    "trainer.max_epochs=1",
+    "router.calibrate=false",
+    "test=false",
+]
+
+
+def _one_epoch_checkpoint(tmp_path: Path) -> Path:
+    """Train ``ONE_EPOCH`` into ``tmp_path / "a"``; its ``last.ckpt``."""
+    train(compose_train(tmp_path / "a", ONE_EPOCH))
+    return tmp_path / "a" / "out" / "checkpoints" / "last.ckpt"
+
+
 def test_resume_on_a_pool_that_grew_is_refused(tmp_path: Path) -> None:
     # the same seed and split fractions on a larger pool put other images into training: the
     # resumed epochs would train on the old run's validation and calibration images
-    overrides = [
-        "data=synthetic",
-        "model=micro",
-        "model.scheduler=null",  # no schedule length to catch the change by chance
-        "logger=none",
-        "trainer.max_epochs=1",
-        "router.calibrate=false",
-        "test=false",
-    ]
-    train(compose_train(tmp_path / "a", overrides))
-    last = tmp_path / "a" / "out" / "checkpoints" / "last.ckpt"
+    overrides = ONE_EPOCH
+    last = _one_epoch_checkpoint(tmp_path)
     assert torch.load(last, weights_only=False)["eexit"]["data"]["split"]["pool_size"] == 512
     grown = [*overrides, "trainer.max_epochs=2", "data.num_train=576", f"ckpt_path={last}"]
     with pytest.raises(ConfigError, match=r"'data'.*a pool of 512 images, this data config gives 576"):
@@ -299,18 +308,8 @@ def test_resume_on_a_pool_that_grew_is_refused(tmp_path: Path) -> None:
 
 
 def test_resume_with_another_network_names_the_key_instead_of_a_size_mismatch(tmp_path: Path) -> None:
-    overrides = [
-        "data=synthetic",
-        "model=micro",
-        "model.scheduler=null",
-        "logger=none",
-        "trainer.max_epochs=1",
-        "router.calibrate=false",
-        "test=false",
-    ]
-    train(compose_train(tmp_path / "a", overrides))
-    last = tmp_path / "a" / "out" / "checkpoints" / "last.ckpt"
-    resume = [*overrides, "trainer.max_epochs=2", f"ckpt_path={last}"]
+    last = _one_epoch_checkpoint(tmp_path)
+    resume = [*ONE_EPOCH, "trainer.max_epochs=2", f"ckpt_path={last}"]
     with pytest.raises(ConfigError, match=r"'data'.*another network.*num_classes: 4 there, 3 here"):
         train(compose_train(tmp_path / "b", [*resume, "data.num_classes=3"]))
     with pytest.raises(ConfigError, match=r"'model.net.widths'.*widths: \[8, 8, 16, 16\] there, \[8, 8, 16, 32\] here"):
