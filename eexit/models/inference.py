@@ -170,14 +170,23 @@ def fuse_pointwise(module: nn.Module) -> int:
     return fused
 
 
+def fused_conv_geometry(second, third, *args) -> tuple:
+    """``(weight shape, padding, stride, dilation)`` of a ``mkldnn._convolution_pointwise`` call,
+    from its arguments after the input as ``FlopCounterMode`` formulas receive them (shapes in
+    place of tensors): ``(W, B, padding, stride, dilation, ...)``, or for the ``.binary``
+    overload ``(other, W, B, padding, stride, dilation, ...)``, W being the 4-d shape."""
+    if third is not None and len(third) == 4:
+        return third, *args[1:4]
+    return second, *args[:3]
+
+
 def _register_flop_formulas() -> None:
     """Let ``FlopCounterMode`` count the fused calls as the convolutions they are."""
     if _POINTWISE is None:
         return
 
     def formula(x_shape, second, third, *args, out_shape=None, **kwargs) -> int:
-        # default: (X, W, B, ...); binary: (X, other, W, B, ...), W being the 4-d shape
-        w_shape = third if third is not None and len(third) == 4 else second
+        w_shape = fused_conv_geometry(second, third, *args)[0]
         return flop_counter.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
 
     packet = torch.ops.mkldnn._convolution_pointwise
@@ -208,4 +217,4 @@ def inference_copy(net: MultiExitNet, channels_last: bool = True) -> MultiExitNe
     return fast
 
 
-__all__ = ["ConvReLU", "FusedBasicBlock", "fold_batchnorm", "fuse_pointwise", "inference_copy"]
+__all__ = ["ConvReLU", "FusedBasicBlock", "fold_batchnorm", "fuse_pointwise", "fused_conv_geometry", "inference_copy"]

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from eexit.models.inference import fused_conv_geometry
 from eexit.routing.engine import RoutedClassifier
 from eexit.routing.routers import NUM_TIERS
 from eexit.types import ExitLevel
@@ -88,12 +89,7 @@ def _aten_conv_without_padding(
 
 
 def _fused_conv_without_padding(x_shape, second, third, *args, out_shape=None, **kwargs) -> int:
-    # mkldnn._convolution_pointwise: (X, W, B, padding, stride, dilation, ...); its .binary
-    # overload: (X, other, W, B, padding, stride, dilation, ...), W being the 4-d shape
-    if third is not None and len(third) == 4:
-        w_shape, (_, padding, stride, dilation) = third, args[:4]
-    else:
-        w_shape, (padding, stride, dilation) = second, args[:3]
+    w_shape, padding, stride, dilation = fused_conv_geometry(second, third, *args)
     return _conv_flops_without_padding(x_shape, w_shape, out_shape, stride, padding, dilation)
 
 
