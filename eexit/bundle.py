@@ -503,13 +503,16 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> B
         raise BundleError(f"{path / MANIFEST_NAME} lacks or mistypes a value: {type(err).__name__}: {err}") from None
     spec = dict(manifest["spec"])
     try:
-        net = create_model(spec.pop("name"), **spec)
+        with torch.device("meta"):  # shapes only: every value comes from the file, none is initialised
+            net = create_model(spec.pop("name"), **spec)
     except (TypeError, ValueError, KeyError) as err:
         raise BundleError(f"the spec in {path / MANIFEST_NAME} builds no network: {err}") from None
     with _safetensors_errors(weights):
         tensors = load_file(str(weights), device=str(map_location))
     _check_tensors(net, tensors, weights)
-    net.load_state_dict({k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")})
+    # assign: the file's tensors become the network's (in the dtypes the spec builds)
+    dtypes = {k: v.dtype for k, v in net.state_dict().items()}
+    net.load_state_dict({k: tensors[f"net.{k}"].to(dtype) for k, dtype in dtypes.items()}, assign=True)
     net.to(map_location).eval()
 
     try:

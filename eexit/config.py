@@ -165,6 +165,7 @@ def validate_router_config(cfg: DictConfig) -> None:
     Raises:
         ConfigError: naming the first bad key.
     """
+    from eexit.routing.calibrate import DEFAULT_MARGIN_SE
     from eexit.routing.costs import COST_KEYS
     from eexit.routing.routers import ROUTERS
 
@@ -179,7 +180,7 @@ def validate_router_config(cfg: DictConfig) -> None:
     _number("router.max_drop", drop, 0, what="(an accuracy share, 0.005 = 0.5 points) ")
     if drop >= 1:
         raise ConfigError("router.max_drop", f"is a share of accuracy, in [0, 1); got {drop!r}")
-    _number("router.margin_se", rc.get("margin_se", 1.0), 0)
+    _number("router.margin_se", rc.get("margin_se", DEFAULT_MARGIN_SE), 0)
     if not isinstance(rc.get("monotone", True), bool):
         raise ConfigError("router.monotone", f"must be true or false, got {rc.monotone!r}")
     _number("router.latency_batch", rc.get("latency_batch", 1), 1, integer=True)

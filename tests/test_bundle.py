@@ -75,6 +75,20 @@ def test_loaded_bundle_equals_the_lightning_checkpoint(calibrated_run) -> None:
             assert rows_a == rows_b, (kind, knob)
 
 
+def test_loading_initialises_nothing_at_random(calibrated_run) -> None:
+    # the network and the routers are built on the meta device and take the file's tensors: no
+    # random initialisation (time on large networks) and the caller's random stream is untouched
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    bundle = load_bundle(calibrated_run["bundle"])
+    assert torch.equal(torch.get_rng_state(), state)
+    modules = [bundle.net, *bundle.calibration.routers.values()]
+    tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+    assert tensors and not any(t.is_meta for t in tensors)
+    assert all(p.requires_grad for p in bundle.net.parameters())
+    assert {t.dtype for t in bundle.net.parameters()} == {torch.float32}
+
+
 def test_export_command_writes_the_same_weights(calibrated_run, tmp_path: Path) -> None:
     from eexit.cli import main
 

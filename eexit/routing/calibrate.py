@@ -85,8 +85,11 @@ class Calibration:
     def from_state(cls, state: dict) -> Calibration:
         routers = {}
         for kind, entry in state["routers"].items():
-            router = build_router(entry["config"])
-            router.load_state_dict({n: torch.as_tensor(v) for n, v in entry["state"].items()})
+            with torch.device("meta"):  # shapes only: the stored state gives every value
+                router = build_router(entry["config"])
+            dtypes = {n: t.dtype for n, t in router.state_dict().items()}
+            stored = {n: torch.as_tensor(v, dtype=dtypes.get(n)) for n, v in entry["state"].items()}
+            router.load_state_dict(stored, assign=True)
             routers[kind] = router.eval()
         costs = {k: [TierCost(**c) for c in v] for k, v in state["tier_costs"].items()}
         return cls(
