@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING
@@ -32,11 +33,16 @@ class ExitLevel(IntEnum):
         """
         if isinstance(value, ExitLevel):
             return value
-        if isinstance(value, int) and not isinstance(value, bool):  # True is no exit index
-            if 0 <= value < len(cls):
-                return cls(value)
-        elif isinstance(value, str) and value.upper() in cls.__members__:
-            return cls[value.upper()]
+        if isinstance(value, str):
+            if value.upper() in cls.__members__:
+                return cls[value.upper()]
+        elif not isinstance(value, bool):  # True is no exit index
+            try:  # any integer: int, NumPy's, a 0-d integer tensor
+                index = operator.index(value)
+            except TypeError:
+                index = None
+            if index is not None and 0 <= index < len(cls):
+                return cls(index)
         valid = ", ".join(level.key for level in cls)
         raise ValueError(f"unknown exit {value!r}; expected one of: {valid}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,6 +51,13 @@ def test_exit_level_parse() -> None:
     assert ExitLevel.TINY.key == "tiny"
     with pytest.raises(ValueError, match="expected one of: tiny, light, medium, heavy"):
         ExitLevel.parse("huge")
+    # any integer type names an exit (NumPy's, a 0-d integer tensor); booleans, floats and
+    # out-of-range indices do not
+    assert ExitLevel.parse(np.int64(2)) is ExitLevel.MEDIUM
+    assert ExitLevel.parse(torch.tensor(3)) is ExitLevel.HEAVY
+    for bad in (True, 1.0, 1.5, torch.tensor(1.0), 4, -1, None):
+        with pytest.raises(ValueError, match="unknown exit"):
+            ExitLevel.parse(bad)
 
 
 @pytest.mark.parametrize("name", ["resnet_micro", "resnet_narrow"])

@@ -553,6 +553,23 @@ def test_images_with_non_finite_pixels_are_not_run_and_leave_the_others_alone(tr
     assert (forced.tier == 1).all() and forced.router_tier[broken].tolist() == [-1, -1, -1]
     assert torch.equal(forced.router_tier[keep], model(x[:8], force_tier=1).router_tier[keep])
     assert model(torch.full_like(x[:4], float("nan"))).logits.isnan().all()  # no image left to run
+    # the decisions say so: no label and no confidence for an image without a prediction, also
+    # for finite pixels large enough to overflow the logits (the router itself may be sure of
+    # its tier on such an image; the row must not look like an answer)
+    bad[7] = 3.4e38
+    out = model(bad)
+    unanswered = set((~torch.isfinite(out.logits).all(dim=1)).nonzero().flatten().tolist())
+    # (the inference copy's fused kernels may keep an overflow finite, depending on the exit)
+    assert unanswered == {3, 5, 6, 7} or (optimize and unanswered == {3, 5, 6})
+    rows = decisions_from_output(out, cal.tier_costs[kind], router=kind)
+    for i, row in enumerate(rows):
+        answered = i not in unanswered
+        assert (row.label is not None) == answered and (row.label_index is not None) == answered, i
+        assert (row.router_tier is not None) == answered, i
+        if not answered:
+            assert row.confidence == 0.0 and row.probability == 0.0, i
+    assert rows[0].label_index == int(out.logits[0].argmax())
+    json.dumps([r.to_dict() for r in rows], allow_nan=False)
 
 
 def test_routed_inputs_are_checked_and_cast_to_the_network(trained) -> None:

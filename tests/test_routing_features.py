@@ -156,6 +156,8 @@ def test_spatial_complexity_checkerboard_is_high():
     # 2-pixel blocks of +-1: every interior pixel sits next to a block boundary
     assert spatial_complexity(checkerboard(2)).item() >= 0.9
     assert spatial_complexity(checkerboard(2, channels=3)).item() >= 0.9
+    # a one-pixel board is invisible to Sobel (the two pixels it compares are alike)
+    assert spatial_complexity(checkerboard(1)).item() == 0.0
     # coarser boards have fewer edge pixels
     assert spatial_complexity(checkerboard(4)).item() < spatial_complexity(checkerboard(2)).item()
 
@@ -235,6 +237,7 @@ def test_activation_sparsity_known_count():
     assert torch.allclose(activation_sparsity(m), torch.tensor([0.25, 0.5]))
     assert activation_sparsity(torch.zeros(1, 2, 2, 2)).item() == 1.0
     assert activation_sparsity(torch.full((1, 2, 2, 2), 1e-30)).item() == 0.0
+    assert activation_sparsity(torch.zeros(0, 8, 4, 4)).shape == (0,)  # an empty batch
 
 
 # --- zero cams, fused function ----------------------------------------------------------------

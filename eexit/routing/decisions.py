@@ -28,9 +28,12 @@ class RoutingDecision:
         confidence: the router's probability for ``tier`` (its own decision, or the forced exit).
         latency_ms: expected milliseconds per image of that tier (measured at calibration).
         mflops: FLOPs of that tier's path / 1e6, router included.
-        label: predicted class name.
-        label_index: predicted class index.
-        probability: softmax probability of the predicted class at the deciding exit.
+        label: predicted class name; ``None`` when the image has no prediction (its logits are
+            not finite: an image with a NaN or infinite pixel, which is not run, or logits that
+            overflowed).
+        label_index: predicted class index (``None`` likewise).
+        probability: softmax probability of the predicted class at the deciding exit (0 when
+            there is no prediction).
         features: the seven complexity features the router saw (``None`` for the cascade, which routes
             on confidence alone).
         attributions: per-feature attribution of the router's output (positive = toward more
@@ -48,8 +51,8 @@ class RoutingDecision:
     confidence: float
     latency_ms: float
     mflops: float
-    label: str
-    label_index: int
+    label: str | None
+    label_index: int | None
     probability: float
     features: dict[str, float] | None
     attributions: dict[str, float] | None = None
@@ -153,9 +156,12 @@ def decision_rows(
 
     Returns:
         ``B`` dicts with the keys of ``RoutingDecision``; non-finite values become ``None``
-        (``0.0`` for ``confidence`` and ``probability``).
+        (``0.0`` for ``confidence`` and ``probability``). An image whose logits are not all
+        finite has no prediction: ``label``, ``label_index`` and ``router_tier`` are ``None``
+        and ``confidence`` and ``probability`` 0 (whatever its router's own score said).
     """
     conf_t, label_t = out.probs.max(dim=1)
+    predicted = torch.isfinite(out.logits).all(dim=1).tolist()
     # plain Python lists once per batch: per-element tensor indexing dominates otherwise; every
     # float column in one (B, n) matrix, so that it is rounded and converted once
     columns = [conf_t[:, None], out.confidence[:, None]]
@@ -171,15 +177,17 @@ def decision_rows(
     keys = [lv.key for lv in ExitLevel]
     tier_cost = _floats(torch.tensor([[c.latency_ms, c.mflops] for c in costs], dtype=torch.float64), digits)
     rows = []
-    for t, li, own_t, f in zip(tiers, labels, own, floats, strict=True):
+    for t, li, own_t, f, ok in zip(tiers, labels, own, floats, predicted, strict=True):
         latency_ms, mflops = tier_cost[t]
+        if not ok:
+            li, own_t, f[0], f[1] = None, -1, None, None
         rows.append(
             {
                 "tier": keys[t],
                 "confidence": 0.0 if f[1] is None else f[1],
                 "latency_ms": latency_ms,
                 "mflops": mflops,
-                "label": class_names[li] if class_names else str(li),
+                "label": None if li is None else class_names[li] if class_names else str(li),
                 "label_index": li,
                 "probability": 0.0 if f[0] is None else f[0],
                 "features": dict(zip(FEATURE_NAMES, f[2:a0], strict=True)) if with_features else None,

@@ -210,7 +210,9 @@ def spatial_complexity(image: Tensor, threshold: float = EDGE_THRESHOLD) -> Tens
         threshold: magnitude threshold in normalised units per pixel (see the module docstring).
 
     Returns:
-        ``(B,)`` float32 in [0, 1]: 0 for a constant image, near 1 for a fine checkerboard.
+        ``(B,)`` float32 in [0, 1]: 0 for a constant image, 1 for a checkerboard of 2 x 2 squares
+        with a step above the threshold. (A one-pixel checkerboard gives 0: Sobel compares the
+        pixels on either side of each one, which are alike there.)
     """
     if image.dim() != 4:
         raise ValueError(f"expected an image of shape (B, C, H, W), got {tuple(image.shape)}")
@@ -296,7 +298,7 @@ def _nonzero_count(flat: Tensor) -> Tensor:
     """
     nonzero = flat.bool()
     b, n = nonzero.shape
-    if torch.onnx.is_in_onnx_export() or n % 4 or not nonzero.is_contiguous() or nonzero.storage_offset() % 4:
+    if torch.onnx.is_in_onnx_export() or b == 0 or n % 4 or not nonzero.is_contiguous() or nonzero.storage_offset() % 4:
         return nonzero.sum(dim=1)
     words = n // 4
     block = _block_size(words)
