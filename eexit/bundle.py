@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -394,8 +395,94 @@ def _check_consistency(manifest: dict, file: Path) -> None:
         problems.append(f"serve.router {manifest['serve']['router']!r} is not one of {sorted(manifest['routers'])}")
     if int(data.get("num_classes", -1)) != int(spec.get("num_classes", -2)):
         problems.append(f"data.num_classes {data.get('num_classes')} != spec.num_classes {spec.get('num_classes')}")
+    problems += _value_problems(manifest)
     if problems:
         raise BundleError(f"{file} is inconsistent: " + "; ".join(problems))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _numbers(value, n: int | None = None) -> bool:
+    """A JSON array of finite numbers (of length ``n``, if given)."""
+    return isinstance(value, list) and all(_is_number(v) for v in value) and (n is None or len(value) == n)
+
+
+def _value_problems(manifest: dict) -> list[str]:
+    """The sealed values predict reads, each checked for its type and range (named by key), so that
+    a bundle that loads also serves: nothing here fails later, per image."""
+    from eexit.routing.features import FEATURE_NAMES, complexity_features
+
+    problems = []
+    names = manifest["class_names"]
+    if not all(isinstance(n, str) for n in names):
+        problems.append("class_names must be strings")
+    inp = manifest["input"]
+    h, w = inp["size"]
+    if h != w:
+        problems.append(f"input.size must be square (images are resized and centre-cropped to it), got {[h, w]}")
+    if not (_numbers(inp["mean"]) and _numbers(inp["std"])):
+        problems.append(f"input.mean and input.std must be arrays of numbers, got {inp['mean']!r} / {inp['std']!r}")
+    else:  # pixels in [0, 1] must normalise to finite float32 values
+        mean = torch.tensor(inp["mean"], dtype=torch.float32)
+        std = torch.tensor(inp["std"], dtype=torch.float32)
+        ends = torch.stack([(0 - mean) / std, (1 - mean) / std])
+        if not bool(torch.isfinite(ends).all()):
+            problems.append(
+                f"input.mean {inp['mean']} and input.std {inp['std']} do not normalise pixels to finite float32 values"
+            )
+    exits = [lv.key for lv in ExitLevel]
+    for kind, entry in manifest["routers"].items():
+        tiers = entry.get("tiers")
+        if not (isinstance(tiers, list) and len(tiers) == len(exits) and all(isinstance(t, dict) for t in tiers)):
+            problems.append(f"routers.{kind}.tiers must be {len(exits)} objects, one per exit")
+            continue
+        for i, t in enumerate(tiers):
+            key = f"routers.{kind}.tiers[{i}]"
+            for name in ("mflops", "latency_ms"):
+                if not (_is_number(t.get(name)) and t[name] >= 0):
+                    problems.append(f"{key}.{name} must be a number >= 0, got {t.get(name)!r}")
+            if not (
+                isinstance(t.get("batch_size"), int) and not isinstance(t["batch_size"], bool) and t["batch_size"] > 0
+            ):
+                problems.append(f"{key}.batch_size must be a positive integer, got {t.get('batch_size')!r}")
+            try:
+                torch.device(t.get("device"))
+            except (RuntimeError, TypeError):
+                problems.append(f"{key}.device is no torch device: {t.get('device')!r}")
+    stats = manifest["feature_statistics"]
+    kwargs = stats.get("feature_kwargs", {})
+    known = {  # the features' numeric settings (grid, thresholds), from their signature
+        p.name
+        for p in inspect.signature(complexity_features).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and _is_number(p.default)
+    }
+    if not (isinstance(kwargs, dict) and set(kwargs) <= known and all(_is_number(v) for v in kwargs.values())):
+        problems.append(
+            f"feature_statistics.feature_kwargs must map some of {sorted(known)} to numbers, got {kwargs!r}"
+        )
+    elif "grid" in kwargs and not (isinstance(kwargs["grid"], int) and kwargs["grid"] > 0):
+        problems.append(f"feature_statistics.feature_kwargs.grid must be a positive integer, got {kwargs['grid']!r}")
+    profiles = stats.get("tier_profiles")
+    if not (
+        isinstance(profiles, dict)
+        and set(profiles) <= set(exits)
+        and all(
+            isinstance(p, dict) and set(p) == set(FEATURE_NAMES) and all(_numbers(v, 2) for v in p.values())
+            for p in profiles.values()
+        )
+    ):
+        problems.append("feature_statistics.tier_profiles must map exits to {feature: [low, high]} for the 7 features")
+    expl = manifest["explanation"]
+    if not _numbers(expl.get("baseline_features"), len(FEATURE_NAMES)):
+        problems.append(f"explanation.baseline_features must be {len(FEATURE_NAMES)} numbers")
+    rows = expl.get("exit_baselines")
+    if rows is not None and not (
+        isinstance(rows, list) and len(rows) == len(exits) and all(_numbers(r, len(FEATURE_NAMES)) for r in rows)
+    ):
+        problems.append(f"explanation.exit_baselines must be null or {len(exits)} rows of {len(FEATURE_NAMES)} numbers")
+    return problems
 
 
 def _listing(names: list[str], limit: int = 5) -> str:

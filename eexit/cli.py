@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -44,11 +46,11 @@ def _export(args: argparse.Namespace) -> int:
     from eexit.bundle import export_bundle
 
     out = export_bundle(args.checkpoint, args.out_dir, serve=args.router, trust=args.trust_checkpoint)
-    Console(stderr=True).print(f"bundle written to [bold]{out}[/bold]")
+    Console(stderr=True).print(f"bundle written to [bold]{escape(str(out))}[/bold]")
     if args.onnx:
         from eexit.serve.onnx import export_onnx
 
-        Console(stderr=True).print(f"ONNX pieces written to [bold]{export_onnx(out)}[/bold]")
+        Console(stderr=True).print(f"ONNX pieces written to [bold]{escape(str(export_onnx(out)))}[/bold]")
     return 0
 
 
@@ -173,8 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader went away (`eexit predict ... | head`): stop quietly
+        # Python's recipe: point stdout at devnull so that the interpreter's final flush is silent
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (OSError, ValueError, ImportError) as err:  # a missing or unusable file, a bad value
-        Console(stderr=True).print(f"[red]error:[/red] {err}")
+        console = Console(stderr=True, soft_wrap=True)
+        console.print("[red]error:[/red] ", end="")
+        console.print(str(err), markup=False, highlight=False)  # a path may hold [brackets]
         return 2
 
 

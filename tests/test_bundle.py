@@ -177,8 +177,22 @@ def test_a_resealed_spec_that_does_not_fit_the_weights_is_refused(bundle_copy: P
         (lambda m: m.pop("feature_statistics"), r"section 'feature_statistics' is missing"),
         (lambda m: m["routers"].update(gate=[1]), r"routers\.gate must be an object with a 'config' object"),
         (lambda m: m["input"].update(size=16), r"input\.size must be \[height, width\] in pixels, got 16"),
-        (lambda m: m["explanation"].pop("baseline_features"), r"the routers in .* cannot be rebuilt: KeyError"),
+        (lambda m: m["explanation"].pop("baseline_features"), r"explanation\.baseline_features must be 7 numbers"),
         (lambda m: m["class_names"].pop(), r"bundle\.json is inconsistent: spec\.num_classes is 4 but there are 3"),
+        # values predict reads later: refused at load, by key, instead of failing image by image
+        (lambda m: m["class_names"].__setitem__(0, 7), r"class_names must be strings"),
+        (lambda m: m["input"].update(size=[16, 20]), r"input\.size must be square"),
+        (lambda m: m["input"].update(std=[1e-300] * 3), r"input\.mean .* do not normalise pixels to finite float32"),
+        (lambda m: m["input"].update(mean=[1e300] * 3), r"do not normalise pixels to finite float32"),
+        (lambda m: m["input"].update(mean="a"), r"input\.mean and input\.std must be arrays of numbers"),
+        (lambda m: m["routers"]["gate"]["tiers"][0].update(device="tpu"), r"routers\.gate\.tiers\[0\]\.device is no"),
+        (lambda m: m["routers"]["gate"]["tiers"][1].update(mflops="ten"), r"tiers\[1\]\.mflops must be a number"),
+        (lambda m: m["routers"]["cascade"]["tiers"][3].update(latency_ms=None), r"cascade\.tiers\[3\]\.latency_ms"),
+        (lambda m: m["routers"]["gate"]["tiers"].pop(), r"routers\.gate\.tiers must be 4 objects"),
+        (lambda m: m["feature_statistics"].update(feature_kwargs={"bogus": 1}), r"feature_kwargs must map some of"),
+        (lambda m: m["feature_statistics"].update(feature_kwargs={"grid": 0}), r"feature_kwargs\.grid must be a"),
+        (lambda m: m["feature_statistics"]["tier_profiles"].update(tiny=[1]), r"tier_profiles must map exits to"),
+        (lambda m: m["explanation"].update(exit_baselines=[[0.0] * 7] * 2), r"exit_baselines must be null or 4 rows"),
     ],
 )
 def test_a_resealed_malformed_manifest_is_refused_with_a_message(bundle_copy: Path, edit, message: str) -> None:

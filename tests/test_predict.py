@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -363,6 +364,67 @@ def test_png_fast_path_gives_the_pixels_of_the_pil_path(tmp_path: Path, monkeypa
     assert not fast_results
     with pytest.raises(images.ImageError, match="channel"):  # the fast path checks channels too
         images.load_pixels(cases["gray"][0], 4, 16)
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+
+def _crafted_png(rows: bytes, size: int = 16, idat_parts: int = 1, between: bytes = b"") -> bytes:
+    """An 8-bit grayscale PNG of ``size x size`` whose image data is ``rows`` (filter byte and
+    pixels per row), deflated and cut into ``idat_parts`` IDAT chunks, every CRC correct."""
+    stream = zlib.compress(rows)
+    cut = [stream[i * len(stream) // idat_parts : (i + 1) * len(stream) // idat_parts] for i in range(idat_parts)]
+    ihdr = size.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
+    idats = [_png_chunk(b"IDAT", c) for c in cut]
+    if between:
+        idats.insert(1, between)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + b"".join(idats) + _png_chunk(b"IEND", b"")
+
+
+def test_png_image_data_libpng_cannot_decode_goes_to_pil(tmp_path: Path) -> None:
+    # torchvision's libpng decoder kills the process on these (valid CRCs, broken image data):
+    # the fast path must leave them to PIL, which names the problem; the rest of the run goes on
+    from eexit.serve import images
+
+    rows = b"".join(b"\x00" + bytes(range(i, i + 16)) for i in range(16))
+    good = _crafted_png(rows, idat_parts=2)
+    assert images._plain_png(good, 16)
+    assert np.array_equal(images.load_pixels(_write(tmp_path / "ok.png", good), 1, 16)[0, 3], np.arange(3, 19))
+    stream = zlib.compress(rows)
+    broken = {
+        "few_rows": _crafted_png(rows[: 17 * 12]),  # a complete stream with too few rows
+        "short_stream": _crafted_png(rows).replace(_png_chunk(b"IDAT", stream), _png_chunk(b"IDAT", stream[:-9])),
+        "bad_filter": _crafted_png(b"\x07" + rows[1:]),
+        "too_many_rows": _crafted_png(rows + rows[:17]),
+        "split_idat": _crafted_png(rows, idat_parts=2, between=_png_chunk(b"tEXt", b"k\x00v")),
+    }
+    for name, data in broken.items():
+        assert not images._plain_png(data, 16), name
+    result = subprocess.run(  # in a child process: were libpng reached, it would crash the test run
+        [
+            sys.executable,
+            "-c",
+            "import sys; from eexit.serve import images\n"
+            "for p in sys.argv[1:]:\n"
+            "    try: images.load_pixels(p, 1, 16); print(p, 'ok')\n"
+            "    except images.ImageError as e: print(p, 'error')",
+            *(_write(tmp_path / f"{n}.png", d) for n, d in broken.items()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    outcome = dict(line.rsplit(" ", 1) for line in result.stdout.splitlines())
+    assert len(outcome) == len(broken)
+    assert outcome[str(tmp_path / "short_stream.png")] == "error"
+    # (PIL zero-fills the missing rows of a complete stream that ends early: "few_rows" passes)
+
+
+def _write(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
 
 
 def test_batch_normalisation_equals_per_image_and_drops_non_finite_images(tmp_path: Path) -> None:
@@ -726,3 +788,47 @@ def test_a_file_that_grows_while_read_is_read_to_its_end_within_the_bound(tmp_pa
     monkeypatch.setattr(images, "MAX_FILE_BYTES", 8)
     with open(path, "rb") as f, pytest.raises(ImageError, match="file too large"):
         images._read_bounded(f, str(path))
+
+
+def test_error_messages_show_paths_with_brackets_as_they_are(tmp_path: Path, capsys) -> None:
+    # rich would read "[/bold]" as markup: a traceback, or "[bold]" swallowed from the path
+    for name in ("no[/bold]bundle", "no[bold]bundle"):
+        assert main(["predict", "--bundle", str(tmp_path / name), str(tmp_path)]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"error: bundle directory not found: {tmp_path / name}" in err
+
+
+def test_a_reader_that_goes_away_ends_predict_quietly(calibrated_run, tmp_path: Path) -> None:
+    for i in range(40):
+        Image.fromarray(_shape_u8(i % 5)).save(tmp_path / f"img{i:02d}.png")
+    script = (
+        "import sys; from eexit.cli import main; "
+        f"sys.exit(main(['predict', '--bundle', {calibrated_run['bundle']!r}, {str(tmp_path)!r}, "
+        "'--batch-size', '4', '--no-progress', '--no-attributions']))"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = child.stdout.readline()
+    child.stdout.close()  # like `| head -1`
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 1
+    assert _strict_json(first.decode())["path"].endswith("img00.png")
+    assert "Broken pipe" not in err and "Traceback" not in err and "error" not in err
+
+
+def test_an_image_whose_logits_overflow_gets_an_error_line(calibrated_run, tmp_path: Path, capsys) -> None:
+    # input statistics that pass the bundle's checks can still make a network overflow: such an
+    # image has no answer (no label from the argmax of NaN), its line says so, the exit code is 1
+    from eexit.serve.predict import predict_rows
+
+    bundle = load_bundle(calibrated_run["bundle"])
+    for i in range(3):
+        Image.fromarray(_shape_u8(i)).save(tmp_path / f"img{i}.png")
+    paths = sorted(str(p) for p in tmp_path.glob("*.png"))
+    good = list(predict_rows(bundle, paths, attributions=False))
+    assert all("label" in r for r in good)
+    bundle.manifest["input"]["std"] = [1e-38] * len(bundle.std)  # inputs near 1e38: finite, the net overflows
+    rows = list(predict_rows(bundle, paths, attributions=False))
+    assert [r["path"] for r in rows] == paths
+    overflow = [r for r in rows if "error" in r]
+    assert overflow and all(set(r) == {"path", "error"} and "not finite" in r["error"] for r in overflow)
+    assert all(r["label"] is not None for r in rows if "error" not in r)

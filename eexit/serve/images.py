@@ -358,17 +358,25 @@ _EXIF_TEXT_KEY = b"Raw profile type exif\x00"  # the text chunk in which Pillow 
 def _plain_png(data: bytes, size: int) -> bool:
     """Whether ``data`` is a PNG that libpng decodes to the pixels the PIL path gives.
 
-    That is an 8-bit grayscale (colour type 0) or RGB (2) PNG of ``size x size`` pixels (no
-    conversion, alpha, palette or resize), without EXIF (no orientation), holding only the
-    chunks of ``_PLAIN_CHUNKS``, each with a correct CRC (PIL refuses a file with a bad one where
-    libpng only warns about it), up to ``IEND``.
+    That is an 8-bit grayscale (colour type 0) or RGB (2), non-interlaced PNG of ``size x size``
+    pixels (no conversion, alpha, palette or resize), without EXIF (no orientation), holding only
+    the chunks of ``_PLAIN_CHUNKS``, each with a correct CRC (PIL refuses a file with a bad one
+    where libpng only warns about it), up to ``IEND``, whose image data (one run of ``IDAT``
+    chunks) inflates to exactly the rows of the image, each with a valid filter byte.
+
+    libpng is only given files it decodes without an error: torchvision's decoder does not
+    recover from libpng's errors (a short image stream or a bad filter byte kills the process),
+    so every other file goes to PIL, which names the problem.
     """
-    if not data.startswith(_PNG_SIGNATURE) or len(data) < 33 or data[12:16] != b"IHDR":
+    if not data.startswith(_PNG_SIGNATURE) or len(data) < 33 or data[8:16] != b"\x00\x00\x00\x0dIHDR":
         return False
     if int.from_bytes(data[16:20], "big") != size or int.from_bytes(data[20:24], "big") != size:
         return False
-    if data[24] != 8 or data[25] not in (0, 2):
+    # bit depth 8, grayscale or RGB, compression 0, filter method 0, no interlacing
+    if data[24] != 8 or data[25] not in (0, 2) or data[26:29] != b"\x00\x00\x00":
         return False
+    idat: list[bytes] = []
+    idat_done = False  # the run of IDAT chunks has ended (libpng refuses a second run)
     pos = len(_PNG_SIGNATURE)
     while pos + 12 <= len(data):
         length = int.from_bytes(data[pos : pos + 4], "big")
@@ -379,10 +387,34 @@ def _plain_png(data: bytes, size: int) -> bool:
             return False
         if kind in _TEXT_CHUNKS and data[pos + 8 : end].startswith(_EXIF_TEXT_KEY):
             return False
+        if kind == b"IDAT":
+            if idat_done:
+                return False
+            idat.append(data[pos + 8 : end])
+        elif idat:
+            idat_done = True
         if kind == b"IEND":
-            return True
+            return _rows_are_complete(b"".join(idat), size, 1 if data[25] == 0 else 3)
         pos = end + 4
     return False  # no IEND: truncated
+
+
+def _rows_are_complete(stream: bytes, size: int, channels: int) -> bool:
+    """Whether a PNG's zlib ``stream`` inflates (checksum included, nothing after it) to exactly
+    ``size`` rows of ``1 + size * channels`` bytes, each starting with a filter type 0-4."""
+    row = 1 + size * channels
+    inflate = zlib.decompressobj()
+    try:
+        raw = inflate.decompress(stream, row * size + 1)
+    except zlib.error:
+        return False
+    return (
+        inflate.eof
+        and not inflate.unused_data
+        and not inflate.unconsumed_tail
+        and len(raw) == row * size
+        and max(raw[::row]) <= 4
+    )
 
 
 @functools.cache

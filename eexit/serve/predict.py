@@ -224,6 +224,9 @@ def predict_rows(
             for path, tensor, error in loaded:
                 if tensor is None:
                     yield {"path": path, "error": error}
+                elif rows_good[g]["label"] is None:  # logits that overflowed: no answer to give
+                    yield {"path": path, "error": "the network's outputs for this image are not finite"}
+                    g += 1
                 else:
                     row = {"path": path, **rows_good[g]}
                     if out_dir is not None:
