@@ -289,16 +289,23 @@ def _resize_crop(im: Image.Image, size: int) -> Image.Image:
 
 def _wide_to_array(im: Image.Image, size: int | None) -> np.ndarray:
     """16/32-bit integer or float image -> ``(S, S)`` float32 in [0, 1] (``size=None``: as it is)."""
-    a = np.asarray(im, dtype=np.float64)
+    # one float32 copy, scaled in place: a large 16-bit or float image is not multiplied in float64
+    # copies (float32 holds 16-bit values exactly; 32-bit integers above 2^24 clip to 1 anyway)
+    a = np.array(im, dtype=np.float32)
+    finite = np.isfinite(a)
+    all_finite = bool(finite.all())
+    peak = a.max(initial=0.0) if all_finite else a[finite].max(initial=0.0)
     if im.mode == "F":
-        finite = a[np.isfinite(a)]
-        full = 1.0 if finite.max(initial=0.0) <= 1.0 else 255.0
+        full = 1.0 if peak <= 1.0 else 255.0
     elif im.mode == "I":
-        full = 65535.0 if a.max(initial=0.0) > 255 else 255.0
+        full = 65535.0 if peak > 255 else 255.0
     else:
         full = 65535.0
-    # NaN and +-inf stay non-finite (clipping would turn inf into white): the image is refused later
-    a = np.where(np.isfinite(a), np.clip(a / full, 0.0, 1.0), a).astype(np.float32)
+    bad = None if all_finite else a[~finite]
+    np.divide(a, np.float32(full), out=a)
+    np.clip(a, 0.0, 1.0, out=a)
+    if bad is not None:  # NaN and +-inf stay as they were (clipping turns inf white): refused later
+        a[~finite] = bad
     f = Image.fromarray(a)  # float32 -> mode "F"
     if size is not None:
         f = _resize_crop(f, size)
