@@ -560,6 +560,10 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> B
             match; the message says what differs.
     """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise BundleError(
+            f"{path} is a file, not a bundle: give the directory that holds {MANIFEST_NAME} and {WEIGHTS_NAME}"
+        )
     if not path.is_dir():
         raise FileNotFoundError(f"bundle directory not found: {path}")
     manifest = _read_manifest(path)

@@ -121,7 +121,8 @@ def _exit_name(text: str) -> str:
     from eexit.types import ExitLevel
 
     try:
-        return ExitLevel.parse(int(text) if text.isdigit() else text).key
+        # ASCII digits only: str.isdigit() also takes "²" (which int() refuses) and "３"
+        return ExitLevel.parse(int(text) if text.isascii() and text.isdigit() else text).key
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 

@@ -603,6 +603,8 @@ def test_an_explain_path_that_is_a_file_is_refused_before_routing(calibrated_run
     ("option", "message"),
     [
         (["--tier", "huge"], "argument --tier: unknown exit 'huge'; expected one of: tiny, light, medium, heavy"),
+        (["--tier", "\uff13"], "argument --tier: unknown exit '\uff13'"),  # a full-width 3 is no index
+        (["--tier", "\u00b2"], "argument --tier: unknown exit '\u00b2'"),  # isdigit() but no int()
         (["--router", "fast"], "argument --router: invalid choice: 'fast'"),
         (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got 0"),
         (["--batch-size", "lots"], "argument --batch-size: expected an integer >= 1, got 'lots'"),
@@ -832,3 +834,10 @@ def test_an_image_whose_logits_overflow_gets_an_error_line(calibrated_run, tmp_p
     overflow = [r for r in rows if "error" in r]
     assert overflow and all(set(r) == {"path", "error"} and "not finite" in r["error"] for r in overflow)
     assert all(r["label"] is not None for r in rows if "error" not in r)
+
+
+def test_a_bundle_path_that_is_a_file_is_named_as_such(tmp_path: Path, capsys) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    assert main(["predict", "--bundle", str(tmp_path / "model.safetensors"), str(tmp_path)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{tmp_path / 'model.safetensors'} is a file, not a bundle" in err
