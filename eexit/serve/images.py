@@ -165,7 +165,7 @@ def _read(path: str) -> bytes:
         if os.path.islink(path):
             reason = f"broken symbolic link (its target {os.readlink(path)!r} does not exist)"
         elif any(c in path for c in _GLOB_CHARS):
-            reason = "no file matches this pattern"
+            reason = "no such file, and no file matches it as a pattern"
         else:
             reason = "no such file"
         raise ImageError(path, reason) from None
