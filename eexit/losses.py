@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -106,6 +107,12 @@ class MultiExitLoss(nn.Module):
         if isinstance(cam_size, int):
             cam_size = (cam_size, cam_size)
         self.cam_size = tuple(cam_size) if cam_size is not None else None
+        if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be > 0 (or None for eps smoothing), got {temperature}")
+        if not (math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.eps = eps
         self.temperature = temperature
         self.label_smoothing = label_smoothing

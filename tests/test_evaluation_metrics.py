@@ -159,6 +159,13 @@ def test_consistency_identical_and_disjoint_cams() -> None:
     assert torch.allclose(apart["tiny"]["cosine"], torch.zeros(2))
     assert torch.allclose(apart["tiny"]["iou_top20"], torch.zeros(2))
     assert (apart["tiny"]["kl"] > same["tiny"]["kl"] + 1.0).all()
+    # an all-zero cam has no top region: no overlap with HEAVY's, even where HEAVY looks at the
+    # first rows (where an all-zero map's raster-order "top pixels" lie)
+    top = torch.zeros(2, 8, 8)
+    top[:, 0, :] = 1.0
+    blank = torch.zeros(2, 8, 8)
+    for cams in ([blank, blank, blank, top], [top, top, top, blank], [blank] * 4):
+        assert torch.equal(consistency_scores(cams)["tiny"]["iou_top20"], torch.zeros(2))
     # a cam at another resolution is resampled to the largest one
     coarse = consistency_scores([cam, cam, cam, torch.nn.functional.avg_pool2d(cam.unsqueeze(1), 2).squeeze(1)])
     assert coarse["tiny"]["cosine"].min() > 0.5

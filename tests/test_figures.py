@@ -69,3 +69,14 @@ def test_report_radar_draws_every_example_with_the_shared_code(tmp_path: Path) -
     assert path.is_file() and path.stat().st_size > 0
     bars = plots.attribution_bars(torch.tensor([[0.1] * 7, [-0.1] * 7]), tmp_path / "attr.png", ["a", "b"])
     assert bars.is_file() and bars.stat().st_size > 0
+
+
+def test_a_non_finite_cam_pixel_shows_as_zero_and_keeps_the_rest_of_the_map() -> None:
+    heat = torch.zeros(6, 6)
+    heat[1, 2], heat[4, 4] = 2.0, 1.0
+    heat[0, 0] = float("nan")
+    fig = figures.cam_overlay(torch.zeros(1, 6, 6), [0.5], [0.5], heat, "x")
+    shown = np.asarray(fig.axes[0].images[1].get_array())
+    expected = np.zeros((6, 6))
+    expected[1, 2], expected[4, 4] = 1.0, 0.5
+    assert np.array_equal(shown, expected)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from captum.attr import LayerGradCam
@@ -48,6 +49,27 @@ def test_gradcam_with_label_targets_and_callable_target_matches_captum() -> None
         ref = _captum_cam(net, x, level, labels)
         assert torch.allclose(by_label[level], ref, atol=1e-6, rtol=1e-4)
         assert torch.allclose(by_callable[level], ref, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_targets_as_integers_lists_and_arrays_and_bad_targets_refused(head: str) -> None:
+    torch.manual_seed(2)
+    net = create_model("resnet_micro", in_chans=1, num_classes=5, head=head).eval()
+    x = torch.randn(3, 1, 16, 16)
+    ref = net(x, with_cams=True, targets=torch.tensor([2, 2, 2])).cams
+    for target in (2, np.int64(2), torch.tensor(2), [2, 2, 2], np.array([2, 2, 2])):
+        cams = net(x, with_cams=True, targets=target).cams
+        assert all(torch.equal(a, b) for a, b in zip(cams, ref, strict=True)), repr(target)
+    for target, error, message in (
+        (torch.tensor([-1, 0, 1]), ValueError, r"class indices must be in \[0, 5\)"),  # not "the last class"
+        ([0, 1, 5], ValueError, r"in \[0, 5\), got values from 0 to 5"),
+        (torch.tensor([2.7, 0.0, 1.0]), TypeError, "integer class indices, got torch.float32"),
+        ([0, 1], ValueError, r"expected 3 class indices \(one per image\), got shape \(2,\)"),
+        (True, TypeError, "class indices"),
+        ("cat", TypeError, "class indices"),
+    ):
+        with pytest.raises(error, match=message):
+            net(x, with_cams=True, targets=target)
 
 
 def test_exact_values_on_hand_weighted_linear_head() -> None:

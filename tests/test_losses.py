@@ -52,6 +52,15 @@ def test_loss_rejects_bad_values() -> None:
         MultiExitLoss(exit_weights={"huge": 1.0})
     with pytest.raises(ValueError, match="teacher"):
         MultiExitLoss(consistency_exits=["tiny", "heavy"])
+    # a zero temperature gives a NaN KL and a negative one inverts the attention: both refused
+    for t in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            MultiExitLoss(temperature=t)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        MultiExitLoss(eps=-1e-3)
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\)"):
+        MultiExitLoss(label_smoothing=1.0)
+    assert MultiExitLoss(temperature=0.5).temperature == 0.5
 
 
 def _kl_only_grads(attn_weight: float):

@@ -3,8 +3,10 @@
 All exits explain the same class per image (HEAVY's prediction unless given), their cams are
 resampled to the largest cam's size, and compared with HEAVY's:
 
-* ``kl``: ``KL(P_HEAVY || P_k)`` of the cams turned into distributions exactly as in training
-  (``eexit.losses.cam_to_distribution``; lower = more consistent);
+* ``kl``: ``KL(P_HEAVY || P_k)`` of the cams turned into distributions as the training loss does
+  by default (``eexit.losses.cam_to_distribution`` with ``eps`` 1e-3 and no temperature; lower =
+  more consistent). The metric keeps these settings whatever ``model.loss.eps`` or
+  ``temperature`` a model was trained with, so that the KLs of different models compare;
 * ``cosine``: cosine similarity of the raw maps (1 = same shape);
 * ``iou_top20``: IoU of the two maps' top-20% regions.
 """
@@ -59,7 +61,9 @@ def consistency_scores(
 
     Returns:
         ``{exit: {"kl": (B,), "cosine": (B,), "iou_top20": (B,)}}`` for TINY, LIGHT, MEDIUM
-        (the IoU key names the percentage actually used).
+        (the IoU key names the percentage actually used). An all-zero cam (no evidence for the
+        class) has no top region: its IoU is 0, as is every IoU against an all-zero HEAVY cam
+        (their raster-order "top pixels" would otherwise overlap any cam on the first rows).
     """
     if len(cams) != len(ExitLevel):
         raise ValueError(f"expected {len(ExitLevel)} cams, got {len(cams)}")
@@ -67,6 +71,7 @@ def consistency_scores(
     heavy = _resample(cams[ExitLevel.HEAVY].float(), size)
     teacher = cam_to_distribution(heavy, None, eps)
     heavy_top = top_fraction_mask(heavy, top_fraction)
+    heavy_found = heavy.flatten(1).amax(dim=1) > 0
     iou_key = f"iou_top{round(100 * top_fraction)}"
     out = {}
     for level in list(ExitLevel)[:-1]:
@@ -74,7 +79,8 @@ def consistency_scores(
         out[level.key] = {
             "kl": attention_kl(teacher, cam_to_distribution(cam, None, eps)),
             "cosine": F.cosine_similarity(cam.flatten(1), heavy.flatten(1), dim=1, eps=1e-12),
-            iou_key: overlap_scores(top_fraction_mask(cam, top_fraction), heavy_top)["iou"],
+            iou_key: overlap_scores(top_fraction_mask(cam, top_fraction), heavy_top)["iou"]
+            * (heavy_found & (cam.flatten(1).amax(dim=1) > 0)),
         }
     return out
 

@@ -132,7 +132,8 @@ def heatmap_grid(
             axes[i, 0].set_ylabel(titles[i], fontsize=7)
         for j, name in enumerate(blocks):
             for level in ExitLevel:
-                cam = cams[name][level][i].detach().float().cpu()
+                # a non-finite pixel shows as 0 (as in eexit.explain.figures.cam_overlay), not a blank map
+                cam = cams[name][level][i].detach().float().cpu().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
                 cam = (cam / cam.max().clamp_min(1e-12)).numpy()
                 ax = axes[i, 1 + j * len(ExitLevel) + int(level)]
                 _overlay(ax, imgs[i], cam)

@@ -49,7 +49,8 @@ def cam_overlay(image: Tensor, mean: Sequence[float], std: Sequence[float], heat
     """
     img = image.detach().float().cpu().numpy().transpose(1, 2, 0)
     img = np.clip(img * np.asarray(std) + np.asarray(mean), 0.0, 1.0)
-    cam = heatmap.detach().float().cpu().numpy()
+    # a non-finite pixel shows as 0 (as in eexit.evaluation.plots.heatmap_grid), the rest as it is
+    cam = np.nan_to_num(heatmap.detach().float().cpu().numpy(), nan=0.0, posinf=0.0, neginf=0.0)
     peak = float(cam.max()) if cam.size else 0.0
     cam = cam / peak if peak > 0 and math.isfinite(peak) else np.zeros_like(cam)
     fig, ax = _new(3.2, 3.4)

@@ -7,7 +7,8 @@ the gradient through the classifier on the pooled vector (see ``eexit.explain.gr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 HeadKind = Literal["linear", "mlp"]
-CamTarget = Tensor | Callable[[Tensor], Tensor] | None
+CamTarget = Tensor | int | Sequence[int] | Callable[[Tensor], Tensor] | None
 
 
 @dataclass
@@ -104,14 +105,18 @@ class ExitHead(nn.Module):
 
         Args:
             out: this head's output for the batch.
-            target: class indices ``(B,)``; ``None`` for the predicted class; or a callable
-                mapping logits ``(B, K)`` to one score per image ``(B,)``.
+            target: class indices ``(B,)`` (a tensor, a list or NumPy array of integers, or one
+                integer for every image); ``None`` for the predicted class; or a callable mapping
+                logits ``(B, K)`` to one score per image ``(B,)``.
             create_graph: keep the result differentiable (for a training loss).
+
+        Raises:
+            TypeError: class indices that are not integers.
+            ValueError: class indices of another batch size, or (on the CPU) outside ``[0, K)``.
         """
-        if target is None:
-            target = out.logits.argmax(dim=1)
-        if isinstance(target, Tensor):
-            grad = self._class_gradient(out.pooled, target.to(out.logits.device).long(), out.hidden)
+        if isinstance(target, Tensor) or not callable(target):
+            classes = out.logits.argmax(dim=1) if target is None else class_indices(target, out.logits)
+            grad = self._class_gradient(out.pooled, classes, out.hidden)
             return grad if create_graph else grad.detach()
         # a callable target: let autograd differentiate it through the classifier on the pooled
         # vector (under inference mode too: its tensors are copied out of it, which costs a (B, C)
@@ -142,3 +147,30 @@ class ExitHead(nn.Module):
         # 1[h > 0] as sign(relu(h)): one float op, faster than a comparison to bool and a cast
         active = hidden.detach().clamp_min(0.0).sign_()
         return (last.weight[target] * active) @ first.weight
+
+
+def class_indices(target: Tensor | int | Sequence[int], logits: Tensor) -> Tensor:
+    """Class indices ``(B,)`` int64 on the logits' device from a tensor, a sequence or NumPy array
+    of integers, or one integer for every image; refused with a message otherwise (a float
+    would be truncated, -1 would silently mean the last class)."""
+    b, k = logits.shape
+    refused = TypeError(f"targets must be class indices (integers) or a callable, got {type(target).__name__}")
+    if isinstance(target, bool | str | bytes) or not (
+        isinstance(target, numbers.Integral | Tensor) or hasattr(target, "__len__")
+    ):
+        raise refused
+    try:
+        t = torch.as_tensor(target, device=logits.device)
+    except (TypeError, ValueError, RuntimeError):
+        raise refused from None
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"targets must be integer class indices, got {t.dtype}")
+    if t.dim() == 0:
+        t = t.expand(b)
+    if t.shape != (b,):
+        raise ValueError(f"expected {b} class indices (one per image), got shape {tuple(t.shape)}")
+    # the range check reads the values back: skipped on a GPU, where it would stall every call
+    # (a training step's labels; cross-entropy refuses bad ones there)
+    if b and t.device.type == "cpu" and not bool(((t >= 0) & (t < k)).all()):
+        raise ValueError(f"class indices must be in [0, {k}), got values from {int(t.min())} to {int(t.max())}")
+    return t.long()

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from eexit.explain.gradcam import gradcam
 from eexit.models.backbone import ResNetBackbone
-from eexit.models.heads import CamTarget, ExitHead, HeadOutput
+from eexit.models.heads import CamTarget, ExitHead, HeadOutput, class_indices
 from eexit.types import ExitLevel, MultiExitOutput
 
 
@@ -56,8 +56,9 @@ class MultiExitNet(nn.Module):
         Args:
             x: images ``(B, C, H, W)``.
             with_cams: also return the cams.
-            targets: class per image ``(B,)`` for all exits, ``None`` for each exit's own
-                prediction, or a callable on logits (see ``eexit.explain.gradcam``).
+            targets: class per image ``(B,)`` for all exits (or one class for all images),
+                ``None`` for each exit's own prediction, or a callable on logits (see
+                ``eexit.explain.gradcam``).
             create_graph: keep the cams differentiable (training).
 
         Returns:
@@ -67,6 +68,8 @@ class MultiExitNet(nn.Module):
         logits = [o.logits for o in outs]
         if not with_cams:
             return MultiExitOutput(logits)
+        if targets is not None and (isinstance(targets, Tensor) or not callable(targets)):
+            targets = class_indices(targets, logits[0])  # checked once, (B,) int64 for every exit
         cams = [gradcam(head, o, targets, create_graph) for head, o in zip(self.heads, outs, strict=True)]
         return MultiExitOutput(logits, cams, targets if isinstance(targets, Tensor) else None)
 
