@@ -14,14 +14,19 @@ from eexit.types import ExitLevel
 
 @contextmanager
 def config_errors_exit() -> Iterator[None]:
-    """In an entry point: a ``ConfigError`` (a bad key, named in the message) or a missing file
-    (a data folder, a checkpoint: the message names the path) ends the program with that one
+    """In an entry point: a ``ConfigError`` (a bad key, named in the message), a missing file
+    (a data folder, a checkpoint: the message names the path) or an unreadable image of an image
+    folder (``bad_files=fail``: the message names it) ends the program with that one
     line on stderr and exit status 2, instead of a traceback under Hydra's
     "Error executing job" banner. In a multirun (``-m``) the error is left to Hydra, which
     reports it for that job and goes on with the others."""
+    from eexit.data.image_folder import CorruptImageError
+
     try:
         yield
-    except (ConfigError, FileNotFoundError) as err:  # a bad key, or a file a key names is missing
+    # a bad key, a file a key names is missing, or a data file that cannot be read (its message
+    # names the file and the reason)
+    except (ConfigError, FileNotFoundError, CorruptImageError) as err:
         if _in_multirun():
             raise
         console = Console(stderr=True, soft_wrap=True)

@@ -16,6 +16,7 @@ class ConfigError(ValueError):
     def __init__(self, key: str, problem: str) -> None:
         super().__init__(f"config key '{key}': {problem}")
         self.key = key
+        self.problem = problem
 
 
 def project_root() -> Path:
@@ -110,9 +111,15 @@ def validate_train_config(cfg: DictConfig) -> None:
         raise ConfigError(
             "model.net.name", f"unknown model {cfg.model.net.name!r}; registered: {', '.join(list_models())}"
         )
-    _number("data.batch_size", cfg.data.get("batch_size", 1), 1, integer=True)
-    _number("data.image_size", cfg.data.get("image_size", 1), 1, integer=True)
-    _number("data.num_workers", cfg.data.get("num_workers", 0), 0, integer=True, what="(0: load in the main process) ")
+    validate_data_config(cfg)
+    smoothing = loss.get("label_smoothing", 0.0)
+    _number("model.loss.label_smoothing", smoothing, 0)
+    if smoothing >= 1:
+        raise ConfigError(
+            "model.loss.label_smoothing", f"must be in [0, 1) (1 trains on uniform targets), got {smoothing}"
+        )
+    if cfg.model.get("optimizer") is not None and cfg.model.optimizer.get("weight_decay") is not None:
+        _number("model.optimizer.weight_decay", cfg.model.optimizer.weight_decay, 0)
     if "seed" in cfg:  # it seeds the data split too: null cannot do that
         _number("seed", cfg.seed, 0, integer=True, what="(it seeds the split, the initialisation and the shuffling) ")
     cam_size = loss.get("cam_size")
@@ -187,6 +194,24 @@ def validate_router_config(cfg: DictConfig) -> None:
     _number("router.latency_min_run_time", rc.get("latency_min_run_time", 1.0), 0, above=True, what="(seconds) ")
 
 
+def validate_data_config(cfg: DictConfig) -> None:
+    """Check the data group's loader and size keys (``train.py`` and ``evaluate.py`` alike).
+
+    Raises:
+        ConfigError: naming the first bad key.
+    """
+    data = cfg.get("data")
+    if data is None:
+        return
+    _number("data.batch_size", data.get("batch_size", 1), 1, integer=True)
+    _number("data.image_size", data.get("image_size", 1), 1, integer=True)
+    _number("data.num_workers", data.get("num_workers", 0), 0, integer=True, what="(0: load in the main process) ")
+    if data.get("limit_train") is not None:
+        _number("data.limit_train", data.limit_train, 1, integer=True, what="(null: every training image) ")
+    if data.get("num_classes") is not None:
+        _number("data.num_classes", data.num_classes, 2, integer=True, what="(a classifier needs two) ")
+
+
 def validate_eval_config(cfg: DictConfig) -> None:
     """Check ``evaluate.py``'s own keys before any model or data is loaded.
 
@@ -195,6 +220,7 @@ def validate_eval_config(cfg: DictConfig) -> None:
     """
     trusts_checkpoints(cfg)
     validate_router_config(cfg)
+    validate_data_config(cfg)
     if not isinstance(cfg.get("recalibrate", False), bool):
         raise ConfigError("recalibrate", f"must be true or false, got {cfg.recalibrate!r}")
     if cfg.get("limit") is not None:

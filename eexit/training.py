@@ -58,6 +58,8 @@ def build_datamodule(cfg: DictConfig) -> SplitDataModule:
 def build_module(cfg: DictConfig, dm: SplitDataModule) -> MultiExitModule:
     """Build the network for the data (classes, channels) and wrap it in the LightningModule."""
     info = dm.info
+    if info.num_classes < 2:
+        raise ConfigError("data", f"{info.name} has {info.num_classes} class(es); a classifier needs at least 2")
     net: MultiExitNet = instantiate_named(
         cfg.model.net, "model.net", num_classes=info.num_classes, in_chans=info.in_chans
     )
@@ -92,9 +94,15 @@ def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:
     elif not Path(ckpt_path).is_file():
         raise ConfigError("ckpt_path", f"checkpoint not found: {ckpt_path}")
     try:  # the same safe unpickling as the resume itself, with the file and the reason named
-        read_checkpoint(ckpt_path, trust=trusts_checkpoints(cfg))
+        ckpt = read_checkpoint(ckpt_path, trust=trusts_checkpoints(cfg))
     except ValueError as err:
         raise ConfigError("ckpt_path", str(err)) from None
+    missing = [k for k in ("state_dict", "pytorch-lightning_version", "eexit") if k not in ckpt]
+    if not isinstance(ckpt, dict) or missing:
+        raise ConfigError(
+            "ckpt_path",
+            f"{ckpt_path} is no eexit training checkpoint to resume from (it lacks {', '.join(missing) or 'a dict'})",
+        )
     return ckpt_path
 
 

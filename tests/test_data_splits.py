@@ -191,3 +191,46 @@ def test_a_cifar_tarball_without_a_test_split_is_refused_before_it_is_kept(tmp_p
     with pytest.raises(FileNotFoundError, match=r"does not unpack to one folder with train/ and test/"):
         CIFAR10DataModule(source=str(tarball), data_dir=str(tmp_path / "data"))
     assert not (tmp_path / "data" / "cifar10").exists()  # no half data set left for the next run
+
+
+def _idx(n: int, images: bool) -> bytes:
+    dims = [n, 28, 28] if images else [n]
+    header = (0x800 + len(dims)).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
+    return header + bytes(int(np.prod(dims)))
+
+
+def test_fashion_mnist_refuses_source_files_that_are_no_idx_files_and_repairs_a_broken_cache(tmp_path: Path) -> None:
+    import gzip
+
+    from eexit.config import ConfigError
+    from eexit.data.fashion_mnist import _FILES, idx_problem, prepare_raw_folder
+
+    source = tmp_path / "source"
+    source.mkdir()
+    for f in _FILES:
+        (source / f"{f}.gz").write_bytes(gzip.compress(_idx(3, "images" in f)))
+    root = tmp_path / "cache"
+    raw = root / "FashionMNIST" / "raw"
+    assert prepare_raw_folder(root, source) and all(idx_problem(raw / f) is None for f in _FILES)
+    # a cached file cut short (an earlier unpack of a wrong source) is unpacked again, not kept
+    (raw / _FILES[0]).write_bytes((raw / _FILES[0]).read_bytes()[:100])
+    assert "bytes where its header promises" in idx_problem(raw / _FILES[0])
+    assert prepare_raw_folder(root, source) and idx_problem(raw / _FILES[0]) is None
+    # without a source to repair it from, the broken cached file is named
+    (raw / _FILES[1]).write_bytes(b"junk")
+    with pytest.raises(ConfigError, match=rf"data\.data_dir.*{_FILES[1]} is no idx file"):
+        prepare_raw_folder(root, tmp_path / "nowhere")
+    # sources that are not gzip, or no idx file inside, are named and leave nothing behind
+    for name, content, message in (
+        ("junk", b"not gzip at all", "cannot be unpacked"),
+        ("labels_as_images", gzip.compress(_idx(3000, False)), "magic number 0x00000801, expected 0x00000803"),
+    ):
+        bad = tmp_path / name
+        bad.mkdir()
+        for f in _FILES:
+            (bad / f"{f}.gz").write_bytes(content if "train-images" in f else gzip.compress(_idx(3, "images" in f)))
+        fresh = tmp_path / f"cache_{name}"
+        with pytest.raises(ConfigError, match=rf"data\.source_dir.*train-images-idx3-ubyte\.gz.*{message}"):
+            prepare_raw_folder(fresh, bad)
+        assert not (fresh / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
+        assert not list((fresh / "FashionMNIST" / "raw").glob(".*partial"))

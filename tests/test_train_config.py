@@ -91,6 +91,14 @@ def test_cifar10_experiment_fast_dev_run(tmp_path: Path) -> None:
         ("model.loss.cam_size=[7,0]", ConfigError, "model.loss.cam_size"),
         ("data.calib_size=0", ConfigError, "data.calib_size"),
         ("data.calib_size=8", ConfigError, "data.calib_size"),
+        # failed inside torch or the scheduler, or were silently ignored (-0.5)
+        ("model.loss.label_smoothing=1.5", ConfigError, "model.loss.label_smoothing"),
+        ("model.loss.label_smoothing=-0.5", ConfigError, "model.loss.label_smoothing"),
+        ("model.loss.label_smoothing=1.0", ConfigError, "model.loss.label_smoothing"),
+        ("model.optimizer.weight_decay=-1", ConfigError, "model.optimizer.weight_decay"),
+        ("data.limit_train=0", ConfigError, "data.limit_train"),
+        ("data.limit_train=abc", ConfigError, "data.limit_train"),
+        ("data.num_classes=1", ConfigError, "data.num_classes"),
     ],
 )
 def test_bad_values_fail_at_start_naming_the_key(tmp_path: Path, override: str, error, names: str) -> None:
@@ -293,3 +301,43 @@ def test_the_model_summary_counts_the_flops_of_an_example_input(tmp_path: Path) 
     heavy = count_flops(module.net.predict_exit, module.example_input_array, ExitLevel.HEAVY)
     assert summary.total_flops >= heavy > 0  # every exit runs in forward: at least HEAVY's path
     assert module.training  # the summary's forward left the module in train mode
+
+
+def test_split_sizes_that_leave_no_training_images_name_the_key(tmp_path: Path) -> None:
+    # the pool's size is known only once the data is loaded (inside the fit): still one ConfigError
+    cfg = compose_train(tmp_path, ["data=synthetic", "model=micro", *FAST, "data.val_size=500", "data.calib_size=64"])
+    with pytest.raises(ConfigError, match=r"data\.val_size.*leave no training images"):
+        train(cfg)
+
+
+def test_resuming_from_a_torch_file_that_is_no_training_checkpoint_names_the_key(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"a": torch.ones(2)}, foreign)
+    cfg = compose_train(tmp_path, ["data=synthetic", "model=micro", *FAST, f"ckpt_path={foreign}"])
+    with pytest.raises(ConfigError, match=r"ckpt_path.*is no eexit training checkpoint to resume from"):
+        train(cfg)
+
+
+def test_a_dataset_of_one_class_names_the_data(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        d = tmp_path / "imgs" / split / "only"
+        d.mkdir(parents=True)
+        for i in range(4):
+            Image.new("L", (16, 16), 40 * i).save(d / f"{i}.png")
+    cfg = compose_train(
+        tmp_path, ["data=image_folder", f"data.root={tmp_path / 'imgs'}", "data.image_size=16", "model=micro", *FAST]
+    )
+    with pytest.raises(ConfigError, match=r"'data'.*has 1 class\(es\); a classifier needs at least 2"):
+        train(cfg)
+
+
+def test_an_unreadable_training_image_ends_the_entry_point_in_one_line(capsys) -> None:
+    from eexit.cli_output import config_errors_exit
+    from eexit.data.image_folder import CorruptImageError
+
+    with pytest.raises(SystemExit) as stop, config_errors_exit():
+        raise CorruptImageError("cannot read /data/cats/[1].png: truncated")
+    assert stop.value.code == 2
+    assert " ".join(capsys.readouterr().err.split()) == "error: cannot read /data/cats/[1].png: truncated"

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, random_split
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
-from eexit.config import check_split_size
+from eexit.config import ConfigError, check_split_size
 
 
 @dataclass
@@ -112,7 +112,10 @@ class SplitDataModule(pl.LightningDataModule):
 
         n_val, n_calib = count("val_size", self.val_size), count("calib_size", self.calib_size)
         if n_val + n_calib >= n:
-            raise ValueError(f"val_size + calib_size ({n_val} + {n_calib}) leave no training images out of {n}")
+            raise ConfigError(
+                "data.val_size",
+                f"val_size + calib_size ({n_val} + {n_calib}) leave no training images out of {n}",
+            )
         return [n - n_val - n_calib, n_val, n_calib]
 
     def _split_settings(self) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -13,6 +14,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 from torchvision.datasets import FashionMNIST
 
+from eexit.config import ConfigError
 from eexit.data.base import DataInfo, SplitDataModule
 
 log = logging.getLogger(__name__)
@@ -29,10 +31,19 @@ def prepare_raw_folder(root: Path, source_dir: Path) -> bool:
         True if the folder is complete afterwards.
     """
     raw = root / "FashionMNIST" / "raw"
-    missing = [f for f in _FILES if not (raw / f).exists()]
+    # a cached file that is not a whole idx file (an earlier unpack of a wrong source) is unpacked
+    # again, not read: otherwise it would fail deep in torchvision on every run
+    broken = {f: idx_problem(raw / f) for f in _FILES if (raw / f).exists()}
+    broken = {f: why for f, why in broken.items() if why}
+    for f, why in broken.items():
+        log.warning("cached %s is no idx file (%s): unpacking it again", raw / f, why)
+    missing = [f for f in _FILES if not (raw / f).exists() or f in broken]
     if not missing:
         return True
     if not all((source_dir / f"{f}.gz").exists() or (source_dir / f).exists() for f in missing):
+        if broken:
+            f, why = next(iter(broken.items()))
+            raise ConfigError("data.data_dir", f"{raw / f} is no idx file ({why}) and {source_dir} has no copy")
         return False
     raw.mkdir(parents=True, exist_ok=True)
     for f in missing:
@@ -42,18 +53,45 @@ def prepare_raw_folder(root: Path, source_dir: Path) -> bool:
         tmp = Path(tmp_name)
         try:
             src = source_dir / f
-            with os.fdopen(fd, "wb") as fout:
-                if src.exists():
-                    with open(src, "rb") as fin:
-                        shutil.copyfileobj(fin, fout)
-                else:
-                    with gzip.open(source_dir / f"{f}.gz", "rb") as fin:
-                        shutil.copyfileobj(fin, fout)
+            origin = src if src.exists() else source_dir / f"{f}.gz"
+            try:
+                with os.fdopen(fd, "wb") as fout, open(src, "rb") if src.exists() else gzip.open(origin, "rb") as fin:
+                    shutil.copyfileobj(fin, fout)
+            except (OSError, EOFError) as err:  # not gzip, truncated
+                raise ConfigError("data.source_dir", f"{origin} cannot be unpacked: {err}") from None
+            why = idx_problem(tmp, f)
+            if why:
+                raise ConfigError("data.source_dir", f"{origin} is no Fashion-MNIST idx file: {why}")
             os.replace(tmp, raw / f)
         finally:
             tmp.unlink(missing_ok=True)
     log.info("Fashion-MNIST idx files unpacked from %s into %s", source_dir, raw)
     return True
+
+
+def idx_problem(path: Path, name: str | None = None) -> str | None:
+    """Why ``path`` is not a whole Fashion-MNIST idx file (``None`` when it is): its magic number
+    (images: 3 dimensions of 28 x 28 pixels; labels: 1) and its size against its header.
+
+    Args:
+        path: the file.
+        name: the idx file it should be (one of the four names; default: ``path``'s name).
+    """
+    dims = 3 if "images" in (name or path.name) else 1
+    header = 4 + 4 * dims
+    with open(path, "rb") as f:
+        head = f.read(header)
+    if len(head) < header:
+        return f"{len(head)} bytes, shorter than an idx header"
+    magic = int.from_bytes(head[:4], "big")
+    if magic != 0x800 + dims:
+        return f"magic number {magic:#010x}, expected {0x800 + dims:#010x} (unsigned bytes, {dims} dimension(s))"
+    sizes = [int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
+    if dims == 3 and sizes[1:] != [28, 28]:
+        return f"images of {sizes[1]} x {sizes[2]} pixels, expected 28 x 28"
+    expected = header + math.prod(sizes)
+    actual = path.stat().st_size
+    return None if actual == expected else f"{actual} bytes where its header promises {expected}"
 
 
 class FashionMNISTDataModule(SplitDataModule):

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from eexit.checkpoint import LoadedCheckpoint, load_checkpoint
-from eexit.config import ConfigError, trusts_checkpoints, validate_eval_config
+from eexit.config import ConfigError, check_calibration_size, trusts_checkpoints, validate_eval_config
 from eexit.data.base import SplitDataModule
 from eexit.evaluation import plots
 from eexit.evaluation.cluttered import cluttered_localization, scenes_from_test
@@ -128,6 +128,7 @@ def _calibration(loaded: LoadedCheckpoint, dm: SplitDataModule, cfg: DictConfig,
     batches = list(dm.calib_dataloader())
     if not batches:
         raise ConfigError("data.calib_size", "the calibration split is empty: nothing to calibrate the routers on")
+    check_calibration_size(sum(len(y) for _, y in batches))
     # the timing batch comes from the calibration split too: nothing of the fit sees test images
     timing, have = [], 0
     for x, _ in batches:
@@ -244,14 +245,14 @@ def evaluate(cfg: DictConfig) -> dict:
             _check_data_matches(model, info, name)
     try:
         dm.setup("test")  # splits the pool too (the calibration split may be needed)
-    except ConfigError:
-        raise
     except ValueError as err:  # the checkpoint's split sizes do not fit this data's pool
+        if isinstance(err, ConfigError) and err.key != "data.val_size":
+            raise
         pool = (split or {}).get("pool_size")
         trained = (
             f" ({loaded.path} was trained on a pool of {pool} images: evaluate with its data config)" if pool else ""
         )
-        raise ConfigError("data", f"{err}{trained}") from None
+        raise ConfigError("data", f"{getattr(err, 'problem', err)}{trained}") from None
     limit = cfg.get("limit")
     x, y = _test_tensors(dm, limit, cfg.get("seed") or 0)
     subset = limit is not None and limit < len(dm.data_test)  # limit >= the split: all of it
