@@ -35,6 +35,8 @@ register_resolvers()
 
 
 def _exit_names(cfg: DictConfig, key: str, values) -> None:
+    if isinstance(values, str):  # `consistency_exits=tiny` would be read letter by letter
+        raise ConfigError(key, f"must be a list of exit names, e.g. [{values}], got the string {values!r}")
     for name in values:
         try:
             ExitLevel.parse(name)
@@ -93,6 +95,9 @@ def validate_train_config(cfg: DictConfig) -> None:
     _exit_names(cfg, "model.loss.exit_weights", weights.keys())
     for name, w in weights.items():
         _number(f"model.loss.exit_weights.{name}", w, 0)
+    all_weights = [weights.get(lv.key, 1.0) for lv in ExitLevel]
+    if not any(all_weights) and loss.attn_weight == 0:
+        raise ConfigError("model.loss.exit_weights", "are all 0 and attn_weight is 0: no loss would train anything")
     if "eps" in loss:
         _number("model.loss.eps", loss.eps, 0, above=True)  # eps = 0 makes an all-zero cam 0 / 0
     if loss.get("temperature") is not None:
@@ -101,6 +106,8 @@ def validate_train_config(cfg: DictConfig) -> None:
         _number("model.optimizer.lr", cfg.model.optimizer.lr, 0, above=True)
     if cfg.get("trainer") is not None and cfg.trainer.get("max_epochs") is not None:
         _number("trainer.max_epochs", cfg.trainer.max_epochs, -1, integer=True, what="(-1: no limit) ")
+        if cfg.trainer.max_epochs == 0:  # would save an untrained checkpoint and calibrate it
+            raise ConfigError("trainer.max_epochs", "must be -1 (no limit) or >= 1, got 0: nothing would be trained")
     if loss.get("consistency_exits") is not None:
         _exit_names(cfg, "model.loss.consistency_exits", loss.consistency_exits)
         if any(ExitLevel.parse(n) == ExitLevel.HEAVY for n in loss.consistency_exits):

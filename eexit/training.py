@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from eexit.checkpoint import checkpoint_globals, read_checkpoint
 from eexit.config import (
@@ -38,7 +39,8 @@ def instantiate_named(node: DictConfig, key: str, **kwargs):
     """``hydra.utils.instantiate`` that re-raises the constructor's own error, naming ``key``.
 
     A missing file keeps its ``FileNotFoundError`` (its message names the path); a bad value
-    becomes a ``ConfigError`` for ``key``.
+    (including Lightning's ``MisconfigurationException``: no GPU, ``devices=0``) becomes a
+    ``ConfigError`` for ``key``.
     """
     try:
         return hydra.utils.instantiate(node, **kwargs)
@@ -46,7 +48,7 @@ def instantiate_named(node: DictConfig, key: str, **kwargs):
         cause = err.__cause__
         if isinstance(cause, (FileNotFoundError, ConfigError)):
             raise cause from None
-        if isinstance(cause, (ValueError, TypeError)):
+        if isinstance(cause, (ValueError, TypeError, MisconfigurationException)):
             raise ConfigError(key, str(cause)) from cause
         raise
 
@@ -155,7 +157,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     loggers = _instantiate_dict(cfg.get("logger"))
     if not loggers:  # nothing to monitor into (logger=none)
         callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.LearningRateMonitor)]
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = instantiate_named(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
     try:
         return _fit_test_calibrate_export(cfg, dm, model, trainer, callbacks, loggers, ckpt_path)
     finally:

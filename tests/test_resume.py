@@ -314,3 +314,19 @@ def test_resume_with_another_network_names_the_key_instead_of_a_size_mismatch(tm
         train(compose_train(tmp_path / "b", [*resume, "data.num_classes=3"]))
     with pytest.raises(ConfigError, match=r"'model.net.widths'.*widths: \[8, 8, 16, 16\] there, \[8, 8, 16, 32\] here"):
         train(compose_train(tmp_path / "c", [*resume, "+model.net.widths=[8,8,16,32]"]))
+
+
+def test_resume_checks_hold_for_a_finished_run_and_another_image_size(tmp_path: Path) -> None:
+    # a checkpoint whose run has no epoch left never reaches on_train_start: the split is still
+    # checked (calibrating it on another split would score it on its own training images)
+    last = _one_epoch_checkpoint(tmp_path)
+    finished = [*ONE_EPOCH, f"ckpt_path={last}"]
+    with pytest.raises(ConfigError, match=r"'seed'.*another split of the data"):
+        train(compose_train(tmp_path / "b", [*finished, "seed=7"]))
+    # the spec holds no image size (the network takes any): compared with the run's data
+    with pytest.raises(ConfigError, match=r"'data\.image_size'.*trained on 16 px images, this run gives 20 px"):
+        train(
+            compose_train(
+                tmp_path / "c", [*ONE_EPOCH, "trainer.max_epochs=2", "data.image_size=20", f"ckpt_path={last}"]
+            )
+        )

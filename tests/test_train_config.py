@@ -99,6 +99,9 @@ def test_cifar10_experiment_fast_dev_run(tmp_path: Path) -> None:
         ("data.limit_train=0", ConfigError, "data.limit_train"),
         ("data.limit_train=abc", ConfigError, "data.limit_train"),
         ("data.num_classes=1", ConfigError, "data.num_classes"),
+        ("trainer.max_epochs=0", ConfigError, "trainer.max_epochs"),  # an untrained checkpoint
+        ("model.loss.consistency_exits=tiny", ConfigError, "consistency_exits': must be a list of exit names"),
+        ("trainer.devices=0", ConfigError, "key 'trainer'"),  # Lightning's MisconfigurationException
     ],
 )
 def test_bad_values_fail_at_start_naming_the_key(tmp_path: Path, override: str, error, names: str) -> None:
@@ -341,3 +344,13 @@ def test_an_unreadable_training_image_ends_the_entry_point_in_one_line(capsys) -
         raise CorruptImageError("cannot read /data/cats/[1].png: truncated")
     assert stop.value.code == 2
     assert " ".join(capsys.readouterr().err.split()) == "error: cannot read /data/cats/[1].png: truncated"
+
+
+def test_a_loss_that_trains_nothing_is_refused(tmp_path: Path) -> None:
+    zero = "{tiny: 0, light: 0, medium: 0, heavy: 0}"
+    cfg = compose_train(
+        tmp_path,
+        ["data=synthetic", "model=micro", *FAST, f"model.loss.exit_weights={zero}", "model.loss.attn_weight=0"],
+    )
+    with pytest.raises(ConfigError, match=r"exit_weights.*all 0 and attn_weight is 0"):
+        train(cfg)

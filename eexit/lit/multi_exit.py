@@ -242,7 +242,25 @@ class MultiExitModule(pl.LightningModule):
             "model and data, or start a new run",
         )
 
+    def _check_resumed_image_size(self) -> None:
+        """The resumed run must see images of the checkpoint run's size (the spec does not hold
+        it: the network takes any size, so another one would silently train on other images)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        saved = (self.data_info or {}).get("image_size")
+        if dm is None or not hasattr(dm, "info") or saved is None or saved == dm.info.image_size:
+            return
+        raise ConfigError(
+            "data.image_size",
+            f"{self.trainer.ckpt_path} was trained on {saved} px images, this run gives {dm.info.image_size} px: "
+            "resume with the checkpoint's data.image_size, or start a new run",
+        )
+
     def on_fit_start(self) -> None:
+        # resuming: checked here, before the fit loop, so that a checkpoint whose run has already
+        # finished (no epoch left, no on_train_start) is refused as well
+        if self.trainer.ckpt_path:
+            self._check_resumed_image_size()
+            self._check_resumed_split()
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "info"):
             self.data_info = dm.info.to_dict()
@@ -251,7 +269,6 @@ class MultiExitModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         if self.trainer.ckpt_path:  # resuming: loader position and random state as saved
-            self._check_resumed_split()
             self._check_resumed_schedule()
             resume_train_loader(self.trainer, self._resume_rng)
             self._resume_rng = None
