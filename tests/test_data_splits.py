@@ -193,6 +193,32 @@ def test_a_cifar_tarball_without_a_test_split_is_refused_before_it_is_kept(tmp_p
     assert not (tmp_path / "data" / "cifar10").exists()  # no half data set left for the next run
 
 
+def test_a_cifar_tarball_without_images_or_no_tarball_is_refused_and_a_bad_cache_is_named(tmp_path: Path) -> None:
+    import tarfile
+
+    from eexit.config import ConfigError
+    from eexit.data.image_folder import CIFAR10DataModule
+
+    for split in ("train", "test"):
+        (tmp_path / "src" / "cifar10" / split).mkdir(parents=True)  # split folders without classes
+    empty = tmp_path / "empty.tar.gz"
+    with tarfile.open(empty, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar10", arcname="cifar10")
+    data = tmp_path / "data"
+    with pytest.raises(ConfigError, match=r"data\.source.*without class folders of images"):
+        CIFAR10DataModule(source=str(empty), data_dir=str(data))
+    assert not (data / "cifar10").exists()
+    junk = tmp_path / "junk.tar.gz"
+    junk.write_bytes(b"not a tarball")
+    with pytest.raises(ConfigError, match=r"data\.source.*junk\.tar\.gz cannot be unpacked"):
+        CIFAR10DataModule(source=str(junk), data_dir=str(data))
+    # a folder left by an earlier unpack (before this check) is named, not used silently
+    for split in ("train", "test"):
+        (data / "cifar10" / split).mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"holds no class folders with images.*delete it to unpack"):
+        CIFAR10DataModule(source=str(empty), data_dir=str(data))
+
+
 def _idx(n: int, images: bool) -> bytes:
     dims = [n, 28, 28] if images else [n]
     header = (0x800 + len(dims)).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)

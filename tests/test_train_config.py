@@ -102,6 +102,9 @@ def test_cifar10_experiment_fast_dev_run(tmp_path: Path) -> None:
         ("trainer.max_epochs=0", ConfigError, "trainer.max_epochs"),  # an untrained checkpoint
         ("model.loss.consistency_exits=tiny", ConfigError, "consistency_exits': must be a list of exit names"),
         ("trainer.devices=0", ConfigError, "key 'trainer'"),  # Lightning's MisconfigurationException
+        # torch's own checks, when the optimizer and scheduler are built inside the fit
+        ("+model.optimizer.betas=[0.9,1.5]", ConfigError, "key 'model.optimizer'"),
+        ("model.scheduler.pct_start=2", ConfigError, "key 'model.scheduler'"),
     ],
 )
 def test_bad_values_fail_at_start_naming_the_key(tmp_path: Path, override: str, error, names: str) -> None:

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 from torchvision.datasets.vision import StandardTransform
 
+from eexit.config import ConfigError
 from eexit.data.base import DataInfo, SplitDataModule
 from eexit.serve.images import ImageError, decode, to_model_mode
 
@@ -244,8 +245,25 @@ class CIFAR10DataModule(ImageFolderDataModule):
         root = self.source if self.source.is_dir() else Path(data_dir) / "cifar10"
         super().__init__(root=str(root), **kwargs)
 
+    def _has_images(self, root: Path) -> bool:
+        """Whether both splits of ``root`` hold a visible class folder with a file in it."""
+        return all(
+            any(
+                c.is_dir() and not _hidden_folder(c.name) and any(f.is_file() for f in c.iterdir())
+                for c in (root / d).iterdir()
+            )
+            for d in (self.train_dir, self.test_dir)
+        )
+
     def prepare_root(self) -> None:
         if (self.root / self.train_dir).is_dir() and (self.root / self.test_dir).is_dir():
+            if self.root != self.source and self.source.is_file() and not self._has_images(self.root):
+                # an earlier unpack of another tarball: not deleted here (it is a folder on disk)
+                raise ConfigError(
+                    "data.source",
+                    f"{self.root} (unpacked earlier) holds no class folders with images in {self.train_dir}/ and "
+                    f"{self.test_dir}/: delete it to unpack {self.source} again",
+                )
             return
         if not self.source.is_file():
             raise FileNotFoundError(
@@ -256,12 +274,20 @@ class CIFAR10DataModule(ImageFolderDataModule):
         self.root.parent.mkdir(parents=True, exist_ok=True)
         # unpack beside the target, then rename: an interrupted unpack never looks complete
         with tempfile.TemporaryDirectory(dir=self.root.parent, prefix=".unpack-") as tmp:
-            with tarfile.open(self.source) as tar:
-                tar.extractall(tmp, filter="data")
+            try:
+                with tarfile.open(self.source) as tar:
+                    tar.extractall(tmp, filter="data")
+            except (tarfile.TarError, OSError, EOFError) as err:  # not a tarball, truncated, corrupt
+                raise ConfigError("data.source", f"{self.source} cannot be unpacked: {err}") from None
             unpacked = [p for p in Path(tmp).iterdir() if p.is_dir()]
             if len(unpacked) != 1 or not all((unpacked[0] / d).is_dir() for d in (self.train_dir, self.test_dir)):
                 raise FileNotFoundError(
                     f"{self.source} does not unpack to one folder with {self.train_dir}/ and {self.test_dir}/"
+                )
+            if not self._has_images(unpacked[0]):  # refused before it is kept (and found every run)
+                raise ConfigError(
+                    "data.source",
+                    f"{self.source} unpacks to {self.train_dir}/ and {self.test_dir}/ without class folders of images",
                 )
             if not self.root.exists():
                 unpacked[0].rename(self.root)

@@ -148,7 +148,10 @@ class MultiExitModule(pl.LightningModule):
         self._step(batch, "test")
 
     def configure_optimizers(self):
-        opt = self.hparams.optimizer(params=self.parameters())
+        try:  # torch's own check of a value (weight decay, betas, ...), named by its group
+            opt = self.hparams.optimizer(params=self.parameters())
+        except (ValueError, TypeError) as err:
+            raise ConfigError("model.optimizer", str(err)) from None
         factory = self.hparams.scheduler
         if factory is None:
             return opt
@@ -170,7 +173,11 @@ class MultiExitModule(pl.LightningModule):
         # OneCycleLR counts steps whoever gives its length; other schedulers step per batch when
         # their length was filled in from the step count here, per epoch otherwise
         interval = "step" if extra or "total_steps" in params else "epoch"
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": factory(optimizer=opt, **extra), "interval": interval}}
+        try:
+            scheduler = factory(optimizer=opt, **extra)
+        except (ValueError, TypeError) as err:  # pct_start=2, a negative step count, ...
+            raise ConfigError("model.scheduler", str(err)) from None
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     def _check_resumed_schedule(self) -> None:
         """A scheduler whose length was filled in must have the restored run's length: the
