@@ -464,6 +464,18 @@ def test_the_calibrated_knob_is_the_knob_served(trained, kind: str) -> None:
     assert fitted == float(torch.tensor(fitted, dtype=torch.float32))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_knob_that_is_no_finite_number_is_refused(trained, kind: str) -> None:
+    router = Calibration.from_state(trained[1].to_state()).routers[kind]  # a copy: others keep theirs
+    before = float(router.knob)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(ValueError, match="knob must be a finite number"):
+            router.set_knob(bad)
+    assert float(router.knob) == before
+    router.set_knob(0.25)
+    assert float(router.knob) == 0.25
+
+
 def test_calibration_refuses_a_split_too_small_to_cross_fit(trained) -> None:
     net, _, x, y, _ = trained
     with pytest.raises(ValueError, match=r"at least 16 held-out images.*data\.calib_size"):

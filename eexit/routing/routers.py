@@ -15,6 +15,7 @@ accuracy/compute trade-off.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -108,7 +109,16 @@ class Router(nn.Module):
         self.register_buffer("knob", torch.tensor(0.5))
 
     def set_knob(self, value: float) -> None:
-        self.knob.fill_(float(value))
+        """Set the compute/accuracy knob (a stop-score threshold).
+
+        Raises:
+            ValueError: a value that is not a finite number (NaN would send every image to TINY
+                through the one-shot gate but to HEAVY through the others).
+        """
+        knob = float(value)
+        if not math.isfinite(knob):
+            raise ValueError(f"the router's knob must be a finite number, got {value!r}")
+        self.knob.fill_(knob)
 
     def stop_score(self, level: ExitLevel, features: Tensor, probs: Tensor) -> Tensor:
         """``(B,)`` score in [0, 1]; the image stops at ``level`` when it is ``>= knob``."""
