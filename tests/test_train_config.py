@@ -357,3 +357,13 @@ def test_a_loss_that_trains_nothing_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"exit_weights.*all 0 and attn_weight is 0"):
         train(cfg)
+
+
+def test_double_precision_trains_with_the_model_summary(tmp_path: Path) -> None:
+    # the summary's example input was float32 while precision=64 converts the module to float64
+    cfg = compose_train(
+        tmp_path, ["data=synthetic", "model=micro", *FAST, "trainer.precision=64", "router.calibrate=false"]
+    )
+    metrics, objs = train(cfg)
+    assert next(objs["model"].parameters()).dtype == torch.float64
+    assert 0 <= metrics["test/acc/heavy"] <= 1

@@ -72,6 +72,19 @@ class MultiExitModule(pl.LightningModule):
         self._resume_split: dict | None = None
         self._schedule_length: tuple[str, int] | None = None
 
+    @property
+    def example_input_array(self) -> Tensor | None:
+        """The summary's example images, in the parameters' dtype (``trainer.precision=64``
+        converts the module after the example was made in float32)."""
+        example = self._example_input_array
+        if isinstance(example, Tensor) and example.is_floating_point():
+            return example.to(next(self.parameters()).dtype)
+        return example
+
+    @example_input_array.setter
+    def example_input_array(self, example: Tensor | None) -> None:
+        self._example_input_array = example
+
     def forward(self, x: Tensor) -> list[Tensor]:
         """``(B, C, H, W)`` -> four ``(B, K)`` logits."""
         return self.net(x).logits
