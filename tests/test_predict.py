@@ -419,7 +419,12 @@ def test_png_image_data_libpng_cannot_decode_goes_to_pil(tmp_path: Path) -> None
     outcome = dict(line.rsplit(" ", 1) for line in result.stdout.splitlines())
     assert len(outcome) == len(broken)
     assert outcome[str(tmp_path / "short_stream.png")] == "error"
-    # (PIL zero-fills the missing rows of a complete stream that ends early: "few_rows" passes)
+    assert outcome[str(tmp_path / "few_rows.png")] == "error"  # PIL alone would zero-fill the rows
+    # the same on the PIL path (another size than the bundle's): missing rows are an error
+    rows20 = b"".join(b"\x00" + bytes(range(i, i + 20)) for i in range(20))
+    with pytest.raises(images.ImageError, match=r"holds 252 of the 420 bytes its rows need"):
+        images.load_pixels(_write(tmp_path / "few20.png", _crafted_png(rows20[: 21 * 12], size=20)), 1, 16)
+    assert images.load_pixels(_write(tmp_path / "all20.png", _crafted_png(rows20, size=20)), 1, 16).shape == (1, 16, 16)
 
 
 def _write(path: Path, data: bytes) -> str:

@@ -248,6 +248,10 @@ def _decode_bytes(path: str, data: bytes) -> Image.Image:
         raise ImageError(path, reason) from None
     if im.width == 0 or im.height == 0:
         raise ImageError(path, f"image has no pixels ({im.width}x{im.height})")
+    if im.format == "PNG":
+        short = _png_rows_missing(data)
+        if short:
+            raise ImageError(path, f"truncated or corrupt image: {short}")
     # Pillow keeps EXIF in ``info`` (JPEG, PNG, WebP, ...) or in TIFF tags: skip the parse otherwise
     if im.format == "TIFF" or "exif" in im.info or "Raw profile type exif" in im.info:
         with contextlib.suppress(Exception):  # a broken EXIF block: keep the pixels as stored
@@ -404,6 +408,34 @@ def _plain_png(data: bytes, size: int) -> bool:
             return _rows_are_complete(b"".join(idat), size, 1 if data[25] == 0 else 3)
         pos = end + 4
     return False  # no IEND: truncated
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
+
+
+def _png_rows_missing(data: bytes) -> str | None:
+    """Why a PNG that PIL decoded lacks rows, or ``None``: PIL zero-fills the rows of a complete
+    image stream that ends early (no error), so a non-interlaced PNG's IDAT data is inflated and
+    counted against its header's rows (streamed: a large image is not held twice)."""
+    if len(data) < 33 or data[28] != 0 or data[25] not in _PNG_CHANNELS:  # interlaced: not checked
+        return None
+    width, height, depth = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), data[24]
+    expected = height * (1 + (width * _PNG_CHANNELS[data[25]] * depth + 7) // 8)
+    inflate, total, pos = zlib.decompressobj(), 0, len(_PNG_SIGNATURE)
+    try:
+        while pos + 8 <= len(data) and total < expected:
+            length, kind = int.from_bytes(data[pos : pos + 4], "big"), data[pos + 4 : pos + 8]
+            if kind == b"IDAT":
+                chunk = memoryview(data)[pos + 8 : pos + 8 + length]
+                while chunk and total < expected:
+                    total += len(inflate.decompress(chunk, 1 << 20))
+                    chunk = inflate.unconsumed_tail
+            elif kind == b"IEND":
+                break
+            pos += 12 + length
+    except zlib.error:
+        return None  # a corrupt stream: PIL's own error (or its pixels) stands
+    return None if total >= expected else f"its image data holds {total} of the {expected} bytes its rows need"
 
 
 def _rows_are_complete(stream: bytes, size: int, channels: int) -> bool:
