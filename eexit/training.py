@@ -153,6 +153,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     dm = build_datamodule(cfg)
     model = build_module(cfg, dm)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg)
+    if (cfg.get("router") or {}).get("calibrate"):
+        # split now (Lightning's setup then finds it done): a calibration split too small for
+        # the routers, given as a fraction of a pool known only here, is named before the fit
+        # rather than after it
+        dm.setup("fit")
+        check_calibration_size(len(dm.data_calib))
     callbacks = _instantiate_dict(cfg.get("callbacks"))
     loggers = _instantiate_dict(cfg.get("logger"))
     if not loggers:  # nothing to monitor into (logger=none)

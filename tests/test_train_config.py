@@ -91,6 +91,7 @@ def test_cifar10_experiment_fast_dev_run(tmp_path: Path) -> None:
         ("model.loss.cam_size=[7,0]", ConfigError, "model.loss.cam_size"),
         ("data.calib_size=0", ConfigError, "data.calib_size"),
         ("data.calib_size=8", ConfigError, "data.calib_size"),
+        ("data.calib_size=0.01", ConfigError, "data.calib_size"),  # 5 of 512: known once the pool is
         # failed inside torch or the scheduler, or were silently ignored (-0.5)
         ("model.loss.label_smoothing=1.5", ConfigError, "model.loss.label_smoothing"),
         ("model.loss.label_smoothing=-0.5", ConfigError, "model.loss.label_smoothing"),
