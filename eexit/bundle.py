@@ -43,6 +43,7 @@ from eexit.models.net import MultiExitNet
 from eexit.models.registry import create_model
 from eexit.routing.calibrate import Calibration
 from eexit.routing.engine import RoutedClassifier
+from eexit.routing.features import FEATURE_NAMES, complexity_features
 from eexit.types import ExitLevel
 
 log = logging.getLogger(__name__)
@@ -412,8 +413,6 @@ def _numbers(value, n: int | None = None) -> bool:
 def _value_problems(manifest: dict) -> list[str]:
     """The sealed values predict reads, each checked for its type and range (named by key), so that
     a bundle that loads also serves: nothing here fails later, per image."""
-    from eexit.routing.features import FEATURE_NAMES, complexity_features
-
     problems = []
     names = manifest["class_names"]
     if not all(isinstance(n, str) for n in names):

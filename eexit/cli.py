@@ -181,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except (OSError, ValueError, ImportError) as err:  # a missing or unusable file, a bad value
-        console = Console(stderr=True, soft_wrap=True)
-        console.print("[red]error:[/red] ", end="")
-        console.print(str(err), markup=False, highlight=False)  # a path may hold [brackets]
+        from eexit.cli_output import print_error  # rich and eexit.types only: no torch, no Hydra
+
+        print_error(str(err))  # a path may hold [brackets]: printed as it is
         return 2
 
 

@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.table import Table
 
-from eexit.config import ConfigError
 from eexit.types import ExitLevel
 
 
@@ -20,6 +19,7 @@ def config_errors_exit() -> Iterator[None]:
     line on stderr and exit status 2, instead of a traceback under Hydra's
     "Error executing job" banner. In a multirun (``-m``) the error is left to Hydra, which
     reports it for that job and goes on with the others."""
+    from eexit.config import ConfigError
     from eexit.data.image_folder import CorruptImageError
 
     try:
@@ -29,10 +29,15 @@ def config_errors_exit() -> Iterator[None]:
     except (ConfigError, FileNotFoundError, CorruptImageError) as err:
         if _in_multirun():
             raise
-        console = Console(stderr=True, soft_wrap=True)
-        console.print("[red]error:[/red] ", end="")
-        print_plain(str(err), console)
+        print_error(str(err))
         raise SystemExit(2) from None
+
+
+def print_error(message: str) -> None:
+    """``error: <message>`` on stderr, the message as it is (see ``print_plain``)."""
+    console = Console(stderr=True, soft_wrap=True)
+    console.print("[red]error:[/red] ", end="")
+    print_plain(message, console)
 
 
 def print_plain(text: str, console: Console | None = None) -> None:

@@ -99,11 +99,11 @@ def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:
         ckpt = read_checkpoint(ckpt_path, trust=trusts_checkpoints(cfg))
     except ValueError as err:
         raise ConfigError("ckpt_path", str(err)) from None
-    missing = [k for k in ("state_dict", "pytorch-lightning_version", "eexit") if k not in ckpt]
-    if not isinstance(ckpt, dict) or missing:
+    required = ("state_dict", "pytorch-lightning_version", "eexit")
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
         raise ConfigError(
-            "ckpt_path",
-            f"{ckpt_path} is no eexit training checkpoint to resume from (it lacks {', '.join(missing) or 'a dict'})",
+            "ckpt_path", f"{ckpt_path} is no eexit training checkpoint to resume from (it lacks {', '.join(missing)})"
         )
     return ckpt_path
 

@@ -33,8 +33,7 @@ def prepare_raw_folder(root: Path, source_dir: Path) -> bool:
     raw = root / "FashionMNIST" / "raw"
     # a cached file that is not a whole idx file (an earlier unpack of a wrong source) is unpacked
     # again, not read: otherwise it would fail deep in torchvision on every run
-    broken = {f: idx_problem(raw / f) for f in _FILES if (raw / f).exists()}
-    broken = {f: why for f, why in broken.items() if why}
+    broken = {f: why for f in _FILES if (raw / f).exists() and (why := idx_problem(raw / f))}
     for f, why in broken.items():
         log.warning("cached %s is no idx file (%s): unpacking it again", raw / f, why)
     missing = [f for f in _FILES if not (raw / f).exists() or f in broken]
@@ -52,10 +51,11 @@ def prepare_raw_folder(root: Path, source_dir: Path) -> bool:
         fd, tmp_name = tempfile.mkstemp(dir=raw, prefix=f".{f}.", suffix=".partial")
         tmp = Path(tmp_name)
         try:
-            src = source_dir / f
-            origin = src if src.exists() else source_dir / f"{f}.gz"
+            origin, opener = (
+                (source_dir / f, open) if (source_dir / f).exists() else (source_dir / f"{f}.gz", gzip.open)
+            )
             try:
-                with os.fdopen(fd, "wb") as fout, open(src, "rb") if src.exists() else gzip.open(origin, "rb") as fin:
+                with os.fdopen(fd, "wb") as fout, opener(origin, "rb") as fin:
                     shutil.copyfileobj(fin, fout)
             except (OSError, EOFError) as err:  # not gzip, truncated
                 raise ConfigError("data.source_dir", f"{origin} cannot be unpacked: {err}") from None

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eexit.evaluation.localization import overlap_scores, top_fraction_mask
+from eexit.evaluation.localization import has_evidence, overlap_scores, top_fraction_mask
 from eexit.explain.gradcam import gradcam
 from eexit.losses import attention_kl, cam_to_distribution
 from eexit.models.net import MultiExitNet
@@ -71,7 +71,7 @@ def consistency_scores(
     heavy = _resample(cams[ExitLevel.HEAVY].float(), size)
     teacher = cam_to_distribution(heavy, None, eps)
     heavy_top = top_fraction_mask(heavy, top_fraction)
-    heavy_found = heavy.flatten(1).amax(dim=1) > 0
+    heavy_found = has_evidence(heavy)
     iou_key = f"iou_top{round(100 * top_fraction)}"
     out = {}
     for level in list(ExitLevel)[:-1]:
@@ -80,7 +80,7 @@ def consistency_scores(
             "kl": attention_kl(teacher, cam_to_distribution(cam, None, eps)),
             "cosine": F.cosine_similarity(cam.flatten(1), heavy.flatten(1), dim=1, eps=1e-12),
             iou_key: overlap_scores(top_fraction_mask(cam, top_fraction), heavy_top)["iou"]
-            * (heavy_found & (cam.flatten(1).amax(dim=1) > 0)),
+            * (heavy_found & has_evidence(cam)),
         }
     return out
 

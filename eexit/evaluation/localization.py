@@ -29,6 +29,13 @@ def _ratio(num: Tensor, den: Tensor, empty: float = 0.0) -> Tensor:
     return torch.where(den > 0, num / den.clamp_min(1e-12), torch.full_like(num, empty))
 
 
+def has_evidence(saliency: Tensor) -> Tensor:
+    """``(B,)`` bool: whether each map ``(B, H, W)`` is anywhere above 0. An all-zero map points
+    nowhere (its raster-order "top pixels" and "maximum" would be the first ones): the scores
+    built on its top region count it as 0."""
+    return saliency.flatten(1).amax(dim=1) > 0
+
+
 def top_fraction_mask(saliency: Tensor, fraction: float) -> Tensor:
     """Keep the top ``fraction`` of each map's pixels.
 
@@ -109,7 +116,7 @@ def localization_metrics(
         "energy"}`` with the percentage of pixels kept after ``@``; all 0 for an all-zero map.
     """
     _check(saliency, target)
-    found = saliency.flatten(1).amax(dim=1) > 0  # all-zero maps point nowhere: 0 on every score
+    found = has_evidence(saliency)  # all-zero maps point nowhere: 0 on every score
     out: dict[str, Tensor] = {}
     for f in fractions:
         scores = overlap_scores(top_fraction_mask(saliency, f), target)

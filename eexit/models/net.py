@@ -69,7 +69,7 @@ class MultiExitNet(nn.Module):
         if not with_cams:
             return MultiExitOutput(logits)
         if targets is not None and (isinstance(targets, Tensor) or not callable(targets)):
-            targets = class_indices(targets, logits[0])  # checked once, (B,) int64 for every exit
+            targets = class_indices(targets, logits[0])  # (B,) int64: what the output records
         cams = [gradcam(head, o, targets, create_graph) for head, o in zip(self.heads, outs, strict=True)]
         return MultiExitOutput(logits, cams, targets if isinstance(targets, Tensor) else None)
 
