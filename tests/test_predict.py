@@ -427,6 +427,43 @@ def test_png_image_data_libpng_cannot_decode_goes_to_pil(tmp_path: Path) -> None
     assert images.load_pixels(_write(tmp_path / "all20.png", _crafted_png(rows20, size=20)), 1, 16).shape == (1, 16, 16)
 
 
+def _interlaced_png(pixels: np.ndarray, keep: int | None = None) -> bytes:
+    """An 8-bit grayscale Adam7-interlaced PNG of ``pixels`` ``(h, w)`` uint8 whose complete
+    image stream holds the first ``keep`` bytes of its passes' rows (all with ``None``)."""
+    rows = b"".join(
+        b"".join(b"\x00" + r.tobytes() for r in pixels[y0::dy, x0::dx])
+        for x0, y0, dx, dy in (
+            (0, 0, 8, 8),
+            (4, 0, 8, 8),
+            (0, 4, 4, 8),
+            (2, 0, 4, 4),
+            (0, 2, 2, 4),
+            (1, 0, 2, 2),
+            (0, 1, 1, 2),
+        )
+        if pixels[y0::dy, x0::dx].size
+    )
+    h, w = pixels.shape
+    ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, 0, 0, 0, 1])
+    idat = _png_chunk(b"IDAT", zlib.compress(rows[:keep]))
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + idat + _png_chunk(b"IEND", b"")
+
+
+def test_interlaced_png_whose_image_data_ends_between_passes_is_an_error(tmp_path: Path) -> None:
+    # PIL zero-fills the passes missing after a complete stream that ends between two passes
+    from eexit.serve import images
+
+    pixels = (np.arange(13 * 20).reshape(13, 20) % 251 + 1).astype(np.uint8)  # no zero pixel
+    whole = _write(tmp_path / "whole.png", _interlaced_png(pixels))
+    assert np.array_equal(np.asarray(Image.open(whole)), pixels)  # a valid interlaced PNG
+    assert images.load_pixels(whole, 1, 16).shape == (1, 16, 16)
+    # passes 1-2 of a 20 x 13 image: 2 rows of 1 + 3 bytes, 2 rows of 1 + 2 bytes
+    cut = _write(tmp_path / "cut.png", _interlaced_png(pixels, keep=14))
+    assert (np.asarray(Image.open(cut)) == 0).sum() > 200  # what PIL alone gives: zeros, no error
+    with pytest.raises(images.ImageError, match=r"holds 14 of the 286 bytes its rows need"):
+        images.load_pixels(cut, 1, 16)
+
+
 def _write(path: Path, data: bytes) -> str:
     path.write_bytes(data)
     return str(path)

@@ -413,14 +413,31 @@ def _plain_png(data: bytes, size: int) -> bool:
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
 
 
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+"""The seven passes of an interlaced PNG: first column, first row, column step, row step."""
+
+
+def _png_data_size(width: int, height: int, bits_per_pixel: int, interlaced: bool) -> int:
+    """Bytes of a PNG's inflated image data: every row's filter byte and packed pixels (for an
+    interlaced image, the rows of each non-empty Adam7 pass)."""
+    passes = _ADAM7 if interlaced else ((0, 0, 1, 1),)
+    total = 0
+    for x0, y0, dx, dy in passes:
+        cols, rows = max(0, -(-(width - x0) // dx)), max(0, -(-(height - y0) // dy))
+        if cols and rows:  # an empty pass has no rows, not even filter bytes
+            total += rows * (1 + (cols * bits_per_pixel + 7) // 8)
+    return total
+
+
 def _png_rows_missing(data: bytes) -> str | None:
     """Why a PNG that PIL decoded lacks rows, or ``None``: PIL zero-fills the rows of a complete
-    image stream that ends early (no error), so a non-interlaced PNG's IDAT data is inflated and
-    counted against its header's rows (streamed: a large image is not held twice)."""
-    if len(data) < 33 or data[28] != 0 or data[25] not in _PNG_CHANNELS:  # interlaced: not checked
+    image stream that ends early (no error; for an interlaced image, one that ends between two
+    passes), so the IDAT data is inflated and counted against the size its header implies
+    (streamed: a large image is not held twice)."""
+    if len(data) < 33 or data[28] not in (0, 1) or data[25] not in _PNG_CHANNELS:
         return None
     width, height, depth = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), data[24]
-    expected = height * (1 + (width * _PNG_CHANNELS[data[25]] * depth + 7) // 8)
+    expected = _png_data_size(width, height, _PNG_CHANNELS[data[25]] * depth, interlaced=data[28] == 1)
     inflate, total, pos = zlib.decompressobj(), 0, len(_PNG_SIGNATURE)
     try:
         while pos + 8 <= len(data) and total < expected:
