@@ -56,14 +56,18 @@ def _export(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     import json
+    import warnings
 
     import torch
+    from PIL import Image
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from eexit.bundle import load_bundle
     from eexit.serve.images import expand_inputs
     from eexit.serve.predict import predict_rows, serving_device
 
+    # the image loader logs a warning that names the file instead (Pillow's does not)
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     device = serving_device(args.device)
     bundle = load_bundle(args.bundle, map_location=device)
     paths = expand_inputs(args.inputs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -494,6 +495,23 @@ def test_batch_normalisation_equals_per_image_and_drops_non_finite_images(tmp_pa
     x, usable = normalise_batch([load_pixels(f, 3, 16) for f in files], mean, std)
     reference = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
     assert usable.all() and torch.equal(x, torch.stack([reference(im) for im in rgb]))
+
+
+def test_an_image_past_pillows_bomb_limit_is_named_in_a_warning(
+    calibrated_run, tmp_path: Path, monkeypatch, caplog, recwarn, capsys
+) -> None:
+    # Pillow's DecompressionBombWarning does not say which file; predict logs one that does
+    Image.fromarray(_shape_u8(1, 40)).save(tmp_path / "big.png")
+    Image.fromarray(_shape_u8(2, 30)).save(tmp_path / "small.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40 x 40 warns (2 x the limit would fail)
+    with caplog.at_level(logging.WARNING, logger="eexit.serve.images"):
+        rc = main(["predict", "--bundle", calibrated_run["bundle"], str(tmp_path)])
+    assert rc == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 2 and all("label" in r for r in rows)
+    named = [r.getMessage() for r in caplog.records if "decompression-bomb" in r.getMessage()]
+    assert len(named) == 1 and named[0].startswith(str(tmp_path / "big.png")) and "40 x 40" in named[0]
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
 def test_predict_gives_an_error_line_for_an_image_with_nan_and_keeps_the_others(

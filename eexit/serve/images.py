@@ -29,6 +29,7 @@ import contextlib
 import functools
 import glob
 import io
+import logging
 import os
 import stat
 import sys
@@ -49,6 +50,8 @@ images a classifier is served."""
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 NON_FINITE = "image has non-finite pixel values"
+
+log = logging.getLogger(__name__)
 
 
 class ImageError(ValueError):
@@ -231,10 +234,29 @@ def _available_formats() -> tuple[str, ...]:
     return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
 
 
+def _note_if_huge(path: str, im: Image.Image) -> None:
+    """Log a warning naming the file when an opened image is past Pillow's decompression-bomb
+    warning limit (Pillow's own ``DecompressionBombWarning`` does not say which file; twice the
+    limit is an error, ``image too large``)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and im.width * im.height > limit:
+        log.warning(
+            "%s: %d x %d pixels (%.0f megapixels) is past Pillow's decompression-bomb warning limit of %.0f "
+            "megapixels; decoding it takes %.1f GB or more",
+            path,
+            im.width,
+            im.height,
+            im.width * im.height / 1e6,
+            limit / 1e6,
+            im.width * im.height * len(im.getbands()) / 1e9,
+        )
+
+
 def _decode_bytes(path: str, data: bytes) -> Image.Image:
     """``decode`` of the file's bytes (``path`` names it in errors)."""
     try:
         im = Image.open(io.BytesIO(data), formats=_available_formats())
+        _note_if_huge(path, im)
         im.load()
     except UnidentifiedImageError:
         raise ImageError(
