@@ -13,17 +13,26 @@ from eexit.types import ExitLevel
 
 @contextmanager
 def config_errors_exit() -> Iterator[None]:
-    """In an entry point: a ``ConfigError`` (a bad key, named in the message), a missing file
+    """In an entry point: a ``ConfigError`` (a bad key, named in the message), a mandatory key left
+    unset (``???`` in the config), a missing file
     (a data folder, a checkpoint: the message names the path) or an unreadable image of an image
     folder (``bad_files=fail``: the message names it) ends the program with that one
     line on stderr and exit status 2, instead of a traceback under Hydra's
     "Error executing job" banner. In a multirun (``-m``) the error is left to Hydra, which
     reports it for that job and goes on with the others."""
+    from omegaconf.errors import MissingMandatoryValue
+
     from eexit.config import ConfigError
     from eexit.data.image_folder import CorruptImageError
 
     try:
         yield
+    except MissingMandatoryValue as err:  # a ??? in the config that the command line did not set
+        if _in_multirun():
+            raise
+        key = err.full_key or "?"
+        print_error(f"config key '{key}': has no value; set it on the command line ({key}=...)")
+        raise SystemExit(2) from None
     # a bad key, a file a key names is missing, or a data file that cannot be read (its message
     # names the file and the reason)
     except (ConfigError, FileNotFoundError, CorruptImageError) as err:

@@ -179,8 +179,18 @@ def _fit_test_calibrate_export(
     loggers: list,
     ckpt_path: str | None,
 ) -> tuple[dict[str, float], dict]:
+    hparams = OmegaConf.to_container(cfg, resolve=True)
     for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        try:
+            lg.log_hyperparams(hparams)  # W&B starts its run here
+        except Exception as err:
+            if isinstance(lg, pl.loggers.WandbLogger) and type(err).__module__.startswith("wandb"):
+                raise ConfigError(
+                    "logger.wandb",
+                    f"W&B could not start the run: {err} (log in with `wandb login`, or log offline with "
+                    "logger.wandb.offline=true)",
+                ) from err
+            raise
 
     if ckpt_path is not None:
         continue_checkpoints_in(callbacks, ckpt_path, str(Path(cfg.paths.output_dir) / "checkpoints"))

@@ -174,9 +174,24 @@ def test_missing_data_directory_names_the_path(tmp_path: Path) -> None:
         train(cfg)
 
 
-def test_image_folder_without_root_names_the_key(tmp_path: Path) -> None:
+def test_image_folder_without_root_names_the_key(tmp_path: Path, capsys) -> None:
+    from eexit.cli_output import config_errors_exit
+
     cfg = compose_train(tmp_path, ["data=image_folder", *FAST])
     with pytest.raises(MissingMandatoryValue, match="root"):
+        train(cfg)
+    with pytest.raises(SystemExit) as stop, config_errors_exit():  # the entry points: one line
+        train(cfg)
+    assert stop.value.code == 2
+    assert " ".join(capsys.readouterr().err.split()) == (
+        "error: config key 'data.root': has no value; set it on the command line (data.root=...)"
+    )
+
+
+def test_image_folder_split_folder_not_found_names_its_key(tmp_path: Path) -> None:
+    (tmp_path / "imgs" / "train").mkdir(parents=True)
+    cfg = compose_train(tmp_path, ["data=image_folder", f"data.root={tmp_path / 'imgs'}", "data.test_dir=tst", *FAST])
+    with pytest.raises(FileNotFoundError, match=r"imgs/tst \(data\.test_dir='tst' under data\.root="):
         train(cfg)
 
 

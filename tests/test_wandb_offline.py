@@ -118,3 +118,18 @@ def test_each_job_of_a_multirun_gets_its_own_wandb_run(tmp_path: Path, monkeypat
     assert results[0.0][0] != results[0.5][0]
     for _, metrics, logged in results.values():
         assert logged["test/acc/heavy"] == pytest.approx(metrics["test/acc/heavy"], abs=1e-6)
+
+
+def test_online_wandb_without_a_login_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``logger.wandb.offline=false`` without ``wandb login``: one error naming the key and the two
+    ways out, not W&B's traceback from inside the first log call."""
+    from eexit.config import ConfigError
+
+    for name, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config")):
+        monkeypatch.setenv(name, str(tmp_path / sub))
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc holding a key
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    overrides = ["data=synthetic", "model=micro", "debug=quick", "logger=wandb", "logger.wandb.offline=false"]
+    with pytest.raises(ConfigError, match=r"logger\.wandb.*W&B could not start the run.*logger\.wandb\.offline=true"):
+        train(compose_train(tmp_path, [*overrides, "router.calibrate=false"]))

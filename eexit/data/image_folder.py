@@ -164,9 +164,13 @@ class ImageFolderDataModule(SplitDataModule):
         self.train_dir, self.test_dir = train_dir, test_dir
         self.name = name
         self.prepare_root()
-        for split in (train_dir, test_dir):
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data folder not found: {self.root} (set data.root)")
+        for key, split in (("train_dir", train_dir), ("test_dir", test_dir)):
             if not (self.root / split).is_dir():
-                raise FileNotFoundError(f"data folder not found: {self.root / split} (set data.root)")
+                raise FileNotFoundError(
+                    f"data folder not found: {self.root / split} (data.{key}={split!r} under data.root={str(self.root)!r})"
+                )
         # hidden folders (.ipynb_checkpoints, .git) and macOS archive debris are no classes
         self._classes = sorted(
             p.name for p in (self.root / train_dir).iterdir() if p.is_dir() and not _hidden_folder(p.name)

@@ -98,7 +98,10 @@ class MultiExitModule(pl.LightningModule):
         if not torch.isfinite(parts.total):
             bad = [
                 k
-                for k, v in {**parts.ce, **{f"attn_kl/{k}": v for k, v in parts.attn_kl.items()}}.items()
+                for k, v in {
+                    **{f"ce/{k}": v for k, v in parts.ce.items()},
+                    **{f"attn_kl/{k}": v for k, v in parts.attn_kl.items()},
+                }.items()
                 if not torch.isfinite(v)
             ]
             raise FloatingPointError(
