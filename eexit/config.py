@@ -81,6 +81,25 @@ def check_split_size(name: str, size) -> None:
         )
 
 
+def _check_sync_batchnorm(trainer: DictConfig | None) -> None:
+    """``trainer.sync_batchnorm=true`` needs GPUs: on the CPU torch refuses it only once the DDP
+    processes have started, in a traceback from each of them."""
+    if not trainer or not trainer.get("sync_batchnorm"):
+        return
+    accelerator = str(trainer.get("accelerator") or "auto")
+    if accelerator == "cpu" or (accelerator == "auto" and not _cuda_available()):
+        raise ConfigError(
+            "trainer.sync_batchnorm",
+            f"needs GPUs (SyncBatchNorm runs on CUDA only); accelerator={accelerator} runs on the CPU",
+        )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     """Check the values that would otherwise fail late or deep inside torch.
 
@@ -119,6 +138,7 @@ def validate_train_config(cfg: DictConfig) -> None:
             "model.net.name", f"unknown model {cfg.model.net.name!r}; registered: {', '.join(list_models())}"
         )
     validate_data_config(cfg)
+    _check_sync_batchnorm(cfg.get("trainer"))
     smoothing = loss.get("label_smoothing", 0.0)
     _number("model.loss.label_smoothing", smoothing, 0)
     if smoothing >= 1:

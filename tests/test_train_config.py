@@ -383,3 +383,12 @@ def test_double_precision_trains_with_the_model_summary(tmp_path: Path) -> None:
     metrics, objs = train(cfg)
     assert next(objs["model"].parameters()).dtype == torch.float64
     assert 0 <= metrics["test/acc/heavy"] <= 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only case")
+def test_sync_batchnorm_on_the_cpu_is_refused_before_the_processes_start(tmp_path: Path) -> None:
+    for accelerator in ("auto", "cpu"):
+        overrides = ["data=synthetic", "model=micro", "trainer=ddp", "trainer.sync_batchnorm=true", *FAST]
+        cfg = compose_train(tmp_path, [*overrides, f"trainer.accelerator={accelerator}"])
+        with pytest.raises(ConfigError, match=r"trainer\.sync_batchnorm.*needs GPUs"):
+            train(cfg)
