@@ -20,7 +20,7 @@ from eexit.routing.calibration import (
     simulate,
     sweep,
 )
-from eexit.routing.decisions import decisions_from_output
+from eexit.routing.decisions import attribute_output, decisions_from_output
 from eexit.routing.engine import RoutedClassifier
 from eexit.routing.routers import safe_to_stop
 from eexit.types import ExitLevel
@@ -573,11 +573,16 @@ def test_images_with_non_finite_pixels_are_not_run_and_leave_the_others_alone(tr
     unanswered = set((~torch.isfinite(out.logits).all(dim=1)).nonzero().flatten().tolist())
     # (the inference copy's fused kernels may keep an overflow finite, depending on the exit)
     assert unanswered == {3, 5, 6, 7} or (optimize and unanswered == {3, 5, 6})
-    rows = decisions_from_output(out, cal.tier_costs[kind], router=kind)
+    expl = attribute_output(cal, kind, out)
+    attributions, deltas = (None, None) if expl is None else (expl.attributions, expl.delta)
+    rows = decisions_from_output(out, cal.tier_costs[kind], router=kind, attributions=attributions, deltas=deltas)
     for i, row in enumerate(rows):
         answered = i not in unanswered
         assert (row.label is not None) == answered and (row.label_index is not None) == answered, i
         assert (row.router_tier is not None) == answered, i
+        # no explanation of the placeholder features of an image without a prediction
+        explained = answered and expl is not None
+        assert (row.attributions is not None) == explained and (row.attribution_delta is not None) == explained, i
         if not answered:
             assert row.confidence == 0.0 and row.probability == 0.0, i
     assert rows[0].label_index == int(out.logits[0].argmax())

@@ -157,8 +157,9 @@ def decision_rows(
     Returns:
         ``B`` dicts with the keys of ``RoutingDecision``; non-finite values become ``None``
         (``0.0`` for ``confidence`` and ``probability``). An image whose logits are not all
-        finite has no prediction: ``label``, ``label_index`` and ``router_tier`` are ``None``
-        and ``confidence`` and ``probability`` 0 (whatever its router's own score said).
+        finite has no prediction: ``label``, ``label_index``, ``router_tier``, ``attributions``
+        and ``attribution_delta`` are ``None`` and ``confidence`` and ``probability`` 0 (whatever
+        its router's own score said; its features are placeholders, nothing to explain).
     """
     conf_t, label_t = out.probs.max(dim=1)
     predicted = torch.isfinite(out.logits).all(dim=1).tolist()
@@ -179,8 +180,9 @@ def decision_rows(
     rows = []
     for t, li, own_t, f, ok in zip(tiers, labels, own, floats, predicted, strict=True):
         latency_ms, mflops = tier_cost[t]
-        if not ok:
+        if not ok:  # not run (or overflowed): no prediction, and no explanation of its placeholder features
             li, own_t, f[0], f[1] = None, -1, None, None
+        explained = attributions is not None and ok
         rows.append(
             {
                 "tier": keys[t],
@@ -191,8 +193,8 @@ def decision_rows(
                 "label_index": li,
                 "probability": 0.0 if f[0] is None else f[0],
                 "features": dict(zip(FEATURE_NAMES, f[2:a0], strict=True)) if with_features else None,
-                "attributions": None if attributions is None else dict(zip(FEATURE_NAMES, f[a0:a1], strict=True)),
-                "attribution_delta": None if deltas is None else f[a1],
+                "attributions": dict(zip(FEATURE_NAMES, f[a0:a1], strict=True)) if explained else None,
+                "attribution_delta": f[a1] if deltas is not None and ok else None,
                 "router": router,
                 "forced": out.forced,
                 "router_tier": keys[own_t] if own_t >= 0 else None,
