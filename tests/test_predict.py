@@ -557,6 +557,12 @@ def test_folders_expand_to_every_visible_file_below_in_order(tmp_path: Path) -> 
             decode(str(tmp_path / missing))
     with pytest.raises(ImageError, match="no such file"):
         decode(str(tmp_path / "missing.png"))
+    # a name the file system refuses (too long) is kept too, and its error is its own
+    too_long = [str(tmp_path / ("x" * 300 + ".png")), str(tmp_path / ("y" * 300) / "*.png")]
+    assert expand_inputs([*too_long, str(tmp_path / "a.jpg")]) == [*too_long, str(tmp_path / "a.jpg")]
+    for name in too_long:
+        with pytest.raises(ImageError, match=r"File name too long|no such file"):
+            decode(name)
     with pytest.raises(ImageError, match="is a directory"):
         decode(str(tmp_path / "b"))
     with pytest.raises(ImageError, match=r"broken symbolic link .*nowhere\.png"):

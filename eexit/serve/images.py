@@ -73,14 +73,15 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
     """
     out: list[str] = []
     for arg in inputs:
-        p = Path(arg)
+        # os.path's tests answer False on any OSError (a name too long, a folder that cannot be
+        # searched), Path's raise some: such a path gets its own error line when it is loaded
         if arg == STDIN:  # even where a file or folder named '-' exists ('./-' names that)
             out.append(arg)
-        elif p.is_dir():
-            # str(p): the spelling rglob gave (no "./", no trailing "/"); an empty folder is kept,
-            # so that it gets its error line instead of vanishing from the output
-            out += sorted(_files_below(str(p))) or [arg]
-        elif not p.exists() and any(c in arg for c in _GLOB_CHARS):
+        elif os.path.isdir(arg):
+            # str(Path): the spelling rglob gave (no "./", no trailing "/"); an empty folder is
+            # kept, so that it gets its error line instead of vanishing from the output
+            out += sorted(_files_below(str(Path(arg)))) or [arg]
+        elif not os.path.lexists(arg) and any(c in arg for c in _GLOB_CHARS):
             # a matched folder expands as a folder argument does (a quoted 'photos/*' gives what
             # the shell's photos/* gives); matched folders holding no file give nothing
             matches = []
