@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +77,24 @@ def test_export_command_writes_onnx_pieces(calibrated_run, tmp_path: Path) -> No
     runner = OnnxRoutedRunner(tmp_path / "b" / "onnx")
     x, _, _ = make_shapes(8, num_classes=4, image_size=16, seed=1)
     assert torch.equal(torch.from_numpy(runner(x.numpy())["tier"]), load_bundle(tmp_path / "b").routed()(x).tier)
+
+
+def test_runner_refuses_pieces_that_do_not_belong_together(calibrated_run, tmp_path: Path) -> None:
+    d = export_onnx(calibrated_run["bundle"], tmp_path / "onnx")
+    other = export_onnx(calibrated_run["bundle"], tmp_path / "other", knob=1.0)  # every image to HEAVY
+    shutil.copy(other / "gate.onnx", d / "gate.onnx")
+    with pytest.raises(ValueError, match=r"gate\.onnx differ from the pieces routing\.json was written with"):
+        OnnxRoutedRunner(d)
+    # without the hashes (an older export, or an edited routing.json), the shapes must still chain
+    meta = json.loads((d / "routing.json").read_text())
+    del meta["pieces_sha256"]
+    (d / "routing.json").write_text(json.dumps(meta))
+    OnnxRoutedRunner(d)  # another knob: same shapes
+    shutil.copy(d.parent / "other" / "stage1.onnx", d / "stage2.onnx")
+    with pytest.raises(ValueError, match=r"stage2\.onnx takes maps \[.*\], stage1\.onnx gives"):
+        OnnxRoutedRunner(d)
+    shutil.copy(other / "stage2.onnx", d / "stage2.onnx")
+    meta["class_names"] = meta["class_names"][:3]
+    (d / "routing.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"first\.onnx gives \[4\] logits, routing\.json names 3 classes"):
+        OnnxRoutedRunner(d)

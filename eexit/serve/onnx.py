@@ -120,9 +120,17 @@ def export_onnx(
         "knob": float(gate.knob),
         "tiers": bundle.manifest["routers"]["gate"]["tiers"],
         "bundle_sha256": bundle.manifest["weights"]["sha256"],
+        # what the runner checks each piece against: pieces of two exports are not mixed
+        "pieces_sha256": {p: _sha256(out / f"{p}.onnx") for p in PIECES},
     }
     (out / META_NAME).write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
     return out
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class OnnxRoutedRunner:
@@ -131,6 +139,12 @@ class OnnxRoutedRunner:
     Args:
         onnx_dir: the directory of the pieces.
         providers: onnxruntime execution providers (default: CPU).
+
+    Raises:
+        FileNotFoundError: a piece or ``routing.json`` is missing.
+        ValueError: a piece differs from the one ``routing.json`` was written with (its sha256),
+            or the pieces' shapes do not chain or disagree with ``routing.json``'s input and
+            classes; the message names the piece.
     """
 
     def __init__(self, onnx_dir: str | Path, providers: list[str] | None = None) -> None:
@@ -141,12 +155,55 @@ class OnnxRoutedRunner:
         missing += [] if (d / META_NAME).is_file() else [META_NAME]
         if missing:
             raise FileNotFoundError(f"{d} lacks ONNX pieces: {', '.join(missing)} (write them with export_onnx)")
+        self.meta = json.loads((d / META_NAME).read_text())
+        stored = self.meta.get("pieces_sha256")  # absent in exports before 2026-12-07: shapes checked only
+        if stored is not None:
+            changed = [f"{p}.onnx" for p in PIECES if _sha256(d / f"{p}.onnx") != stored.get(p)]
+            if changed:
+                raise ValueError(
+                    f"{d}: {', '.join(changed)} differ from the pieces {META_NAME} was written with (replaced or "
+                    "edited after the export): export the bundle again"
+                )
         opts = ort.SessionOptions()
         self.sessions = {
             p: ort.InferenceSession(str(d / f"{p}.onnx"), opts, providers=providers or ["CPUExecutionProvider"])
             for p in PIECES
         }
-        self.meta = json.loads((d / META_NAME).read_text())
+        self._check_shapes(d)
+
+    def _check_shapes(self, d: Path) -> None:
+        """Refuse pieces whose shapes do not chain (image -> first -> stage1 -> ... , features ->
+        gate) or disagree with ``routing.json``'s input and classes, naming the piece."""
+
+        def shape(arg) -> list:  # the static dimensions after the batch axis (None where symbolic)
+            return [dim if isinstance(dim, int) else None for dim in arg.shape[1:]]
+
+        def io(piece: str) -> tuple[dict, dict]:
+            sess = self.sessions[piece]
+            return {a.name: shape(a) for a in sess.get_inputs()}, {a.name: shape(a) for a in sess.get_outputs()}
+
+        spec, k = self.meta["input"], len(self.meta["class_names"])
+        problems = []
+        ins, outs = io("first")
+        if ins.get("image") != [spec["channels"], *spec["size"]]:
+            problems.append(f"first.onnx takes images {ins.get('image')}, {META_NAME} says {spec}")
+        if outs.get("logits") != [k]:
+            problems.append(f"first.onnx gives {outs.get('logits')} logits, {META_NAME} names {k} classes")
+        gate_in, _ = io("gate")
+        if gate_in.get("features") != outs.get("features"):
+            problems.append(
+                f"gate.onnx takes features {gate_in.get('features')}, first.onnx gives {outs.get('features')}"
+            )
+        prev, prev_name = outs.get("map"), "first.onnx"
+        for i in range(1, len(ExitLevel)):
+            ins, outs = io(f"stage{i}")
+            if ins.get("map_in") != prev:
+                problems.append(f"stage{i}.onnx takes maps {ins.get('map_in')}, {prev_name} gives {prev}")
+            if outs.get("logits") != [k]:
+                problems.append(f"stage{i}.onnx gives {outs.get('logits')} logits, {META_NAME} names {k} classes")
+            prev, prev_name = outs.get("map"), f"stage{i}.onnx"
+        if problems:
+            raise ValueError(f"{d}: the ONNX pieces do not fit together: {'; '.join(problems)}")
 
     def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Route a normalised batch ``(B, C, H, W)`` float32.
