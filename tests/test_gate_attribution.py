@@ -222,7 +222,7 @@ def test_unknown_method_names_it_and_lists_methods() -> None:
             torch.zeros(NUM_FEATURES),
             r"features must have shape \(B, F\); got \(2, 3, 7\)",
         ),
-        (torch.randn(0, NUM_FEATURES), torch.zeros(NUM_FEATURES), r"non-empty"),
+        (torch.randn(3, 0), torch.zeros(0), r"F >= 1"),
         (torch.randn(4, NUM_FEATURES), torch.zeros(6), r"baseline must have shape \(7,\) or \(1, 7\).*got \(6,\)"),
         (torch.randn(4, NUM_FEATURES), torch.zeros(4, NUM_FEATURES), r"baseline must have shape.*got \(4, 7\)"),
         (torch.full((4, NUM_FEATURES), float("nan")), torch.zeros(NUM_FEATURES), r"finite"),
@@ -231,6 +231,38 @@ def test_unknown_method_names_it_and_lists_methods() -> None:
 def test_shape_errors_are_clear(features: torch.Tensor, baseline: torch.Tensor, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         explain_gate(LinearScore(), features, baseline)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_an_empty_batch_gives_empty_results(method: str) -> None:
+    _, baseline = make_data(batch=1)
+    res = explain_gate(ExpectedTier(make_gate()), torch.zeros(0, NUM_FEATURES), baseline, method=method)
+    assert res.attributions.shape == (0, NUM_FEATURES) and res.delta.shape == (0,) and res.output.shape == (0,)
+    full = explain_gate(ExpectedTier(make_gate()), baseline.view(1, -1), baseline, method=method)
+    assert torch.allclose(res.baseline_output, full.baseline_output, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_features_that_overflow_the_gate_are_refused_not_answered_with_nan(method: str) -> None:
+    # finite features, but 3e38 * a weight overflows float32: NaN attributions (KernelShap's
+    # least squares crashed in oneMKL); the error names the row
+    features, baseline = make_data(batch=3)
+    features[1] = 3e38
+    scaled = nn.Sequential(nn.Linear(NUM_FEATURES, NUM_FEATURES), make_gate()).eval()
+    with torch.no_grad():  # a standardisation by a small std: 3e38 / 0.25 overflows
+        scaled[0].weight.copy_(4.0 * torch.eye(NUM_FEATURES))
+        scaled[0].bias.zero_()
+    with pytest.raises(ValueError, match=r"score is not finite for 1 of 3 feature rows \(first: row 1"):
+        explain_gate(ExpectedTier(scaled), features, baseline, method=method)
+    # a finite score, but the sampled outputs' differences overflow (Shapley), or KernelShap's
+    # least-squares fit fails inside Captum (a oneMKL error)
+    failure = {
+        "shapley_value_sampling": r"attributions are not finite for 1 of 3 feature rows",
+        "kernel_shap": r"kernel_shap failed on features too large for float arithmetic \(up to 3e\+38",
+    }
+    if method in failure:
+        with pytest.raises(ValueError, match=failure[method]):
+            explain_gate(ExpectedTier(make_gate()), features, baseline, method=method)
 
 
 def test_non_tensor_and_integer_inputs_are_rejected() -> None:

@@ -43,6 +43,10 @@ def test_every_exit_gives_logits_and_predict_exit_matches() -> None:
     for level in ExitLevel:
         assert out[level].shape == (3, 6)
         assert torch.allclose(net.predict_exit(x, level), out[level], atol=1e-6)
+    assert torch.equal(net.predict_exit(x, "heavy"), net.predict_exit(x, ExitLevel.HEAVY))
+    for bad in (-1, 4, 3.0, "huge"):  # -1 ran no stage and fed the stem's map to the HEAVY head
+        with pytest.raises(ValueError, match="unknown exit"):
+            net.predict_exit(x, bad)
 
 
 def test_exit_level_parse() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -301,6 +302,12 @@ def test_tier_latencies_are_rescaled_to_the_routed_batch(trained, monkeypatch) -
             assert [c.latency_ms for c in out] == pytest.approx([base + factor * 0.1 * t for t in range(4)])
             if factor == 1.5:  # the batch's per-image latencies add up to its measured time
                 assert sum(out[t].latency_ms for t in tiers) == pytest.approx(batch_ms)
+        # a noisy timing with LIGHT and MEDIUM below TINY (a busy machine): raised to TINY's
+        # first, so that no tier comes out cheaper than a cheaper tier, nor negative
+        noisy = [replace(c, latency_ms=ms) for c, ms in zip(forced, (1.0, 0.01, 0.02, 3.0), strict=True)]
+        out = costs_mod.rescale_to_routed_batch(model, example, noisy, 0.01)
+        latencies = [c.latency_ms for c in out]
+        assert latencies == sorted(latencies) and latencies[0] == 1.0 and latencies[1] == 1.0
         gate.set_knob(0.0)  # every image stops at TINY: nothing to rescale
         assert costs_mod.rescale_to_routed_batch(model, example, forced, 0.01) is forced
     finally:
@@ -474,6 +481,38 @@ def test_a_knob_that_is_no_finite_number_is_refused(trained, kind: str) -> None:
     assert float(router.knob) == before
     router.set_knob(0.25)
     assert float(router.knob) == 0.25
+    if router.one_shot:  # a knob given per call is checked alike (NaN sent every image to TINY)
+        f = torch.rand(4, 7)
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="knob must be a finite number"):
+                router.choose_tier(f, knob=bad)
+
+
+@pytest.mark.parametrize("kind", ["gate", "staged"])
+def test_routers_take_features_of_any_float_dtype(trained, kind: str) -> None:
+    router = trained[1].routers[kind]
+    f = torch.rand(5, 7)
+    if kind == "gate":
+        assert torch.allclose(router.tier_cdf(f.double()), router.tier_cdf(f), atol=1e-6)
+        assert torch.equal(router.choose_tier(f.double())[0], router.choose_tier(f)[0])
+    else:
+        assert torch.allclose(router.stop_score(ExitLevel.TINY, f.double()), router.stop_score(ExitLevel.TINY, f))
+
+
+def test_a_network_in_training_mode_is_refused(trained) -> None:
+    # BatchNorm in training mode: each chunk normalised by its own statistics (tiers changed with
+    # the chunk size) and the running statistics updated by inference
+    net, cal, x, _, _ = trained
+    routed = cal.routed(net, "gate")
+    net.train()
+    try:
+        before = [b.clone() for b in net.buffers()]
+        with pytest.raises(ValueError, match=r"network is in training mode.*call \.eval\(\)"):
+            routed(x[:8])
+        assert all(torch.equal(a, b) for a, b in zip(before, net.buffers(), strict=True))
+    finally:
+        net.eval()
+    assert routed(x[:8]).tier.shape == (8,)
 
 
 def test_calibration_refuses_a_split_too_small_to_cross_fit(trained) -> None:

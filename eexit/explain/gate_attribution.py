@@ -153,8 +153,8 @@ def _as_batch(features: Tensor, baseline: Tensor) -> tuple[Tensor, Tensor]:
     if features.dim() != 2:
         raise ValueError(f"features must have shape (B, F); got {tuple(features.shape)}")
     batch, num_features = features.shape
-    if batch == 0 or num_features == 0:
-        raise ValueError(f"features must be a non-empty (B, F) batch; got {tuple(features.shape)}")
+    if num_features == 0:
+        raise ValueError(f"features must be a (B, F) batch with F >= 1; got {tuple(features.shape)}")
     if not features.is_floating_point():
         raise TypeError(f"features must be floating point; got {features.dtype}")
     if baseline.dim() == 2 and baseline.shape[0] == 1:
@@ -166,7 +166,8 @@ def _as_batch(features: Tensor, baseline: Tensor) -> tuple[Tensor, Tensor]:
     if not (torch.isfinite(features).all() and torch.isfinite(baseline).all()):
         raise ValueError("features and baseline must be finite")
     x = features.detach().clone()
-    b = baseline.detach().to(device=x.device, dtype=x.dtype).unsqueeze(0).expand(batch, -1).contiguous()
+    # one row at least: an empty batch still scores its baseline
+    b = baseline.detach().to(device=x.device, dtype=x.dtype).unsqueeze(0).expand(max(batch, 1), -1).contiguous()
     return x, b
 
 
@@ -285,8 +286,9 @@ def explain_gate(
         ``output (B,)`` and ``baseline_output ()``, all detached.
 
     Raises:
-        ValueError: for an unknown method, badly shaped or non-finite inputs, or a score
-            function that does not return ``(B,)``.
+        ValueError: for an unknown method, badly shaped or non-finite inputs, a score function
+            that does not return ``(B,)``, or a score that is not finite (features so large that
+            the gate overflows). An empty batch ``(0, F)`` gives empty results.
         TypeError: for non-tensor or non-floating-point inputs, or ``deeplift`` on a plain
             callable.
     """
@@ -308,12 +310,35 @@ def explain_gate(
             if param.dtype != x.dtype:  # explained in the gate's own precision
                 x, b = x.to(param.dtype), b.to(param.dtype)
         output, baseline_output = _score(score_fn, x, b)
+        if not bool(torch.isfinite(output).all()):  # features finite but past what the gate can take
+            rows = (~torch.isfinite(output)).nonzero().flatten().tolist()
+            raise ValueError(
+                f"the score is not finite for {len(rows)} of {len(x)} feature rows (first: row {rows[0]}, "
+                f"features {x[rows[0]].tolist()}): features out of the range the gate can take"
+            )
+        if len(x) == 0:  # nothing to attribute
+            empty = x.new_zeros(0)
+            return GateAttribution(x.new_zeros(x.shape), empty, output, baseline_output, method)
         with warnings.catch_warnings():
             for message in _QUIET:
                 warnings.filterwarnings("ignore", message=message)
-            attributions = _attribute(score_fn, x, b, method, kwargs)
+            try:
+                attributions = _attribute(score_fn, x, b, method, kwargs)
+            except RuntimeError as err:  # KernelShap's least squares on overflowing samples
+                if bool(torch.isfinite(x * x).all()):  # not a matter of the features' scale
+                    raise
+                raise ValueError(
+                    f"{method} failed on features too large for float arithmetic (up to {x.abs().max().item():.3g}; "
+                    f"{type(err).__name__} in Captum): features out of the range the gate can take"
+                ) from None
         attributions = attributions.detach().to(dtype=x.dtype).reshape(x.shape)
         delta = (attributions.sum(dim=1) - (output - baseline_output)).abs()
+        if not bool(torch.isfinite(delta).all()):  # finite features whose differences overflow
+            rows = (~torch.isfinite(delta)).nonzero().flatten().tolist()
+            raise ValueError(
+                f"{method}'s attributions are not finite for {len(rows)} of {len(x)} feature rows (first: row "
+                f"{rows[0]}, features {x[rows[0]].tolist()}): features out of the range the gate can take"
+            )
     return GateAttribution(
         attributions=attributions, delta=delta, output=output, baseline_output=baseline_output, method=method
     )

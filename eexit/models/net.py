@@ -75,8 +75,13 @@ class MultiExitNet(nn.Module):
 
     @torch.no_grad()
     def predict_exit(self, x: Tensor, level: ExitLevel | int) -> Tensor:
-        """Logits ``(B, K)`` of one exit, running only the stages it needs."""
-        level = int(level)
+        """Logits ``(B, K)`` of one exit (an ``ExitLevel``, its index 0-3 or its name), running
+        only the stages it needs.
+
+        Raises:
+            ValueError: ``level`` names no exit (-1 would silently run no stage at all).
+        """
+        level = int(ExitLevel.parse(level))
         h = self.backbone.forward_stem(x)
         for i in range(level + 1):
             h = self.backbone.forward_stage(i, h)

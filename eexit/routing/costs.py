@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import sys
@@ -182,7 +183,21 @@ def measure_tier_costs(
         for level, f, t in zip(ExitLevel, flops, seconds, strict=True)
     ]
     assert len(costs) == NUM_TIERS
-    return costs
+    return _monotone_latencies(costs)
+
+
+def _monotone_latencies(costs: list[TierCost]) -> list[TierCost]:
+    """Each tier's latency at least the one before it: a tier runs every stage of the cheaper
+    ones and more, so a smaller figure is timing noise (a busy machine measured TINY at 3.7 ms
+    and LIGHT at 0.03 ms per image), which would make later tiers look cheaper, and their
+    rescaled latencies negative."""
+    if all(a.latency_ms <= b.latency_ms for a, b in itertools.pairwise(costs)):
+        return costs
+    floor, out = 0.0, []
+    for c in costs:
+        floor = max(floor, c.latency_ms)
+        out.append(c if c.latency_ms >= floor else replace(c, latency_ms=floor))
+    return out
 
 
 MAX_RESCALE = 4.0
@@ -218,8 +233,10 @@ def rescale_to_routed_batch(
 
     Returns:
         The four costs with ``latency_basis="routed"`` (the input unchanged where no image of
-        ``example`` goes past TINY: nothing to rescale).
+        ``example`` goes past TINY: nothing to rescale), latencies non-decreasing with the tier
+        (a latency below a cheaper tier's is raised to it first).
     """
+    costs = _monotone_latencies(costs)  # so that every tier's part past TINY is >= 0
     tiers = model(example).tier.tolist()
     base = costs[0].latency_ms
     past_tiny = sum(costs[t].latency_ms - base for t in tiers)

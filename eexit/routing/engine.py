@@ -134,9 +134,10 @@ class RoutedClassifier(nn.Module):
         input_size: ``(H, W)`` the images must have (the size the router was calibrated at), or
             ``None`` to accept any size.
 
-    ``forward`` refuses, with a message naming the problem, what is not a ``(B, C, H, W)``
-    floating-point batch with the network's channel count (and ``input_size``, if given); it
-    casts the images to the network's dtype and device.
+    ``forward`` refuses, with a message naming the problem, a network in training mode (BatchNorm
+    would use each chunk's statistics) and what is not a ``(B, C, H, W)`` floating-point batch
+    with the network's channel count (and ``input_size``, if given); it casts the images to the
+    network's dtype and device.
     """
 
     def __init__(
@@ -172,6 +173,12 @@ class RoutedClassifier(nn.Module):
         """
         if force_tier is not None:  # 7 or -1 would silently mean HEAVY (or fail deep in indexing)
             force_tier = int(ExitLevel.parse(force_tier))
+        if self.net.training:
+            raise ValueError(
+                "the network is in training mode: its BatchNorm layers would normalise each chunk with that "
+                "chunk's own statistics (answers would depend on the batch) and update their running "
+                "statistics; call .eval() on the network (or on this RoutedClassifier) first"
+            )
         x = self._checked(x)
         # one reduction over the batch: a NaN or an infinity anywhere makes the sum non-finite
         # (a finite sum that overflows only costs the exact check below)

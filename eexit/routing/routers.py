@@ -115,10 +115,7 @@ class Router(nn.Module):
             ValueError: a value that is not a finite number (NaN would send every image to TINY
                 through the one-shot gate but to HEAVY through the others).
         """
-        knob = float(value)
-        if not math.isfinite(knob):
-            raise ValueError(f"the router's knob must be a finite number, got {value!r}")
-        self.knob.fill_(knob)
+        self.knob.fill_(_finite_knob(value))
 
     def stop_score(self, level: ExitLevel, features: Tensor, probs: Tensor) -> Tensor:
         """``(B,)`` score in [0, 1]; the image stops at ``level`` when it is ``>= knob``."""
@@ -138,6 +135,20 @@ class Router(nn.Module):
     def config(self) -> dict:
         """What rebuilds this router (with its ``state_dict``)."""
         return {"kind": self.kind, "knob": float(self.knob)}
+
+
+def _finite_knob(value: float) -> float:
+    """``value`` as a float, refused unless it is a finite number."""
+    knob = float(value)
+    if not math.isfinite(knob):
+        raise ValueError(f"the router's knob must be a finite number, got {value!r}")
+    return knob
+
+
+def _in_dtype_of(features: Tensor, model: nn.Module) -> Tensor:
+    """``features`` in the dtype of ``model``'s parameters (a float64 batch for a float32 gate)."""
+    dtype = next(model.parameters()).dtype
+    return features if features.dtype == dtype else features.to(dtype)
 
 
 class _ContinueProbability(nn.Module):
@@ -171,8 +182,8 @@ class OneShotGate(Router):
         self.set_knob(0.5)
 
     def logits(self, features: Tensor) -> Tensor:
-        """``(B, F)`` raw features -> ``(B, 4)`` tier logits."""
-        return self.net(self.scale(features))
+        """``(B, F)`` raw features (any float dtype) -> ``(B, 4)`` tier logits."""
+        return self.net(self.scale(_in_dtype_of(features, self.net)))
 
     def logits_module(self) -> nn.Module:
         """A module ``(B, F)`` raw features -> ``(B, 4)`` tier logits (what Captum explains)."""
@@ -202,7 +213,8 @@ class OneShotGate(Router):
         Args:
             features: ``(B, F)`` raw TINY features.
             probs: unused (the gate reads the features alone).
-            knob: the quantile (default: the calibrated ``knob``); higher = more compute.
+            knob: the quantile (default: the calibrated ``knob``); higher = more compute; a
+                finite number (refused otherwise, as by ``set_knob``).
             cdf: ``tier_cdf(features)`` if already computed.
 
         Returns:
@@ -210,7 +222,7 @@ class OneShotGate(Router):
             more than that tier (``cdf[:, tier]``; for any other tier, e.g. a forced one, read
             that column of ``tier_cdf``).
         """
-        q = float(self.knob) if knob is None else knob
+        q = float(self.knob) if knob is None else _finite_knob(knob)
         cum = self.tier_cdf(features) if cdf is None else cdf
         tier = (cum < q).sum(dim=1).clamp_max(NUM_TIERS - 1)
         return tier, cum.gather(1, tier.view(-1, 1)).squeeze(1)
@@ -257,8 +269,10 @@ class StagedGate(Router):
         self.set_knob(0.5)
 
     def stop_logit(self, level: ExitLevel | int, features: Tensor) -> Tensor:
-        """``(B,)`` logit of "stopping at exit ``level`` loses nothing"."""
-        return self.nets[int(level)](self.scales[int(level)](features)).squeeze(1)
+        """``(B,)`` logit of "stopping at exit ``level`` loses nothing" from ``(B, F)`` raw features
+        (any float dtype)."""
+        net = self.nets[int(level)]
+        return net(self.scales[int(level)](_in_dtype_of(features, net))).squeeze(1)
 
     def stop_score(self, level: ExitLevel, features: Tensor, probs: Tensor | None = None) -> Tensor:
         return torch.sigmoid(self.stop_logit(level, features))
