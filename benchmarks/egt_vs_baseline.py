@@ -63,9 +63,8 @@ def main() -> None:
     args = parser.parse_args()
 
     # no router calibration: this benchmark compares training, not routing
-    common = [f"seed={args.seed}", "logger=csv", "router.calibrate=false", *args.overrides]
-    if args.quick:
-        common += ["data.limit_train=6000", "trainer.max_epochs=2", "+trainer.limit_test_batches=20"]
+    quick = ["data.limit_train=6000", "trainer.max_epochs=2", "+trainer.limit_test_batches=20"] if args.quick else []
+    common = [f"seed={args.seed}", "logger=csv", "router.calibrate=false", *quick, *args.overrides]  # the user's win
     t_start = time.time()
     results, cfgs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,6 +32,8 @@ from _common import compose_train_cfg, emit, machine
 from omegaconf import open_dict
 
 from eexit.checkpoint import load_checkpoint
+from eexit.config import ConfigError
+from eexit.evaluation.pipeline import check_data_matches
 from eexit.explain.gate_attribution import METHODS, ExpectedTier, explain_gate
 from eexit.models.inference import inference_copy
 from eexit.routing.calibrate import calibrate, calibration_settings
@@ -73,9 +75,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    overrides = ["logger=csv", *DATA_OVERRIDES[args.data], *args.overrides]
-    if args.quick:
-        overrides += ["data.limit_train=8000", "trainer.max_epochs=2"]
+    quick = ["data.limit_train=8000", "trainer.max_epochs=2"] if args.quick else []
+    overrides = ["logger=csv", *DATA_OVERRIDES[args.data], *quick, *args.overrides]  # the user's last: they win
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_train_cfg(overrides, Path(tmp))
@@ -85,6 +86,10 @@ def main() -> None:
             loaded = load_checkpoint(args.ckpt)
             net = loaded.net
             dm = build_datamodule(cfg)
+            try:  # a checkpoint of another data set: refused here, not deep in the first forward
+                check_data_matches(loaded, dm.info, "--ckpt")
+            except ConfigError as err:
+                parser.error(f"{err} (--data {args.data}; extra overrides: {args.overrides or 'none'})")
             split = (loaded.data or {}).get("split")
             if split:  # calibrate on the images this model's training held out
                 dm.use_split(split)

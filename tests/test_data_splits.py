@@ -177,6 +177,28 @@ def test_skipping_unreadable_files_may_not_empty_a_class(tmp_path: Path) -> None
         dm.setup("fit")
 
 
+def test_a_split_that_leaves_a_class_without_training_images_is_refused(tmp_path: Path) -> None:
+    # a class with one image, which the split sends to validation or calibration: its exit
+    # outputs would never be trained (random_split is not stratified)
+    from eexit.config import ConfigError
+
+    _folder(tmp_path, per_class=6)
+    (tmp_path / "train" / "rare").mkdir()
+    Image.new("L", (16, 16), 200).save(tmp_path / "train" / "rare" / "0.png")
+    refused = 0
+    for seed in range(6):
+        dm = ImageFolderDataModule(str(tmp_path), image_size=16, augment=False, val_size=4, calib_size=4, seed=seed)
+        pool_index = len(dm.load_pool()) - 1  # 'rare' sorts last: its image is the pool's last
+        try:
+            dm.setup("fit")
+        except ConfigError as err:
+            assert "'rare' (1 image(s) in the training pool) without a training image" in str(err)
+            refused += 1
+        else:
+            assert pool_index in dm.data_train.indices
+    assert 0 < refused < 6  # some seeds send the image to training, some do not
+
+
 def test_a_cifar_tarball_without_a_test_split_is_refused_before_it_is_kept(tmp_path: Path) -> None:
     import tarfile
 

@@ -17,7 +17,7 @@ from eexit.config import ConfigError
 from eexit.evaluation import evaluate
 from eexit.training import train
 from eexit.types import ExitLevel
-from tests.conftest import compose_train
+from tests.conftest import ROOT, compose_train, needs_fashion
 
 SMALL = [
     "data=synthetic",
@@ -288,14 +288,38 @@ def test_evaluate_refuses_classes_numbered_otherwise() -> None:
     # would be scored against the wrong labels (37% instead of 94% on Fashion-MNIST)
     from types import SimpleNamespace
 
-    from eexit.evaluation.pipeline import _check_data_matches
+    from eexit.evaluation.pipeline import check_data_matches
 
     names = ["shirt", "bag", "boot"]
     loaded = SimpleNamespace(net=SimpleNamespace(num_classes=3), data={"class_names": names})
-    _check_data_matches(loaded, SimpleNamespace(num_classes=3, class_names=list(names), mean=[], std=[]), "ckpt_path")
+    check_data_matches(loaded, SimpleNamespace(num_classes=3, class_names=list(names), mean=[], std=[]), "ckpt_path")
     sorted_info = SimpleNamespace(num_classes=3, class_names=sorted(names), mean=[], std=[])
     with pytest.raises(ConfigError, match=r"'data'.*numbered otherwise.*0: 'shirt' vs 'bag'"):
-        _check_data_matches(loaded, sorted_info, "ckpt_path")
+        check_data_matches(loaded, sorted_info, "ckpt_path")
+
+
+@needs_fashion
+def test_routing_benchmark_refuses_a_checkpoint_of_other_data(calibrated_run) -> None:
+    # a checkpoint of another data set failed deep in the first forward pass (or, shapes alike,
+    # would have reported figures of the wrong model)
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "routing.py"),
+            "--data",
+            "fashion_mnist",
+            "--ckpt",
+            calibrated_run["ckpt"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "config key 'data': 10 classes, but --ckpt has 4" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_evaluate_on_a_pool_too_small_for_the_trained_split_names_the_data(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 import pytorch_lightning as pl
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, random_split
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
@@ -156,6 +157,7 @@ class SplitDataModule(pl.LightningDataModule):
             self._pool_size = len(pool)
             generator = torch.Generator().manual_seed(self.split_seed)
             self.data_train, val, calib = random_split(pool, self._sizes(len(pool)), generator)
+            self._check_every_class_trains(pool, self.data_train.indices)
             # model selection and router calibration see images as the test set and serving do
             plain = self.eval_view(pool)
             self.data_val, self.data_calib = Subset(plain, val.indices), Subset(plain, calib.indices)
@@ -163,6 +165,26 @@ class SplitDataModule(pl.LightningDataModule):
                 self.data_train = torch.utils.data.Subset(self.data_train, range(self.limit_train))
         if self.data_test is None and stage in (None, "test", "predict", "calibrate"):
             self.data_test = self.load_test()
+
+    def _check_every_class_trains(self, pool: Dataset, train_indices: list[int]) -> None:
+        """Refuse a split that leaves a class of the pool without training images (a class with
+        few images whose every image went to the validation or calibration split): its exit
+        outputs would never be trained, silently."""
+        targets = _labels(pool)
+        if targets is None:
+            return
+        in_pool = set(targets.tolist())
+        missing = sorted(in_pool - set(targets[torch.as_tensor(train_indices, dtype=torch.long)].tolist()))
+        if missing:
+            names = self.info.class_names
+            named = [names[c] if c < len(names) else str(c) for c in missing]
+            counts = [int((targets == c).sum()) for c in missing]
+            raise ConfigError(
+                "data",
+                f"the split leaves class(es) {', '.join(map(repr, named))} ({', '.join(map(str, counts))} image(s) in the "
+                "training pool) without a training image: their images all went to the validation or calibration "
+                "split; add images of them, or lower data.val_size / data.calib_size, or change seed",
+            )
 
     def _loader(self, dataset: Dataset | None, shuffle: bool = False) -> DataLoader:
         if dataset is None:
@@ -202,3 +224,12 @@ class SplitDataModule(pl.LightningDataModule):
         if self.data_test is None:
             self.data_test = self.load_test()
         return self._loader(self.data_test)
+
+
+def _labels(pool: Dataset) -> Tensor | None:
+    """The labels of a training pool ``(N,)`` int64, where the dataset holds them (an
+    ``ImageFolder``'s ``targets``, a ``TensorDataset``'s second tensor), else ``None``."""
+    if isinstance(pool, torch.utils.data.TensorDataset) and len(pool.tensors) > 1:
+        return pool.tensors[1].long()
+    targets = getattr(pool, "targets", None)
+    return None if targets is None else torch.as_tensor(targets, dtype=torch.long)

@@ -149,7 +149,7 @@ def _router_overrides() -> list[str]:
     return [o for o, key in keys if key == "router" or key.startswith("router.")]
 
 
-def _check_data_matches(loaded: LoadedCheckpoint, info, key: str) -> None:
+def check_data_matches(loaded: LoadedCheckpoint, info, key: str) -> None:
     """Refuse test data the model was not trained for (classes, channels, size, normalisation)."""
     if loaded.net.num_classes != info.num_classes:
         raise ConfigError("data", f"{info.num_classes} classes, but {key} has {loaded.net.num_classes}")
@@ -242,7 +242,7 @@ def evaluate(cfg: DictConfig) -> dict:
     net = loaded.net.eval()
     for name, model in (("ckpt_path", loaded), ("baseline_ckpt_path", baseline)):
         if model is not None:
-            _check_data_matches(model, info, name)
+            check_data_matches(model, info, name)
     try:
         dm.setup("test")  # splits the pool too (the calibration split may be needed)
     except ValueError as err:  # the checkpoint's split sizes do not fit this data's pool
