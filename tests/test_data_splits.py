@@ -282,3 +282,22 @@ def test_fashion_mnist_refuses_source_files_that_are_no_idx_files_and_repairs_a_
             prepare_raw_folder(fresh, bad)
         assert not (fresh / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
         assert not list((fresh / "FashionMNIST" / "raw").glob(".*partial"))
+
+
+def test_gif_images_train_as_eexit_predict_serves_them(tmp_path: Path) -> None:
+    # torchvision's ImageFolder leaves .gif files out, silently
+    _folder(tmp_path, per_class=4)
+    Image.new("P", (16, 16), 7).save(tmp_path / "train" / "a" / "anim.gif")
+    dm = ImageFolderDataModule(str(tmp_path), image_size=16, augment=False, val_size=2, calib_size=2, seed=0)
+    pool = dm.load_pool()
+    assert str(tmp_path / "train" / "a" / "anim.gif") in [p for p, _ in pool.samples] and len(pool) == 9
+    x, y = pool[[p for p, _ in pool.samples].index(str(tmp_path / "train" / "a" / "anim.gif"))]
+    assert x.shape == (3, 16, 16) and y == 0
+
+
+def test_synthetic_images_smaller_than_a_shape_are_refused() -> None:
+    from eexit.data.synthetic import make_shapes
+
+    with pytest.raises(ValueError, match="image_size must be at least 4"):
+        make_shapes(2, image_size=3)
+    assert make_shapes(2, image_size=4)[0].shape == (2, 1, 4, 4)

@@ -81,3 +81,20 @@ def test_fashion_mnist_objects_use_silhouette_masks(tmp_path: Path) -> None:
     boxes = s.boxes[:, 2] * s.boxes[:, 3]
     cover = s.masks.flatten(1).sum(1)
     assert (cover > 0).all() and (cover < boxes).all(), "silhouettes, not whole boxes"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((-1, 0.0, 1.0), "distractors must be an integer >= 0"),
+        ((1.5, 0.0, 1.0), "distractors must be an integer >= 0"),
+        ((0, 2.0, 1.0), r"texture must be in \[0, 1\]"),
+        ((0, 0.0, 3.0), r"contrast must be in \(0, 1\]"),
+        ((0, 0.0, 0.0), r"contrast must be in \(0, 1\]"),
+    ],
+)
+def test_clutter_levels_that_break_the_scene_contract_are_refused(args: tuple, message: str) -> None:
+    # texture 2 and contrast 3 gave pixels up to 2-3 (scenes promise [0, 1]); contrast 0 a black,
+    # fully "visible" target; -1 distractors silently meant none
+    with pytest.raises(ValueError, match=message):
+        ClutterLevel(*args)

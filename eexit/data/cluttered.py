@@ -34,6 +34,17 @@ class ClutterLevel:
     texture: float
     contrast: float
 
+    def __post_init__(self) -> None:
+        # scenes promise intensities in [0, 1] and a visible target
+        if isinstance(self.distractors, bool) or not isinstance(self.distractors, int) or self.distractors < 0:
+            raise ValueError(f"distractors must be an integer >= 0, got {self.distractors!r}")
+        if not 0.0 <= self.texture <= 1.0:
+            raise ValueError(f"texture must be in [0, 1] (intensity units), got {self.texture!r}")
+        if not 0.0 < self.contrast <= 1.0:
+            raise ValueError(
+                f"contrast must be in (0, 1] (0 hides the target, above 1 leaves [0, 1]), got {self.contrast!r}"
+            )
+
 
 LEVELS: tuple[ClutterLevel, ...] = (
     ClutterLevel(0, 0.0, 1.0),

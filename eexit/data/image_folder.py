@@ -22,6 +22,15 @@ from eexit.serve.images import ImageError, decode, to_model_mode
 log = logging.getLogger(__name__)
 
 
+EXTENSIONS: tuple[str, ...] = (*datasets.folder.IMG_EXTENSIONS, ".gif")
+"""File endings of the images an image folder trains on: torchvision's list and GIF (which
+``eexit predict`` serves too; torchvision's list leaves GIFs out, silently)."""
+
+
+def _is_image_file(path: str) -> bool:
+    return path.lower().endswith(EXTENSIONS)
+
+
 class CorruptImageError(RuntimeError):
     """An image file that cannot be read; the message names the file and the reason."""
 
@@ -71,7 +80,9 @@ class CheckedImageFolder(datasets.ImageFolder):
         if bad_files not in ("fail", "skip"):
             raise ValueError(f"bad_files must be 'fail' or 'skip', got {bad_files!r}")
         self._given_classes = None if classes is None else list(classes)
-        super().__init__(root, transform=transform, loader=load_image, allow_empty=allow_empty)
+        super().__init__(
+            root, transform=transform, loader=load_image, is_valid_file=_is_image_file, allow_empty=allow_empty
+        )
         self.skipped: list[str] = []
         if bad_files == "skip":
             keep = [(p, t) for p, t in self.samples if readable(p)]

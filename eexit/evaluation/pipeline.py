@@ -188,7 +188,8 @@ def _warn_if_scenes_are_not_recognised(loc: dict[str, float], test_acc: float, c
         log.warning(
             "HEAVY classifies the clean cluttered scenes (level 0, canvas %.2gx the image) at %.1f%% against "
             "%.1f%% on the test split: their localisation scores describe cams of a network that does not "
-            "recognise the objects there (eval.cluttered.canvas_factor=1 keeps the training scale)",
+            "recognise the objects there (eval.cluttered.canvas_factor=1 keeps the training scale, but a photograph "
+            "then fills the canvas and hides the harder levels' distractors and texture: only contrast varies)",
             canvas_factor,
             100 * clean,
             100 * test_acc,
