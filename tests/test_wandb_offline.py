@@ -120,16 +120,33 @@ def test_each_job_of_a_multirun_gets_its_own_wandb_run(tmp_path: Path, monkeypat
         assert logged["test/acc/heavy"] == pytest.approx(metrics["test/acc/heavy"], abs=1e-6)
 
 
-def test_online_wandb_without_a_login_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``logger.wandb.offline=false`` without ``wandb login``: one error naming the key and the two
-    ways out, not W&B's traceback from inside the first log call."""
-    from eexit.config import ConfigError
+def test_online_wandb_without_a_login_is_a_config_error(tmp_path: Path) -> None:
+    """``logger.wandb.offline=false`` without ``wandb login``: one error line naming the key and
+    the two ways out, not W&B's traceback from inside the first log call. (In a child process:
+    W&B keeps its settings per process, so an offline run before would make this one offline.)"""
+    import os
+    import subprocess
+    import sys
 
-    for name, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config")):
-        monkeypatch.setenv(name, str(tmp_path / sub))
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc holding a key
-    for name in ("WANDB_MODE", "WANDB_API_KEY"):
-        monkeypatch.delenv(name, raising=False)
-    overrides = ["data=synthetic", "model=micro", "debug=quick", "logger=wandb", "logger.wandb.offline=false"]
-    with pytest.raises(ConfigError, match=r"logger\.wandb.*W&B could not start the run.*logger\.wandb\.offline=true"):
-        train(compose_train(tmp_path, [*overrides, "router.calibrate=false"]))
+    from tests.conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), WANDB_DIR=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "config"))
+    overrides = ["data=synthetic", "model=micro", "debug=fdr", "router.calibrate=false", "logger=wandb"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *overrides,
+            "logger.wandb.offline=false",
+            f"paths.output_dir={tmp_path}/o",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "config key 'logger.wandb': W&B could not start the run" in proc.stderr, proc.stderr[-2000:]
+    assert "logger.wandb.offline=true" in proc.stderr and "Traceback" not in proc.stderr
