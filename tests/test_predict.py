@@ -514,6 +514,17 @@ def test_an_image_past_pillows_bomb_limit_is_named_in_a_warning(
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="file names of arbitrary bytes: Linux file systems")
+def test_a_file_name_that_is_not_utf8_round_trips_through_the_json_path(calibrated_run, tmp_path: Path, capsys) -> None:
+    name = os.fsencode(tmp_path) + b"/caf\xe9.png"
+    Image.fromarray(_shape_u8(1)).save(name)
+    assert main(["predict", "--bundle", calibrated_run["bundle"], str(tmp_path), "--no-attributions"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.isascii() and "caf\\udce9.png" in line  # valid JSON text: the byte as an escape
+    row = json.loads(line)
+    assert os.fsencode(row["path"]) == name and row["label"] is not None
+
+
 def test_predict_gives_an_error_line_for_an_image_with_nan_and_keeps_the_others(
     calibrated_run, tmp_path: Path, capsys
 ) -> None:
