@@ -79,10 +79,22 @@ def _predict(args: argparse.Namespace) -> int:
             f"[yellow]note: the rows' latency_ms were measured on {', '.join(sorted(timed_on))} at calibration; "
             f"this run uses {device}[/yellow]"
         )
-    show = not args.no_progress and len(paths) > args.batch_size
+    # no bar where the rows themselves go to a terminal (they show the progress, and would be
+    # interleaved with the bar's redraws)
+    show = not args.no_progress and len(paths) > args.batch_size and not sys.stdout.isatty()
     failed = 0
     progress = Progress(
-        TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err, disable=not show
+        TextColumn("predict"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not show,
+        # the rows are written to stdout itself: by default rich's live display takes sys.stdout
+        # over and prints what is written to it on its own console (stderr here), so on a
+        # terminal every row went to stderr and `> rows.jsonl` stayed empty
+        redirect_stdout=False,
+        redirect_stderr=False,
     )
     with progress:
         task = progress.add_task("predict", total=len(paths))
@@ -180,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: the rows written so far stand; no traceback
+        sys.stderr.write("interrupted\n")
+        return 130
     except BrokenPipeError:  # the reader went away (`eexit predict ... | head`): stop quietly
         # Python's recipe: point stdout at devnull so that the interpreter's final flush is silent
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -182,7 +182,8 @@ def test_explain_writes_the_figures_and_tier_forces_the_exit(calibrated_run, tmp
         for f in r["explanation"].values():
             with Image.open(f) as im:
                 assert im.format == "PNG" and im.width > 100
-    assert len(list(out.iterdir())) == 9
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".eexit-predict.lock"]  # no temp files
+    assert len([p for p in out.iterdir() if not p.name.startswith(".")]) == 9
 
 
 def test_loading_and_predicting_imports_no_lightning_or_hydra(calibrated_run, tmp_path: Path) -> None:
@@ -920,3 +921,81 @@ def test_a_bundle_path_that_is_a_file_is_named_as_such(tmp_path: Path, capsys) -
     assert main(["predict", "--bundle", str(tmp_path / "model.safetensors"), str(tmp_path)]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert f"{tmp_path / 'model.safetensors'} is a file, not a bundle" in err
+
+
+def _images(folder: Path, n: int, size: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(_shape_u8(i, size)).save(folder / f"img{i}.png")
+    return folder
+
+
+def test_rows_go_to_stdout_while_the_progress_bar_is_on_a_terminal(calibrated_run, tmp_path: Path) -> None:
+    # rich's live display took sys.stdout over and printed every row on stderr: on a terminal,
+    # `eexit predict ... > rows.jsonl` left the file empty
+    import pty
+
+    size = load_bundle(calibrated_run["bundle"]).input_size[0]
+    folder = _images(tmp_path / "imgs", 5, size)
+    main_fd, terminal = pty.openpty()
+    try:
+        command = [sys.executable, "-m", "eexit.cli", "predict", "--bundle", calibrated_run["bundle"], str(folder)]
+        proc = subprocess.run(
+            [*command, "--batch-size", "2", "--no-attributions"],  # 5 inputs > one batch: the bar is shown
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            stdin=subprocess.DEVNULL,
+            timeout=300,
+            env={**os.environ, "COLUMNS": "80"},
+        )
+    finally:
+        os.close(terminal)
+        os.close(main_fd)
+    rows = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    assert proc.returncode == 0 and [Path(r["path"]).name for r in rows] == [f"img{i}.png" for i in range(5)]
+
+
+def test_two_runs_cannot_write_figures_into_one_explain_folder(calibrated_run, tmp_path: Path, capsys) -> None:
+    import fcntl
+
+    size = load_bundle(calibrated_run["bundle"]).input_size[0]
+    folder, out = _images(tmp_path / "imgs", 2, size), tmp_path / "explain"
+    out.mkdir()
+    with open(out / ".eexit-predict.lock", "a+b") as other:  # another run holds the folder
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["predict", "--bundle", calibrated_run["bundle"], str(folder), "--explain", str(out)]) == 2
+        assert "is being written by another eexit predict run" in capsys.readouterr().err
+        assert capsys.readouterr().out == "" and not [p for p in out.iterdir() if not p.name.startswith(".")]
+    assert main(["predict", "--bundle", calibrated_run["bundle"], str(folder), "--explain", str(out)]) == 0
+
+
+def test_a_figure_that_fails_to_write_leaves_no_file_under_its_name(tmp_path: Path, monkeypatch) -> None:
+    from matplotlib.figure import Figure
+
+    from eexit.explain import figures
+
+    def half_then_fail(self, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG\r\n")  # what a full disk leaves
+        raise OSError(28, "No space left on device")
+
+    fig = figures.attribution_bars({"attention_entropy": 0.5, "confidence_margin": -0.25}, "why")
+    monkeypatch.setattr(Figure, "savefig", half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        figures.save(fig, tmp_path / "a_attr.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_ends_predict_with_130_and_no_traceback(calibrated_run, tmp_path: Path, monkeypatch, capsys) -> None:
+    import eexit.serve.predict as serve_predict
+
+    def interrupted(*args, **kwargs):
+        yield {"path": "first.png", "error": "whatever"}
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(serve_predict, "predict_rows", interrupted)
+    size = load_bundle(calibrated_run["bundle"]).input_size[0]
+    folder = _images(tmp_path / "imgs", 1, size)
+    assert main(["predict", "--bundle", calibrated_run["bundle"], str(folder)]) == 130
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == ['{"path": "first.png", "error": "whatever"}']  # rows so far stand
+    assert captured.err.strip().endswith("interrupted") and "Traceback" not in captured.err

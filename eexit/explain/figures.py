@@ -5,7 +5,9 @@ a bar chart of the features' attributions (red: toward a heavier tier, blue: tow
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -32,9 +34,19 @@ def _new(width: float, height: float, polar: bool = False):
 
 
 def save(fig: Figure, path: str | Path) -> Path:
-    """Write a figure as PNG."""
-    fig.savefig(str(path), format="png", bbox_inches="tight")
-    return Path(path)
+    """Write a figure as PNG, atomically: into a temporary file beside ``path``, then renamed, so
+    that a failed or interrupted write (a full disk, a signal) leaves no empty or truncated PNG
+    under the real name."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(str(tmp), format="png", bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return path
 
 
 def cam_overlay(image: Tensor, mean: Sequence[float], std: Sequence[float], heatmap: Tensor, title: str) -> Figure:

@@ -9,6 +9,7 @@ threads, the next batch is decoded in a background thread while the model runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -19,6 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; the explain folder is not guarded
+    fcntl = None
 
 from eexit.bundle import Bundle
 from eexit.routing.decisions import attribute_output, decision_rows
@@ -196,6 +202,53 @@ def predict_rows(
             # with exist_ok, FileExistsError means the path exists and is no folder
             why = "a file of that name exists" if isinstance(err, FileExistsError) else err.strerror
             raise ValueError(f"explain folder {out_dir} cannot be created: {why}") from None
+    with _explain_folder_lock(out_dir):
+        yield from _rows(
+            bundle, paths, router, batch_size, tier, out_dir, attributions, on_batch, decode_in_background, digits
+        )
+
+
+EXPLAIN_LOCK = ".eexit-predict.lock"
+"""The file in an ``--explain`` folder that a run holds locked (``fcntl.flock``) while it writes."""
+
+
+@contextlib.contextmanager
+def _explain_folder_lock(out_dir: Path | None) -> Iterator[None]:
+    """Hold ``out_dir``'s lock while the rows are made: two runs writing figures into one folder
+    would overwrite each other's (the files are named by position in the run and image name), and
+    half the rows would point to another image's figures. The lock is the kernel's: it goes with
+    the process, a killed run leaves none behind. Not on platforms without ``fcntl``."""
+    if out_dir is None or fcntl is None:
+        yield
+        return
+    try:
+        handle = open(out_dir / EXPLAIN_LOCK, "a+b")  # noqa: SIM115 (held open for the run)
+    except OSError:  # a folder we cannot write into: each figure's own error says so
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"explain folder {out_dir} is being written by another eexit predict run: give each run its own folder"
+            ) from None
+        yield
+
+
+def _rows(
+    bundle: Bundle,
+    paths: Sequence[str],
+    router: str,
+    batch_size: int,
+    tier: int | None,
+    out_dir: Path | None,
+    attributions: bool,
+    on_batch: Callable[[int], None] | None,
+    decode_in_background: bool | None,
+    digits: int | None,
+) -> Iterator[dict]:
+    """``predict_rows`` once its arguments are checked (and the explain folder is held)."""
     costs = bundle.calibration.tier_costs[router]
     chunks = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
     index = 0
