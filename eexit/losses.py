@@ -56,10 +56,12 @@ class LossOutput:
 
     @property
     def ce_total(self) -> Tensor:
+        """The per-exit cross-entropies summed, unweighted (``total`` weighs them by ``w_k``)."""
         return torch.stack(list(self.ce.values())).sum()
 
     @property
     def attn_kl_mean(self) -> Tensor:
+        """The mean KL over the consistency exits (``total`` adds ``lambda`` times their sum)."""
         if not self.attn_kl:
             return self.total.new_zeros(())
         return torch.stack(list(self.attn_kl.values())).mean()
@@ -109,8 +111,9 @@ class MultiExitLoss(nn.Module):
         self.cam_size = tuple(cam_size) if cam_size is not None else None
         if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be > 0 (or None for eps smoothing), got {temperature}")
-        if not (math.isfinite(eps) and eps >= 0):
-            raise ValueError(f"eps must be >= 0, got {eps}")
+        if not (math.isfinite(eps) and (eps > 0 or (temperature is not None and eps >= 0))):
+            # eps = 0 turns an all-zero cam (common at initialisation) into 0 / 0 = NaN
+            raise ValueError(f"eps must be > 0 (an all-zero cam would be 0 / 0), got {eps}")
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.eps = eps

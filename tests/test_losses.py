@@ -56,8 +56,10 @@ def test_loss_rejects_bad_values() -> None:
     for t in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="temperature must be > 0"):
             MultiExitLoss(temperature=t)
-    with pytest.raises(ValueError, match="eps must be >= 0"):
-        MultiExitLoss(eps=-1e-3)
+    for eps in (-1e-3, 0.0):  # 0 turns an all-zero cam (common at initialisation) into 0 / 0
+        with pytest.raises(ValueError, match=r"eps must be > 0 \(an all-zero cam would be 0 / 0\)"):
+            MultiExitLoss(eps=eps)
+    assert MultiExitLoss(eps=0.0, temperature=0.5).eps == 0.0  # unused with a temperature
     with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\)"):
         MultiExitLoss(label_smoothing=1.0)
     assert MultiExitLoss(temperature=0.5).temperature == 0.5
