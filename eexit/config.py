@@ -117,8 +117,8 @@ def validate_train_config(cfg: DictConfig) -> None:
     all_weights = [weights.get(lv.key, 1.0) for lv in ExitLevel]
     if not any(all_weights) and loss.attn_weight == 0:
         raise ConfigError("model.loss.exit_weights", "are all 0 and attn_weight is 0: no loss would train anything")
-    if "eps" in loss:
-        _number("model.loss.eps", loss.eps, 0, above=True)  # eps = 0 makes an all-zero cam 0 / 0
+    if "eps" in loss:  # eps = 0 makes an all-zero cam 0 / 0 (unused with a temperature)
+        _number("model.loss.eps", loss.eps, 0, above=loss.get("temperature") is None)
     if loss.get("temperature") is not None:
         _number("model.loss.temperature", loss.temperature, 0, above=True)
     if cfg.model.get("optimizer") is not None and "lr" in cfg.model.optimizer:

@@ -194,6 +194,12 @@ def test_a_split_that_leaves_a_class_without_training_images_is_refused(tmp_path
         except ConfigError as err:
             assert "'rare' (1 image(s) in the training pool) without a training image" in str(err)
             refused += 1
+            # evaluating or calibrating a trained model on such a pool trains nothing: allowed
+            again = ImageFolderDataModule(
+                str(tmp_path), image_size=16, augment=False, val_size=4, calib_size=4, seed=seed
+            )
+            again.setup("test")
+            assert pool_index not in again.data_train.indices and len(again.data_test) == 12
         else:
             assert pool_index in dm.data_train.indices
     assert 0 < refused < 6  # some seeds send the image to training, some do not

@@ -969,6 +969,24 @@ def test_two_runs_cannot_write_figures_into_one_explain_folder(calibrated_run, t
     assert main(["predict", "--bundle", calibrated_run["bundle"], str(folder), "--explain", str(out)]) == 0
 
 
+def test_an_explain_folder_that_cannot_be_locked_is_written_unguarded(
+    calibrated_run, tmp_path: Path, monkeypatch, caplog, capsys
+) -> None:
+    import errno
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")  # NFS without lockd
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    size = load_bundle(calibrated_run["bundle"]).input_size[0]
+    folder, out = _images(tmp_path / "imgs", 2, size), tmp_path / "explain"
+    with caplog.at_level(logging.WARNING, logger="eexit.serve.predict"):
+        assert main(["predict", "--bundle", calibrated_run["bundle"], str(folder), "--explain", str(out)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert any("cannot be locked" in r.getMessage() for r in caplog.records)
+
+
 def test_a_figure_that_fails_to_write_leaves_no_file_under_its_name(tmp_path: Path, monkeypatch) -> None:
     from matplotlib.figure import Figure
 
@@ -979,10 +997,12 @@ def test_a_figure_that_fails_to_write_leaves_no_file_under_its_name(tmp_path: Pa
         raise OSError(28, "No space left on device")
 
     fig = figures.attribution_bars({"attention_entropy": 0.5, "confidence_margin": -0.25}, "why")
+    long_name = tmp_path / ("x" * 240 + "_attr.png")  # a name the file system takes: so does the save
+    assert figures.save(fig, long_name) == long_name and long_name.stat().st_size > 1000
     monkeypatch.setattr(Figure, "savefig", half_then_fail)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=r"No space left on device: '.*a_attr\.png'"):  # the figure's name
         figures.save(fig, tmp_path / "a_attr.png")
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [long_name]
 
 
 def test_ctrl_c_ends_predict_with_130_and_no_traceback(calibrated_run, tmp_path: Path, monkeypatch, capsys) -> None:

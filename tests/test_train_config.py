@@ -392,3 +392,14 @@ def test_sync_batchnorm_on_the_cpu_is_refused_before_the_processes_start(tmp_pat
         cfg = compose_train(tmp_path, [*overrides, f"trainer.accelerator={accelerator}"])
         with pytest.raises(ConfigError, match=r"trainer\.sync_batchnorm.*needs GPUs"):
             train(cfg)
+
+
+def test_eps_zero_is_refused_only_where_it_is_used(tmp_path: Path) -> None:
+    from eexit.config import validate_train_config
+
+    with pytest.raises(ConfigError, match=r"model\.loss\.eps"):
+        validate_train_config(compose_train(tmp_path, ["data=synthetic", "model=micro", "model.loss.eps=0"]))
+    # with a temperature softmax eps is not used: 0 is fine (MultiExitLoss takes it too)
+    validate_train_config(
+        compose_train(tmp_path, ["data=synthetic", "model=micro", "model.loss.eps=0", "model.loss.temperature=0.5"])
+    )

@@ -157,7 +157,8 @@ class SplitDataModule(pl.LightningDataModule):
             self._pool_size = len(pool)
             generator = torch.Generator().manual_seed(self.split_seed)
             self.data_train, val, calib = random_split(pool, self._sizes(len(pool)), generator)
-            self._check_every_class_trains(pool, self.data_train.indices)
+            if stage == "fit":  # training only: evaluating or calibrating a trained model trains nothing
+                self._check_every_class_trains(pool, self.data_train.indices)
             # model selection and router calibration see images as the test set and serving do
             plain = self.eval_view(pool)
             self.data_val, self.data_calib = Subset(plain, val.indices), Subset(plain, calib.indices)

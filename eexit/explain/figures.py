@@ -6,6 +6,7 @@ a bar chart of the features' attributions (red: toward a heavier tier, blue: tow
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -33,15 +34,23 @@ def _new(width: float, height: float, polar: bool = False):
     return fig, ax
 
 
+_TEMP_IDS = itertools.count()
+
+
 def save(fig: Figure, path: str | Path) -> Path:
     """Write a figure as PNG, atomically: into a temporary file beside ``path``, then renamed, so
     that a failed or interrupted write (a full disk, a signal) leaves no empty or truncated PNG
     under the real name."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path  # written through a link
+    tmp = target.with_name(f".eexit-{os.getpid()}-{next(_TEMP_IDS)}.tmp")  # short: any name that fits, fits
     try:
         fig.savefig(str(tmp), format="png", bbox_inches="tight")
-        os.replace(tmp, path)
+        os.replace(tmp, target)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(err.errno, err.strerror, str(path)) from None  # the figure's name, not the temp file's
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

@@ -325,12 +325,12 @@ def explain_gate(
             try:
                 attributions = _attribute(score_fn, x, b, method, kwargs)
             except RuntimeError as err:  # KernelShap's least squares on overflowing samples
-                if bool(torch.isfinite(x * x).all()):  # not a matter of the features' scale
+                if method != "kernel_shap" or bool(torch.isfinite(x * x).all()):  # not the features' scale
                     raise
                 raise ValueError(
                     f"{method} failed on features too large for float arithmetic (up to {x.abs().max().item():.3g}; "
-                    f"{type(err).__name__} in Captum): features out of the range the gate can take"
-                ) from None
+                    f"{type(err).__name__} in Captum's least squares): features out of the range the gate can take"
+                ) from err
         attributions = attributions.detach().to(dtype=x.dtype).reshape(x.shape)
         delta = (attributions.sum(dim=1) - (output - baseline_output)).abs()
         if not bool(torch.isfinite(delta).all()):  # finite features whose differences overflow

@@ -232,9 +232,9 @@ def rescale_to_routed_batch(
             back to back).
 
     Returns:
-        The four costs with ``latency_basis="routed"`` (the input unchanged where no image of
-        ``example`` goes past TINY: nothing to rescale), latencies non-decreasing with the tier
-        (a latency below a cheaper tier's is raised to it first).
+        The four costs with ``latency_basis="routed"``, latencies non-decreasing with the tier
+        (a latency below a cheaper tier's is raised to it first); where no image of ``example``
+        goes past TINY there is nothing to rescale: the costs as given (so raised, if needed).
     """
     costs = _monotone_latencies(costs)  # so that every tier's part past TINY is >= 0
     tiers = model(example).tier.tolist()

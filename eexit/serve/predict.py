@@ -218,12 +218,12 @@ def _explain_folder_lock(out_dir: Path | None) -> Iterator[None]:
     would overwrite each other's (the files are named by position in the run and image name), and
     half the rows would point to another image's figures. The lock is the kernel's: it goes with
     the process, a killed run leaves none behind. Not on platforms without ``fcntl``."""
-    if out_dir is None or fcntl is None:
-        yield
-        return
-    try:
-        handle = open(out_dir / EXPLAIN_LOCK, "a+b")  # noqa: SIM115 (held open for the run)
-    except OSError:  # a folder we cannot write into: each figure's own error says so
+    handle = None
+    if out_dir is not None and fcntl is not None:
+        # a folder we cannot write into: each figure's own error says so
+        with contextlib.suppress(OSError):
+            handle = open(out_dir / EXPLAIN_LOCK, "a+b")  # noqa: SIM115 (held open for the run)
+    if handle is None:
         yield
         return
     with handle:
@@ -231,8 +231,15 @@ def _explain_folder_lock(out_dir: Path | None) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ValueError(
-                f"explain folder {out_dir} is being written by another eexit predict run: give each run its own folder"
+                f"explain folder {out_dir} is being written by another eexit predict run (or by an unfinished "
+                "predict_rows of this process): give each run its own folder"
             ) from None
+        except OSError as err:  # no locks on this file system (NFS without lockd, ...): run unguarded
+            log.warning(
+                "explain folder %s cannot be locked (%s): another run writing into it is not detected",
+                out_dir,
+                err.strerror,
+            )
         yield
 
 
