@@ -98,6 +98,13 @@ def test_wandb_offline_run_contains_logged_metrics(tmp_path: Path, monkeypatch: 
     ):
         assert key in logged, f"{key} missing from the W&B run; logged: {sorted(logged)[:20]}"
     assert logged["test/acc/heavy"] == pytest.approx(metrics["test/acc/heavy"], abs=1e-6)
+    # the cam overlays of fixed validation images, one figure per epoch (CamOverlayLogger;
+    # debug=quick trains one epoch)
+    (cam_figure,) = run_files[0].parent.glob("files/media/images/val/cams_*.png")
+    from PIL import Image
+
+    with Image.open(cam_figure) as im:  # a grid: the image and 4 exits across, 8 images down
+        assert 0.4 < im.width / im.height < 0.9, im.size
     csv_files = list((tmp_path / "out").glob("csv/**/metrics.csv"))
     assert csv_files and "val/acc/heavy" in csv_files[0].read_text(), "the CSV log is kept beside W&B"
 
