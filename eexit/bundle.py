@@ -19,7 +19,6 @@ nor Hydra, W&B or torchmetrics: a bundle serves where only torch is installed.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import json
 import logging
@@ -39,6 +38,7 @@ from safetensors.torch import load_file, save_file
 
 import eexit
 from eexit.checkpoint import first_line
+from eexit.digest import file_sha256
 from eexit.models.net import MultiExitNet
 from eexit.models.registry import create_model
 from eexit.routing.calibrate import Calibration
@@ -64,15 +64,6 @@ class BundleError(ValueError):
 
 def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _versions() -> dict[str, str]:

@@ -196,19 +196,6 @@ def _warn_if_scenes_are_not_recognised(loc: dict[str, float], test_acc: float, c
         )
 
 
-def _display(x: Tensor, mean: list[float], std: list[float]) -> Tensor:
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
-    return (x * s + m).clamp(0, 1)
-
-
-def _upsampled(cams: list[Tensor], size: tuple[int, int]) -> list[Tensor]:
-    return [
-        torch.nn.functional.interpolate(c.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
-        for c in cams
-    ]
-
-
 def _examples_per_tier(tier: Tensor, per_tier: int = 1) -> list[int]:
     """The first image routed to each tier (up to ``per_tier`` each), in tier order."""
     picks = []
@@ -366,11 +353,11 @@ def _figures(
     n = min(len(y), cfg.eval.plots.num_heatmap_images)
     xs = x[:n]
     size = tuple(x.shape[-2:])
-    cams = {"model": _upsampled(exit_cams(net, xs)[1], size)}  # ckpt_path (EGT or not)
+    cams = {"model": plots.upsampled(exit_cams(net, xs)[1], size)}  # ckpt_path (EGT or not)
     if baseline is not None:
-        cams["baseline"] = _upsampled(exit_cams(baseline.net, xs)[1], size)
+        cams["baseline"] = plots.upsampled(exit_cams(baseline.net, xs)[1], size)
     figs["Grad-CAM of each exit (HEAVY's class)"] = plots.heatmap_grid(
-        _display(xs, info.mean, info.std), cams, plot_dir / "heatmaps.png"
+        plots.for_display(xs, info.mean, info.std), cams, plot_dir / "heatmaps.png"
     )
     if scenes is not None:
         m = min(len(scenes), cfg.eval.plots.num_heatmap_images, len(clutter_cams[0]))  # cams of the first batch

@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
@@ -98,6 +100,18 @@ def _overlay(ax: Axes, image: np.ndarray, cam: np.ndarray | None) -> None:
         ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+def for_display(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Normalised images ``(B, C, H, W)`` back to ``[0, 1]`` pixels (on their device)."""
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return (x * s + m).clamp(0, 1)
+
+
+def upsampled(cams: Sequence[Tensor], size: tuple[int, int]) -> list[Tensor]:
+    """Cams ``[(B, h_k, w_k)]`` bilinearly resized to ``(B, *size)`` each."""
+    return [F.interpolate(c.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1) for c in cams]
 
 
 def heatmap_grid(

@@ -47,13 +47,11 @@ def save(fig: Figure, path: str | Path) -> Path:
     try:
         fig.savefig(str(tmp), format="png", bbox_inches="tight")
         os.replace(tmp, target)
-    except OSError as err:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise OSError(err.errno, err.strerror, str(path)) from None  # the figure's name, not the temp file's
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        if isinstance(err, OSError):  # the figure's name, not the temp file's
+            raise OSError(err.errno, err.strerror, str(path)) from None
         raise
     return path
 

@@ -171,6 +171,18 @@ def _as_batch(features: Tensor, baseline: Tensor) -> tuple[Tensor, Tensor]:
     return x, b
 
 
+def _refuse_non_finite(values: Tensor, x: Tensor, subject: str) -> None:
+    """Raise naming the first row of ``x`` ``(B, F)`` whose entry of ``values`` ``(B,)`` is not
+    finite (``subject``: what is not, with its verb, e.g. ``"the score is"``)."""
+    if bool(torch.isfinite(values).all()):
+        return
+    rows = (~torch.isfinite(values)).nonzero().flatten().tolist()
+    raise ValueError(
+        f"{subject} not finite for {len(rows)} of {len(x)} feature rows "
+        f"(first: row {rows[0]}, features {x[rows[0]].tolist()}): features out of the range the gate can take"
+    )
+
+
 def _score(score_fn: Callable[[Tensor], Tensor], x: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """``s(f)`` ``(B,)`` and ``s(baseline)`` ``()`` in one forward pass, with shape checks."""
     with torch.no_grad():
@@ -310,12 +322,7 @@ def explain_gate(
             if param.dtype != x.dtype:  # explained in the gate's own precision
                 x, b = x.to(param.dtype), b.to(param.dtype)
         output, baseline_output = _score(score_fn, x, b)
-        if not bool(torch.isfinite(output).all()):  # features finite but past what the gate can take
-            rows = (~torch.isfinite(output)).nonzero().flatten().tolist()
-            raise ValueError(
-                f"the score is not finite for {len(rows)} of {len(x)} feature rows (first: row {rows[0]}, "
-                f"features {x[rows[0]].tolist()}): features out of the range the gate can take"
-            )
+        _refuse_non_finite(output, x, "the score is")  # features finite but past what the gate can take
         if len(x) == 0:  # nothing to attribute
             empty = x.new_zeros(0)
             return GateAttribution(x.new_zeros(x.shape), empty, output, baseline_output, method)
@@ -333,12 +340,7 @@ def explain_gate(
                 ) from err
         attributions = attributions.detach().to(dtype=x.dtype).reshape(x.shape)
         delta = (attributions.sum(dim=1) - (output - baseline_output)).abs()
-        if not bool(torch.isfinite(delta).all()):  # finite features whose differences overflow
-            rows = (~torch.isfinite(delta)).nonzero().flatten().tolist()
-            raise ValueError(
-                f"{method}'s attributions are not finite for {len(rows)} of {len(x)} feature rows (first: row "
-                f"{rows[0]}, features {x[rows[0]].tolist()}): features out of the range the gate can take"
-            )
+        _refuse_non_finite(delta, x, f"{method}'s attributions are")  # finite features whose differences overflow
     return GateAttribution(
         attributions=attributions, delta=delta, output=output, baseline_output=baseline_output, method=method
     )

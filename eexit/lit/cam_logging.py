@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.loggers import WandbLogger
 
 
@@ -44,25 +43,20 @@ class CamOverlayLogger(pl.Callback):
         data = getattr(trainer.datamodule, "data_val", None)
         if data is None or len(data) == 0:
             return
-        from eexit.evaluation.plots import heatmap_grid
+        from eexit.evaluation.plots import for_display, heatmap_grid, upsampled
 
         items = [data[i] for i in range(min(self.num_images, len(data)))]
         x = torch.stack([torch.as_tensor(img) for img, _ in items]).to(pl_module.device)
         y = torch.as_tensor([int(label) for _, label in items], device=x.device)
         with torch.no_grad():
             out = pl_module.net(x, with_cams=True, targets=y)
-        size = tuple(x.shape[-2:])
-        cams = [
-            F.interpolate(c.unsqueeze(1).float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-            for c in out.cams
-        ]
+        cams = upsampled(out.cams, tuple(x.shape[-2:]))
         info = trainer.datamodule.info
-        mean = torch.tensor(info.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(info.std, device=x.device).view(1, -1, 1, 1)
         names = info.class_names
         titles = [names[i] if i < len(names) else str(i) for i in y.tolist()]
         with tempfile.TemporaryDirectory() as tmp:
-            path = heatmap_grid(x * std + mean, {"model": cams}, Path(tmp) / "cams.png", titles=titles)
+            images = for_display(x, info.mean, info.std)
+            path = heatmap_grid(images, {"model": cams}, Path(tmp) / "cams.png", titles=titles)
             caption = f"epoch {trainer.current_epoch}: cams of TINY .. HEAVY for the label"
             for lg in loggers:  # W&B copies the file into the run when the image is made
                 lg.log_image("val/cams", [str(path)], step=trainer.global_step, caption=[caption])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eexit.digest import file_sha256
 from eexit.types import ExitLevel
 
 PIECES = ("first", "gate", "stage1", "stage2", "stage3")
@@ -121,16 +122,10 @@ def export_onnx(
         "tiers": bundle.manifest["routers"]["gate"]["tiers"],
         "bundle_sha256": bundle.manifest["weights"]["sha256"],
         # what the runner checks each piece against: pieces of two exports are not mixed
-        "pieces_sha256": {p: _sha256(out / f"{p}.onnx") for p in PIECES},
+        "pieces_sha256": {p: file_sha256(out / f"{p}.onnx") for p in PIECES},
     }
     (out / META_NAME).write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
     return out
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class OnnxRoutedRunner:
@@ -158,7 +153,7 @@ class OnnxRoutedRunner:
         self.meta = json.loads((d / META_NAME).read_text())
         stored = self.meta.get("pieces_sha256")  # absent in exports before 2026-12-07: shapes checked only
         if stored is not None:
-            changed = [f"{p}.onnx" for p in PIECES if _sha256(d / f"{p}.onnx") != stored.get(p)]
+            changed = [f"{p}.onnx" for p in PIECES if file_sha256(d / f"{p}.onnx") != stored.get(p)]
             if changed:
                 raise ValueError(
                     f"{d}: {', '.join(changed)} differ from the pieces {META_NAME} was written with (replaced or "
