@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from rich.console import Console
 from rich.markup import escape
@@ -188,13 +190,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived (``kill``, a job scheduler, ``timeout``)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM's default action ends the process at once, losing the rows still in stdout's buffer
+    # (up to 8 KB when it is a file or a pipe) and possibly cutting a line; raised here, the
+    # rows written so far are flushed whole, as for Ctrl-C
+    # (only where nobody else handles SIGTERM, and only from the main thread, as Python requires)
+    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if ours else None
     try:
         return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C: the rows written so far stand; no traceback
         sys.stderr.write("interrupted\n")
         return 130
+    except _Terminated:
+        sys.stderr.write("terminated\n")
+        return 128 + signal.SIGTERM
     except BrokenPipeError:  # the reader went away (`eexit predict ... | head`): stop quietly
         # Python's recipe: point stdout at devnull so that the interpreter's final flush is silent
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -204,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print_error(str(err))  # a path may hold [brackets]: printed as it is
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

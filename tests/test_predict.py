@@ -1019,3 +1019,27 @@ def test_ctrl_c_ends_predict_with_130_and_no_traceback(calibrated_run, tmp_path:
     captured = capsys.readouterr()
     assert captured.out.splitlines() == ['{"path": "first.png", "error": "whatever"}']  # rows so far stand
     assert captured.err.strip().endswith("interrupted") and "Traceback" not in captured.err
+
+
+def test_sigterm_ends_predict_with_143_and_whole_rows(calibrated_run, tmp_path: Path) -> None:
+    # with SIGTERM's default action the rows still in stdout's buffer were lost, the last one cut
+    import signal
+    import time
+
+    size = load_bundle(calibrated_run["bundle"]).input_size[0]
+    folder = _images(tmp_path / "imgs", 1000, size)
+    out = tmp_path / "rows.jsonl"
+    command = [sys.executable, "-m", "eexit.cli", "predict", "--bundle", calibrated_run["bundle"], str(folder)]
+    with out.open("wb") as stdout:
+        child = subprocess.Popen([*command, "--batch-size", "1"], stdout=stdout, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while out.stat().st_size == 0 and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the first buffer of rows reached the file: mid-run
+        child.send_signal(signal.SIGTERM)
+        err = child.stderr.read().decode()
+        assert child.wait(timeout=120) == 128 + signal.SIGTERM, err
+    text = out.read_text()
+    rows = [_strict_json(line) for line in text.splitlines()]
+    assert text.endswith("\n") and 0 < len(rows) < 1000
+    assert [Path(r["path"]).name for r in rows] == sorted(p.name for p in folder.iterdir())[: len(rows)]
+    assert err.strip().endswith("terminated") and "Traceback" not in err

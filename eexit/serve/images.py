@@ -389,6 +389,21 @@ _PLAIN_CHUNKS = frozenset(
 _EXIF_TEXT_KEY = b"Raw profile type exif\x00"  # the text chunk in which Pillow also finds EXIF
 
 
+def _png_chunks(data: bytes) -> Iterator[tuple[bytes, int, int]]:
+    """The chunks of a PNG after its signature, up to ``IEND`` or the end of ``data``: each
+    chunk's type and the offsets of its body, ``data[start:end]`` (followed by its CRC in
+    ``data[end:end + 4]``). The last chunk's body and CRC may run past a truncated file's end."""
+    pos = len(_PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        start = pos + 8
+        end = start + int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : start]
+        yield kind, start, end
+        if kind == b"IEND":
+            return
+        pos = end + 4
+
+
 def _plain_png(data: bytes, size: int) -> bool:
     """Whether ``data`` is a PNG that libpng decodes to the pixels the PIL path gives.
 
@@ -411,25 +426,21 @@ def _plain_png(data: bytes, size: int) -> bool:
         return False
     idat: list[bytes] = []
     idat_done = False  # the run of IDAT chunks has ended (libpng refuses a second run)
-    pos = len(_PNG_SIGNATURE)
-    while pos + 12 <= len(data):
-        length = int.from_bytes(data[pos : pos + 4], "big")
-        kind, end = data[pos + 4 : pos + 8], pos + 8 + length
+    for kind, start, end in _png_chunks(data):
         if end + 4 > len(data) or kind not in _PLAIN_CHUNKS:
             return False
-        if zlib.crc32(data[pos + 4 : end]) != int.from_bytes(data[end : end + 4], "big"):
+        if zlib.crc32(data[start - 4 : end]) != int.from_bytes(data[end : end + 4], "big"):
             return False
-        if kind in _TEXT_CHUNKS and data[pos + 8 : end].startswith(_EXIF_TEXT_KEY):
+        if kind in _TEXT_CHUNKS and data[start:end].startswith(_EXIF_TEXT_KEY):
             return False
         if kind == b"IDAT":
             if idat_done:
                 return False
-            idat.append(data[pos + 8 : end])
+            idat.append(data[start:end])
         elif idat:
             idat_done = True
         if kind == b"IEND":
             return _rows_are_complete(b"".join(idat), size, 1 if data[25] == 0 else 3)
-        pos = end + 4
     return False  # no IEND: truncated
 
 
@@ -461,18 +472,16 @@ def _png_rows_missing(data: bytes) -> str | None:
         return None
     width, height, depth = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), data[24]
     expected = _png_data_size(width, height, _PNG_CHANNELS[data[25]] * depth, interlaced=data[28] == 1)
-    inflate, total, pos = zlib.decompressobj(), 0, len(_PNG_SIGNATURE)
+    inflate, total = zlib.decompressobj(), 0
     try:
-        while pos + 8 <= len(data) and total < expected:
-            length, kind = int.from_bytes(data[pos : pos + 4], "big"), data[pos + 4 : pos + 8]
+        for kind, start, end in _png_chunks(data):
+            if total >= expected:
+                break
             if kind == b"IDAT":
-                chunk = memoryview(data)[pos + 8 : pos + 8 + length]
+                chunk = memoryview(data)[start:end]
                 while chunk and total < expected:
                     total += len(inflate.decompress(chunk, 1 << 20))
                     chunk = inflate.unconsumed_tail
-            elif kind == b"IEND":
-                break
-            pos += 12 + length
     except zlib.error:
         return None  # a corrupt stream: PIL's own error (or its pixels) stands
     return None if total >= expected else f"its image data holds {total} of the {expected} bytes its rows need"
