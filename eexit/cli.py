@@ -82,8 +82,9 @@ def _predict(args: argparse.Namespace) -> int:
             f"this run uses {device}[/yellow]"
         )
     # no bar where the rows themselves go to a terminal (they show the progress, and would be
-    # interleaved with the bar's redraws)
-    show = not args.no_progress and len(paths) > args.batch_size and not sys.stdout.isatty()
+    # interleaved with the bar's redraws); with --explain, whose figures take a while, from 2 inputs
+    many = len(paths) > (1 if args.explain else args.batch_size)
+    show = not args.no_progress and many and not sys.stdout.isatty()
     failed = 0
     progress = Progress(
         TextColumn("predict"),

@@ -1043,3 +1043,16 @@ def test_sigterm_ends_predict_with_143_and_whole_rows(calibrated_run, tmp_path: 
     assert text.endswith("\n") and 0 < len(rows) < 1000
     assert [Path(r["path"]).name for r in rows] == sorted(p.name for p in folder.iterdir())[: len(rows)]
     assert err.strip().endswith("terminated") and "Traceback" not in err
+
+
+def test_progress_is_reported_per_batch_and_per_image_when_figures_are_written(calibrated_run, tmp_path: Path) -> None:
+    from eexit.serve.predict import predict_rows
+
+    bundle = load_bundle(calibrated_run["bundle"])
+    paths = [str(p) for p in sorted(_images(tmp_path / "imgs", 5, bundle.input_size[0]).iterdir())]
+    calls: list[int] = []
+    rows = list(predict_rows(bundle, paths, batch_size=2, attributions=False, on_batch=calls.append))
+    assert len(rows) == 5 and calls == [2, 2, 1]
+    calls.clear()
+    list(predict_rows(bundle, paths[:3], batch_size=2, explain_dir=tmp_path / "ex", on_batch=calls.append))
+    assert calls == [1, 1, 1]  # the figures take a while: the bar moves with each image

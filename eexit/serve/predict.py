@@ -178,7 +178,8 @@ def predict_rows(
         force_tier: send every image to this exit (the router still runs).
         explain_dir: also write each image's cam overlay, radar chart and attribution chart here.
         attributions: compute the features' Captum attributions of each decision.
-        on_batch: called with the number of inputs of each finished batch (progress).
+        on_batch: progress: called with the number of inputs of each finished batch, or with 1
+            for each finished input when figures are written (they take a while).
         decode_in_background: decode the next batch in a thread while the model runs (``None``:
             when the network is off the CPU or a core is free of torch's threads, see
             ``decode_ahead``).
@@ -259,6 +260,7 @@ def _rows(
     costs = bundle.calibration.tier_costs[router]
     chunks = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
     index = 0
+    per_image = on_batch is not None and out_dir is not None  # figures take a while: progress per image
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eexit-decode") as pool:
         ahead = decode_ahead(decode_in_background, next(bundle.net.parameters()).device)
         pending = pool.submit(_load_chunk, chunks[0], bundle) if chunks and ahead else None
@@ -299,5 +301,7 @@ def _rows(
                     g += 1
                     yield row
                 index += 1
-            if on_batch is not None:
+                if per_image:
+                    on_batch(1)
+            if on_batch is not None and not per_image:
                 on_batch(len(loaded))
