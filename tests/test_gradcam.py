@@ -154,3 +154,17 @@ def test_mlp_gradient_from_the_forward_hidden_equals_autograd() -> None:
     assert torch.allclose(head._class_gradient(out.pooled, target), ref, atol=1e-6)
     assert head.forward_parts(torch.randn(2, 6, 3, 3)).logits.shape == (2, 4)
     assert ExitHead(in_chs=6, num_classes=4).forward_parts(torch.randn(2, 6, 3, 3)).hidden is None
+
+
+def test_targets_given_as_numbers_are_range_checked_whatever_the_logits_device() -> None:
+    from eexit.models.heads import class_indices
+
+    # on a GPU the check of a tensor already there is skipped (reading it back would stall every
+    # call); numbers and arrays are checked on the host before they move ("meta" stands in for a
+    # device whose values cannot be read)
+    logits = torch.empty(3, 5, device="meta")
+    for target in ([0, 1, 5], np.array([0, -1, 2]), 7):
+        with pytest.raises(ValueError, match=r"class indices must be in \[0, 5\)"):
+            class_indices(target, logits)
+    t = class_indices([0, 1, 4], logits)
+    assert t.device.type == "meta" and t.dtype == torch.long

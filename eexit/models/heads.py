@@ -160,17 +160,20 @@ def class_indices(target: Tensor | int | Sequence[int], logits: Tensor) -> Tenso
     ):
         raise refused
     try:
-        t = torch.as_tensor(target, device=logits.device)
+        # Python numbers and arrays are checked on the host, before they move to the logits' device
+        t = target if isinstance(target, Tensor) else torch.as_tensor(target)
     except (TypeError, ValueError, RuntimeError):
         raise refused from None
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise TypeError(f"targets must be integer class indices, got {t.dtype}")
+    if logits.device.type == "cpu":
+        t = t.cpu()
     if t.dim() == 0:
         t = t.expand(b)
     if t.shape != (b,):
         raise ValueError(f"expected {b} class indices (one per image), got shape {tuple(t.shape)}")
-    # the range check reads the values back: skipped on a GPU, where it would stall every call
-    # (a training step's labels; cross-entropy refuses bad ones there)
+    # the range check reads the values back: skipped for a tensor already on a GPU, where it
+    # would stall every call (a training step's labels; cross-entropy refuses bad ones there)
     if b and t.device.type == "cpu" and not bool(((t >= 0) & (t < k)).all()):
         raise ValueError(f"class indices must be in [0, {k}), got values from {int(t.min())} to {int(t.max())}")
-    return t.long()
+    return t.to(device=logits.device, dtype=torch.long)
