@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from eexit.cli_output import config_errors_exit, print_exit_table, print_plain, print_router_table
 from eexit.config import register_resolvers
-from eexit.training import train
+from eexit.training import optimized_metric, train
 
 register_resolvers()
 
@@ -24,7 +24,7 @@ def main(cfg: DictConfig) -> float | None:
     print_plain(f"checkpoint: {objs['best_ckpt']}")
     if objs.get("bundle"):
         print_plain(f"bundle: {objs['bundle']}  (eexit predict --bundle {objs['bundle']} IMAGES...)")
-    return metrics.get("val/acc/heavy")
+    return optimized_metric(metrics, objs["trainer"])
 
 
 if __name__ == "__main__":

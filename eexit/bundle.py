@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import platform
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -289,17 +290,22 @@ class Bundle:
             router: ``gate``, ``staged`` or ``cascade``.
             optimize: serve an inference copy of the network (BatchNorm folded, channels-last;
                 same decisions up to float rounding, see ``RoutedClassifier``), built once per
-                router and device and dtype of ``self.net`` and kept; ``False``: the network
-                exactly as loaded.
+                router and device and dtype of ``self.net`` and kept (also when several threads
+                ask at once): it does not follow later in-place changes of ``self.net``'s
+                weights (load the bundle again); ``False``: the network exactly as loaded.
         """
         kind = router or self.serve_router
         if not optimize:
             return self.calibration.routed(self.net, kind, input_size=self.input_size)
         weight = next(self.net.parameters())
         key = (kind, weight.device, weight.dtype)  # a copy per place: bundle.net may have been moved since
-        if key not in self._served:
-            self._served[key] = self.calibration.routed(self.net, kind, optimize=True, input_size=self.input_size)
-        return self._served[key]
+        with _SERVED_LOCK:  # a server's threads asking at once built a copy each and kept one
+            if key not in self._served:
+                self._served[key] = self.calibration.routed(self.net, kind, optimize=True, input_size=self.input_size)
+            return self._served[key]
+
+
+_SERVED_LOCK = threading.Lock()
 
 
 def _read_manifest(path: Path) -> dict:

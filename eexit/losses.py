@@ -121,6 +121,19 @@ class MultiExitLoss(nn.Module):
         self.label_smoothing = label_smoothing
 
     @property
+    def settings(self) -> dict:
+        """The loss's settings under their config names (``model.loss.<name>``), plain values."""
+        return {
+            "exit_weights": dict(self.exit_weights),
+            "attn_weight": self.attn_weight,
+            "consistency_exits": [s.key for s in self.students],
+            "cam_size": None if self.cam_size is None else list(self.cam_size),
+            "eps": float(self.eps),
+            "temperature": None if self.temperature is None else float(self.temperature),
+            "label_smoothing": float(self.label_smoothing),
+        }
+
+    @property
     def needs_cams(self) -> bool:
         return self.attn_weight > 0
 

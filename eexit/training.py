@@ -137,6 +137,23 @@ def finish_wandb_runs(loggers: list) -> None:
             run.finish()
 
 
+def optimized_metric(metrics: dict[str, float], trainer: pl.Trainer) -> float | None:
+    """What ``train.py`` returns to a Hydra sweeper: the HEAVY validation accuracy of the best
+    checkpoint (the one tested, calibrated and exported), or of the last epoch when no
+    checkpoint callback monitors it."""
+    best = next(
+        (
+            cb.best_model_score
+            for cb in trainer.checkpoint_callbacks
+            if isinstance(cb, pl.callbacks.ModelCheckpoint)
+            and cb.monitor == "val/acc/heavy"
+            and cb.best_model_score is not None
+        ),
+        None,
+    )
+    return float(best) if best is not None else metrics.get("val/acc/heavy")
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     """Fit and test the model described by ``cfg``.
 

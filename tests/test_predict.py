@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import zlib
@@ -1056,3 +1057,76 @@ def test_progress_is_reported_per_batch_and_per_image_when_figures_are_written(c
     calls.clear()
     list(predict_rows(bundle, paths[:3], batch_size=2, explain_dir=tmp_path / "ex", on_batch=calls.append))
     assert calls == [1, 1, 1]  # the figures take a while: the bar moves with each image
+
+
+def _served_batch(bundle, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, bundle.channels, *bundle.input_size, generator=g)
+
+
+@pytest.mark.parametrize("kind", ["gate", "staged"])
+def test_threads_sharing_a_bundle_route_and_explain_as_one_thread_does(calibrated_run, kind: str) -> None:
+    # a server's thread pool: Captum's DeepLift hooked the router's own module and kept its
+    # tensors on it for the length of a call; two threads explaining at once (or one routing
+    # while another explained) mixed them up: most calls failed, some returned wrong attributions
+    from concurrent.futures import ThreadPoolExecutor
+
+    from eexit.routing.decisions import attribute_output
+
+    bundle = load_bundle(calibrated_run["bundle"])
+    routed = bundle.routed(kind)
+    batches = [_served_batch(bundle, 1 + i % 5, seed=i) for i in range(24)]
+    outs = [routed(x) for x in batches]
+    expected = [attribute_output(bundle.calibration, kind, o) for o in outs]
+
+    def explain(i: int):
+        routed(batches[i % 24])  # routing beside the explanations, on the same router
+        return attribute_output(bundle.calibration, kind, outs[i % 24])
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(explain, range(240)))
+    for i, got in enumerate(results):
+        want = expected[i % 24]
+        assert torch.allclose(got.attributions, want.attributions, atol=1e-6), i
+        assert torch.allclose(got.delta, want.delta, atol=1e-6), i
+
+
+def test_routing_and_explaining_under_a_callers_autocast_run_in_float32(calibrated_run) -> None:
+    # a server wrapping its handlers in bfloat16 autocast: the routed engine failed with an
+    # index_put dtype mismatch; the routers' knobs were fitted in float32
+    from eexit.routing.decisions import attribute_output
+
+    bundle = load_bundle(calibrated_run["bundle"])
+    x = _served_batch(bundle, 16)
+    for kind in ("gate", "staged", "cascade"):
+        plain = bundle.routed(kind)(x, with_heatmap=True)
+        plain_attr = attribute_output(bundle.calibration, kind, plain)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = bundle.routed(kind)(x, with_heatmap=True)
+            under_attr = attribute_output(bundle.calibration, kind, under)
+        assert torch.equal(under.tier, plain.tier) and torch.equal(under.logits, plain.logits), kind
+        assert under.logits.dtype == torch.float32 and torch.equal(under.heatmap, plain.heatmap)
+        if plain_attr is not None:
+            assert torch.equal(under_attr.attributions, plain_attr.attributions)
+
+
+def test_the_fused_kernels_step_aside_under_torch_compile(calibrated_run, monkeypatch) -> None:
+    # Inductor's recompile for a second batch size did not expect the fused ops' output strides
+    import eexit.models.inference as inference
+
+    x = torch.zeros(2, 3, 8, 8)
+    assert inference._fusable(x) == (inference._POINTWISE is not None and torch.backends.mkldnn.is_available())
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not inference._fusable(x)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))), reason="Inductor needs a C++ compiler")
+def test_a_compiled_routed_classifier_takes_several_batch_sizes(calibrated_run) -> None:
+    bundle = load_bundle(calibrated_run["bundle"])
+    routed = bundle.routed()
+    compiled = torch.compile(routed)
+    for n in (7, 32):
+        x = _served_batch(bundle, n, seed=n)
+        got, want = compiled(x), routed(x)
+        assert torch.equal(got.tier, want.tier) and torch.allclose(got.logits, want.logits, atol=1e-4)

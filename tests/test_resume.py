@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import signal
 import subprocess
@@ -274,6 +275,68 @@ def test_resume_drops_the_old_calibration_and_refuses_a_changed_schedule_length(
     assert resumed["global_step"] == 2 * STEPS_PER_EPOCH
     assert "calibration" not in resumed["eexit"]  # stale: it fitted the step-15 weights
     assert all("calibration" not in torch.load(p, weights_only=False)["eexit"] for p in last.parent.glob("*.ckpt"))
+
+
+def test_resume_refuses_new_optimizer_values_and_another_process_count_mid_epoch(tmp_path: Path, caplog) -> None:
+    overrides = [
+        "data=synthetic",
+        "model=micro",
+        "logger=none",
+        "trainer.max_epochs=2",
+        "callbacks.last_checkpoint.every_n_train_steps=5",
+        "router.calibrate=false",
+        "test=false",
+    ]
+    failing = [*overrides, "+callbacks.fail._target_=tests.test_resume.FailAtStep", "+callbacks.fail.step=17"]
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(compose_train(tmp_path / "a", failing))
+    last = tmp_path / "a" / "out" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=False)
+    assert state["global_step"] == 15 and state["eexit"]["world_size"] == 1
+    # restored from the checkpoint, a new learning rate would not take effect: refused
+    with pytest.raises(ConfigError, match=r"'model.optimizer.lr'.*trained with lr=0.003, this run sets lr=0.03"):
+        train(compose_train(tmp_path / "b", [*overrides, "model.optimizer.lr=0.03", f"ckpt_path={last}"]))
+    scheduler = [*overrides, "model.scheduler.pct_start=0.5", f"ckpt_path={last}"]
+    with pytest.raises(ConfigError, match=r"'model.scheduler.pct_start'.*pct_start=0.2, this run sets pct_start=0.5"):
+        train(compose_train(tmp_path / "b", scheduler))
+    # written mid-epoch by 2 processes (the loader's position is per process): refused in 1
+    two = tmp_path / "two.ckpt"
+    state["eexit"]["world_size"] = 2
+    torch.save(state, two)
+    with pytest.raises(
+        ConfigError, match=r"'trainer.devices'.*middle of an epoch by 2 training process.*this run has 1"
+    ):
+        train(compose_train(tmp_path / "b", [*overrides, f"ckpt_path={two}"]))
+    # a new loss weight takes effect from the resumed step on: a warning names it
+    caplog.set_level(logging.INFO)
+    _, objs = train(compose_train(tmp_path / "c", [*overrides, "model.loss.attn_weight=0.5", f"ckpt_path={last}"]))
+    assert objs["trainer"].global_step == 2 * STEPS_PER_EPOCH and objs["model"].loss_fn.attn_weight == 0.5
+    assert "resuming with model.loss.attn_weight=0.5 (the checkpoint's run trained with 0.25)" in caplog.text
+    assert "resuming epoch 1 after 3 training batches" in caplog.text  # step 15 = 12 + 3
+
+
+def test_last_checkpoint_holds_the_final_state_when_the_last_epoch_did_not_improve(tmp_path: Path) -> None:
+    # Lightning writes save_last at an epoch's end only with a top-k save at that step: with the
+    # step trigger and a last epoch that did not improve, last.ckpt stayed at the last multiple
+    # of every_n_train_steps (step 20 of 24) and the final weights were saved nowhere
+    overrides = [
+        "data=synthetic",
+        "model=micro",
+        "logger=none",
+        "trainer.max_epochs=2",
+        "callbacks.last_checkpoint.every_n_train_steps=5",
+        "callbacks.model_checkpoint.monitor=epoch",  # epoch 0 is the best, once and for all
+        "callbacks.model_checkpoint.mode=min",
+        "router.calibrate=false",
+        "test=false",
+    ]
+    _, objs = train(compose_train(tmp_path, overrides))
+    folder = tmp_path / "out" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
+    last = torch.load(folder / "last.ckpt", weights_only=False)
+    assert last["global_step"] == objs["trainer"].global_step == 2 * STEPS_PER_EPOCH
+    final = objs["model"].state_dict()
+    assert all(torch.equal(last["state_dict"][k], v) for k, v in final.items())
 
 
 # one uncalibrated epoch, no LR schedule (no schedule length to catch a change by chance)

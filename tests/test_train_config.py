@@ -310,6 +310,24 @@ def test_a_bad_key_in_a_multirun_is_left_to_hydra_so_every_job_is_launched(tmp_p
     assert "config key 'model.loss.attn_weight': lambda must be" in out
 
 
+def test_ddp_inside_a_multirun_is_refused_before_any_process_starts(tmp_path: Path) -> None:
+    # Lightning starts DDP's further processes by running the command line again, -m included:
+    # each process ran the whole sweep (the ranks paired up only by the sweeps' common order)
+    args = ["-m", "data=synthetic", "logger=none", "trainer=ddp", "trainer.accelerator=cpu", "seed=1,2"]
+    proc = subprocess.run(
+        [sys.executable, "train.py", *args, f"hydra.sweep.dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "config key 'trainer.strategy': ddp on 2 devices cannot run inside a Hydra multirun (-m)" in out
+    assert "#1 : data=synthetic logger=none trainer=ddp trainer.accelerator=cpu seed=2" in out
+    assert not list(tmp_path.glob("*/checkpoints"))  # no job trained
+
+
 def test_the_model_summary_counts_the_flops_of_an_example_input(tmp_path: Path) -> None:
     from pytorch_lightning.utilities.model_summary import ModelSummary
 
@@ -403,3 +421,20 @@ def test_eps_zero_is_refused_only_where_it_is_used(tmp_path: Path) -> None:
     validate_train_config(
         compose_train(tmp_path, ["data=synthetic", "model=micro", "model.loss.eps=0", "model.loss.temperature=0.5"])
     )
+
+
+def test_a_sweeper_gets_the_best_checkpoints_heavy_accuracy_not_the_last_epochs() -> None:
+    from types import SimpleNamespace
+
+    import pytorch_lightning as pl
+
+    from eexit.training import optimized_metric
+
+    best = pl.callbacks.ModelCheckpoint(monitor="val/acc/heavy", mode="max")
+    best.best_model_score = torch.tensor(0.93)
+    last_epoch = {"val/acc/heavy": 0.91}
+    assert optimized_metric(last_epoch, SimpleNamespace(checkpoint_callbacks=[best])) == pytest.approx(0.93)
+    other = pl.callbacks.ModelCheckpoint(monitor="epoch", mode="min")
+    other.best_model_score = torch.tensor(0.0)
+    assert optimized_metric(last_epoch, SimpleNamespace(checkpoint_callbacks=[other])) == 0.91
+    assert optimized_metric({}, SimpleNamespace(checkpoint_callbacks=[])) is None

@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from eexit.config import ConfigError
-from eexit.lit.resume import RNG_KEY, collect_rng_states, resume_train_loader
+from eexit.lit.resume import RNG_KEY, collect_rng_states, resume_train_loader, resumes_mid_epoch
 from eexit.losses import MultiExitLoss
 from eexit.models.net import MultiExitNet
 from eexit.types import ExitLevel
@@ -22,6 +22,9 @@ from eexit.types import ExitLevel
 log = logging.getLogger(__name__)
 
 STAGES = ("train", "val", "test")
+RUN_KEYS = ("spec", "data", "world_size", "loss")
+"""The entries of ``checkpoint["eexit"]`` that describe the run; the others are ``extra_state``
+(the calibration)."""
 
 
 class MultiExitModule(pl.LightningModule):
@@ -70,6 +73,7 @@ class MultiExitModule(pl.LightningModule):
         self.extra_state: dict = {}
         self._resume_rng: dict | None = None
         self._resume_split: dict | None = None
+        self._resume_world_size: int | None = None
         self._schedule_length: tuple[str, int] | None = None
 
     @property
@@ -290,8 +294,56 @@ class MultiExitModule(pl.LightningModule):
             if hasattr(dm, "split_record"):
                 self.data_info["split"] = dm.split_record()
 
+    def _check_resumed_world_size(self) -> None:
+        """A checkpoint written in the middle of an epoch resumes with as many processes as wrote
+        it: the training loader's position is kept per process (images yielded by each), so
+        another count skipped or repeated images (1 -> 2 processes trained no step at all)."""
+        saved, self._resume_world_size = self._resume_world_size, None
+        now = self.trainer.world_size
+        if saved is None or saved == now or not resumes_mid_epoch(self.trainer):
+            return
+        raise ConfigError(
+            "trainer.devices",
+            f"{self.trainer.ckpt_path} was written in the middle of an epoch by {saved} training process(es); this "
+            f"run has {now}: the loader's position is kept per process, so the rest of the epoch would skip or "
+            f"repeat images (resume with {saved} process(es), trainer.devices x trainer.num_nodes, or from a "
+            "checkpoint written at an epoch's end)",
+        )
+
+    def _check_resumed_settings(self, hparams: dict | None, loss: dict | None) -> None:
+        """A resumed run restores the optimizer and the scheduler from the checkpoint (their
+        learning rate, weight decay, ... included): new settings of theirs would not take effect,
+        while this run's config, logs and W&B run would record them. They are refused, naming the
+        key. A changed loss does take effect from the resumed step on: a warning names it."""
+        ckpt = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+        for name in ("optimizer", "scheduler"):
+            saved, current = (hparams or {}).get(name), self.hparams.get(name)
+            if saved is None or current is None or not callable(saved):
+                continue
+            differs = _partial_differences(saved, current)
+            if differs:
+                key, was, now = differs[0]
+                raise ConfigError(
+                    f"model.{name}.{key}",
+                    f"{ckpt} was trained with {was}, this run sets {now}: a resumed run restores the optimizer "
+                    "and the scheduler from the checkpoint, so the new value would not take effect (resume with "
+                    "the checkpoint's settings, or start a new run)",
+                )
+        if loss:
+            now_loss = self.loss_fn.settings
+            for key in sorted(set(loss) | set(now_loss)):
+                if loss.get(key) != now_loss.get(key):
+                    log.warning(
+                        "resuming with model.loss.%s=%r (the checkpoint's run trained with %r): the resumed steps "
+                        "train with the new value",
+                        key,
+                        now_loss.get(key),
+                        loss.get(key),
+                    )
+
     def on_train_start(self) -> None:
         if self.trainer.ckpt_path:  # resuming: loader position and random state as saved
+            self._check_resumed_world_size()
             self._check_resumed_schedule()
             resume_train_loader(self.trainer, self._resume_rng)
             self._resume_rng = None
@@ -302,13 +354,40 @@ class MultiExitModule(pl.LightningModule):
                 )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["eexit"] = {"spec": self.net.spec, "data": self.data_info, **self.extra_state}
+        world_size = self._trainer.world_size if self._trainer is not None else 1
+        checkpoint["eexit"] = {
+            "spec": self.net.spec,
+            "data": self.data_info,
+            "world_size": world_size,
+            "loss": self.loss_fn.settings,
+            **self.extra_state,
+        }
         checkpoint[RNG_KEY] = collect_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._resume_rng = checkpoint.get(RNG_KEY)
         meta = checkpoint.get("eexit", {})
         self._check_resumed_spec(meta.get("spec"))
+        self._check_resumed_settings(checkpoint.get("hyper_parameters"), meta.get("loss"))
         self.data_info = meta.get("data")
         self._resume_split = (self.data_info or {}).get("split")
-        self.extra_state = {k: v for k, v in meta.items() if k not in ("spec", "data")}
+        self._resume_world_size = meta.get("world_size")
+        self.extra_state = {k: v for k, v in meta.items() if k not in RUN_KEYS}
+
+
+def _partial_differences(saved: Callable, current: Callable) -> list[tuple[str, str, str]]:
+    """``(key, saved, current)`` of each setting in which two optimizer or scheduler factories
+    (``functools.partial``, as Hydra's ``_partial_`` makes them) differ; ``_target_`` for the class."""
+
+    def parts(factory: Callable) -> tuple[str, dict]:
+        func = getattr(factory, "func", factory)
+        return f"{func.__module__}.{func.__qualname__}", dict(getattr(factory, "keywords", {}) or {})
+
+    (saved_target, saved_kw), (target, kw) = parts(saved), parts(current)
+    if saved_target != target:
+        return [("_target_", saved_target, target)]
+    return [
+        (k, f"{k}={saved_kw.get(k)!r}", f"{k}={kw.get(k)!r}")
+        for k in sorted(set(saved_kw) | set(kw))
+        if saved_kw.get(k) != kw.get(k)
+    ]

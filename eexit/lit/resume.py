@@ -34,6 +34,14 @@ def collect_rng_states() -> dict[str, Any]:
     return _collect_rng_states(include_cuda=True)
 
 
+def resumes_mid_epoch(trainer: pl.Trainer) -> bool:
+    """Whether a fit restored from a checkpoint goes on in the middle of an epoch (valid from
+    ``on_train_start`` until the first resumed batch)."""
+    fit_loop = trainer.fit_loop
+    progress = fit_loop.epoch_progress.current
+    return fit_loop.restarting and progress.processed < progress.started
+
+
 def resume_train_loader(trainer: pl.Trainer, rng_states: dict[str, Any] | None) -> None:
     """Put the training loader and the random state where the checkpoint left them.
 
@@ -49,9 +57,8 @@ def resume_train_loader(trainer: pl.Trainer, rng_states: dict[str, Any] | None) 
     loader, fetcher = fit_loop._combined_loader, fit_loop._data_fetcher
     if loader is None or fetcher is None:
         return
-    progress = fit_loop.epoch_progress.current
-    epoch = progress.processed
-    if fit_loop.restarting and progress.processed < progress.started:
+    epoch = fit_loop.epoch_progress.current.processed
+    if resumes_mid_epoch(trainer):
         # mid-epoch: the saved position (when Lightning has not loaded it yet), then the random
         # state, as creating the iterator draws a seed from it
         if fit_loop._combined_loader_states_to_load:
@@ -59,7 +66,7 @@ def resume_train_loader(trainer: pl.Trainer, rng_states: dict[str, Any] | None) 
                 _set_sampler_epoch(dl, epoch)
             fit_loop._load_combined_loader_states()
             iter(fetcher)
-        done = fit_loop.epoch_loop.batch_progress.current.completed
+        done = fit_loop.epoch_loop.batch_progress.current.processed
         log.info("resuming epoch %d after %d training batches", epoch, done)
         if rng_states is not None:
             _set_rng_states(rng_states)

@@ -25,6 +25,7 @@ becomes ``fused conv -> ReLU``), so cams and routing features follow.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -34,6 +35,17 @@ from torch.utils import flop_counter
 from torchvision.models.resnet import BasicBlock
 
 from eexit.models.net import MultiExitNet
+
+
+def without_autocast(device: torch.device | None) -> contextlib.AbstractContextManager:
+    """A context that turns off an enclosing ``torch.autocast`` on ``device`` (nothing to do
+    otherwise): the routed path and the router's explanations run in the network's own dtype, as
+    the routers' knobs were fitted (under a server's bfloat16 autocast, the routed engine failed
+    with an index_put dtype mismatch)."""
+    kind = device.type if device is not None else None
+    if kind in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
 
 
 def fold_batchnorm(module: nn.Module) -> int:
@@ -68,7 +80,8 @@ _POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
 
 
 def _fusable(x: Tensor) -> bool:
-    """Whether the oneDNN fused kernels apply to ``x`` (float32 CPU, no autograd, not exporting)."""
+    """Whether the oneDNN fused kernels apply to ``x`` (float32 CPU, no autograd, not exporting or
+    compiling)."""
     return (
         _POINTWISE is not None
         and x.device.type == "cpu"
@@ -78,6 +91,9 @@ def _fusable(x: Tensor) -> bool:
         and not torch.onnx.is_in_onnx_export()
         and not torch.jit.is_tracing()
         and not torch.jit.is_scripting()
+        # torch.compile: Inductor's recompile for a new batch size did not expect the strides of
+        # the fused ops' outputs (an AssertionError on the second size); compiled, the plain ops
+        and not torch.compiler.is_compiling()
     )
 
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from eexit.explain.gradcam import cam_from_gradient
 from eexit.models.heads import HeadOutput
-from eexit.models.inference import inference_copy
+from eexit.models.inference import inference_copy, without_autocast
 from eexit.models.net import MultiExitNet
 from eexit.routing.features import FEATURE_NAMES, complexity_features
 from eexit.routing.routers import NUM_TIERS, Router
@@ -180,6 +180,11 @@ class RoutedClassifier(nn.Module):
                 "statistics; call .eval() on the network (or on this RoutedClassifier) first"
             )
         x = self._checked(x)
+        with without_autocast(x.device):
+            return self._finite_route(x, force_tier, with_heatmap)
+
+    def _finite_route(self, x: Tensor, force_tier: int | None, with_heatmap: bool) -> RoutedOutput:
+        """``forward`` on a checked batch: images with a NaN or an infinity set apart."""
         # one reduction over the batch: a NaN or an infinity anywhere makes the sum non-finite
         # (a finite sum that overflows only costs the exact check below)
         if not bool(torch.isfinite(x.sum())):
