@@ -47,6 +47,10 @@ def _info(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from eexit.bundle import export_bundle
 
+    if args.onnx:  # before anything is written: a bundle without its asked-for pieces is half a result
+        from eexit.serve.onnx import require_onnx
+
+        require_onnx()
     out = export_bundle(args.checkpoint, args.out_dir, serve=args.router, trust=args.trust_checkpoint)
     Console(stderr=True).print(f"bundle written to [bold]{escape(str(out))}[/bold]")
     if args.onnx:

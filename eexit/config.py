@@ -20,9 +20,11 @@ class ConfigError(ValueError):
 
 
 def project_root() -> Path:
-    """The folder holding ``conf/`` (the repo checkout), else the working directory."""
+    """The checkout holding this package and ``conf/train.yaml``, else the working directory
+    (an installed package: its parent is site-packages, where another package's ``conf/``
+    folder must not count)."""
     here = Path(__file__).resolve().parents[1]
-    return here if (here / "conf").is_dir() else Path.cwd()
+    return here if (here / "conf" / "train.yaml").is_file() else Path.cwd()
 
 
 def register_resolvers() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -57,6 +58,17 @@ def build_datamodule(cfg: DictConfig) -> SplitDataModule:
     return instantiate_named(cfg.data, "data")
 
 
+def _plain_partial(node: DictConfig, key: str) -> functools.partial:
+    """Hydra's partial of an optimizer or scheduler config as a plain ``functools.partial`` of
+    plain lists and dicts: checkpoints save it among the hyperparameters, and they then hold no
+    omegaconf objects (which a safe load, ``weights_only=True``, refuses) and no Hydra class
+    (Hydra >= 1.3.6 makes a private ``_DeferredTarget``, which other Hydra versions cannot load)."""
+    if not node.get("_partial_", False):  # the optimizer needs the parameters, the scheduler the optimizer
+        raise ConfigError(key, "needs _partial_: true (it is called later with the parameters / optimizer)")
+    made = hydra.utils.instantiate(node, _convert_="all")
+    return functools.partial(made.func, *made.args, **made.keywords)
+
+
 def build_module(cfg: DictConfig, dm: SplitDataModule) -> MultiExitModule:
     """Build the network for the data (classes, channels) and wrap it in the LightningModule."""
     info = dm.info
@@ -70,10 +82,8 @@ def build_module(cfg: DictConfig, dm: SplitDataModule) -> MultiExitModule:
     module = MultiExitModule(
         net=net,
         loss=loss,
-        # plain lists and dicts in the partials (_convert_): the hyperparameters saved in checkpoints
-        # then hold no omegaconf objects, which a safe load (weights_only=True) refuses
-        optimizer=hydra.utils.instantiate(cfg.model.optimizer, _convert_="all"),
-        scheduler=hydra.utils.instantiate(cfg.model.scheduler, _convert_="all") if cfg.model.get("scheduler") else None,
+        optimizer=_plain_partial(cfg.model.optimizer, "model.optimizer"),
+        scheduler=_plain_partial(cfg.model.scheduler, "model.scheduler") if cfg.model.get("scheduler") else None,
         log_train_kl=cfg.model.get("log_train_kl", False),
     )
     # Lightning's model summary runs it (in eval mode, without gradients) to show the FLOPs and

@@ -316,7 +316,8 @@ def test_non_finite_or_integer_weights_are_refused_at_export_and_load(calibrated
     # a forged bundle, re-sealed: NaN in a router's knob, then integer weights
     manifest = json.loads((bundle_copy / MANIFEST_NAME).read_text())
     weights = bundle_copy / WEIGHTS_NAME
-    tensors = load_file(str(weights))
+    # copies: older safetensors map the file, which the forgeries below overwrite
+    tensors = {k: v.clone() for k, v in load_file(str(weights)).items()}
     knob = next(k for k in tensors if k.startswith("router.") and k.endswith("knob"))
     for key, value in ((knob, torch.tensor(float("nan"))), (name, None)):
         forged = dict(tensors)
@@ -360,3 +361,18 @@ def test_the_served_copy_follows_the_network_when_it_is_moved(calibrated_run) ->
     with torch.no_grad():
         out = served(x.double())
     assert torch.isfinite(out.logits).all() and len(out.tier) == 16
+
+
+def test_checkpoints_hold_no_hydra_or_omegaconf_objects(calibrated_run) -> None:
+    # Hydra >= 1.3.6 makes partials of a private class (_DeferredTarget), which a checkpoint
+    # then pickled among its hyperparameters: other Hydra versions could not load the file
+    import functools
+    import zipfile
+
+    from eexit.checkpoint import read_checkpoint
+
+    with zipfile.ZipFile(calibrated_run["ckpt"]) as archive:
+        pickled = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    assert b"hydra" not in pickled and b"omegaconf" not in pickled
+    hparams = read_checkpoint(calibrated_run["ckpt"])["hyper_parameters"]
+    assert type(hparams["optimizer"]) is functools.partial and hparams["optimizer"].func is torch.optim.AdamW

@@ -26,6 +26,15 @@ PIECES = ("first", "gate", "stage1", "stage2", "stage3")
 META_NAME = "routing.json"
 
 
+def require_onnx() -> None:
+    """Raise ``ImportError`` with the install hint when the ``onnx`` package (which
+    ``torch.onnx.export`` needs) is missing."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise ImportError("ONNX export needs the onnx package: pip install '.[onnx]' (the onnx extra)") from None
+
+
 def export_onnx(
     bundle_dir: str | Path, out_dir: str | Path | None = None, opset: int = 17, knob: float | None = None
 ) -> Path:
@@ -43,10 +52,7 @@ def export_onnx(
     import torch
     from torch import Tensor, nn
 
-    try:
-        import onnx  # noqa: F401  (torch.onnx.export needs it)
-    except ImportError:
-        raise ImportError("ONNX export needs the onnx package: pip install 'eexit[onnx]'") from None
+    require_onnx()
 
     from eexit.bundle import load_bundle
     from eexit.routing.engine import exit_features
