@@ -1131,3 +1131,33 @@ def test_a_compiled_routed_classifier_takes_several_batch_sizes(calibrated_run) 
         x = _served_batch(bundle, n, seed=n)
         got, want = compiled(x), routed(x)
         assert torch.equal(got.tier, want.tier) and torch.allclose(got.logits, want.logits, atol=1e-4)
+
+
+def test_images_held_in_memory_predict_as_their_files_do(calibrated_run, tmp_path: Path) -> None:
+    # a service receiving uploads: encoded bytes or PIL images, no temporary files
+    from eexit.serve.images import InMemoryImage
+    from eexit.serve.predict import predict_images, predict_rows
+
+    bundle = load_bundle(calibrated_run["bundle"])
+    pictures = [Image.fromarray(_shape_u8(i, 40)).convert(mode) for i, mode in enumerate(["L", "RGB", "RGBA", "P"])]
+    files, encoded = [], []
+    for i, im in enumerate(pictures):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        encoded.append(buf.getvalue())
+        files.append(_write(tmp_path / f"img{i}.png", buf.getvalue()))
+    from_files = list(predict_rows(bundle, files))
+    names = [f"upload-{i}" for i in range(4)]
+    for images in (encoded, pictures):
+        rows = predict_images(bundle, images, names=names)
+        assert [r["path"] for r in rows] == names
+        for got, want in zip(rows, from_files, strict=True):
+            assert {k: v for k, v in got.items() if k != "path"} == {k: v for k, v in want.items() if k != "path"}
+    broken = predict_images(bundle, [encoded[0][:60], b"", b"not an image", encoded[1]])
+    assert [r["path"] for r in broken] == ["image-0", "image-1", "image-2", "image-3"]
+    assert ["error" in r for r in broken] == [True, True, True, False]
+    assert "truncated" in broken[0]["error"] and "empty" in broken[1]["error"] and "not an image" in broken[2]["error"]
+    with pytest.raises(TypeError, match=r"upload: an in-memory image is encoded bytes or a PIL image.*fromarray"):
+        InMemoryImage("upload", np.zeros((8, 8), dtype=np.uint8))
+    with pytest.raises(ValueError, match="1 names for 2 images"):
+        predict_images(bundle, encoded[:2], names=["a"])

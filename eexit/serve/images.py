@@ -35,6 +35,7 @@ import stat
 import sys
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,37 @@ class ImageError(ValueError):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class InMemoryImage:
+    """An image a program holds instead of a file (an upload in a web service, a frame): its
+    encoded bytes, decoded as a file's are, or a PIL image, taken from the decoding on (EXIF
+    orientation, conversions, resize). ``name`` stands for its path in rows and messages.
+
+    Raises:
+        TypeError: ``data`` is neither bytes nor a PIL image.
+    """
+
+    name: str
+    data: bytes | bytearray | memoryview | Image.Image
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, bytes | bytearray | memoryview | Image.Image):
+            raise TypeError(
+                f"{self.name}: an in-memory image is encoded bytes or a PIL image, got {type(self.data).__name__}"
+                + (" (Image.fromarray makes one from an array)" if hasattr(self.data, "__array__") else "")
+            )
+
+
+ImageSource = str | InMemoryImage
+"""What ``load_pixels`` and ``predict_rows`` take: a file path (``-``: standard input) or an
+``InMemoryImage``."""
+
+
+def source_name(source: ImageSource) -> str:
+    """The path of a file, the name of an in-memory image."""
+    return source if isinstance(source, str) else source.name
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
@@ -269,17 +301,35 @@ def _decode_bytes(path: str, data: bytes) -> Image.Image:
         text = str(err)
         reason = f"truncated or corrupt image: {text}" if text else f"corrupt image ({type(err).__name__})"
         raise ImageError(path, reason) from None
-    if im.width == 0 or im.height == 0:
-        raise ImageError(path, f"image has no pixels ({im.width}x{im.height})")
-    if im.format == "PNG":
+    if im.format == "PNG" and im.width and im.height:
         short = _png_rows_missing(data)
         if short:
             raise ImageError(path, f"truncated or corrupt image: {short}")
+    return _oriented(path, im)
+
+
+def _oriented(path: str, im: Image.Image) -> Image.Image:
+    """A loaded image with pixels, EXIF orientation applied."""
+    if im.width == 0 or im.height == 0:
+        raise ImageError(path, f"image has no pixels ({im.width}x{im.height})")
     # Pillow keeps EXIF in ``info`` (JPEG, PNG, WebP, ...) or in TIFF tags: skip the parse otherwise
     if im.format == "TIFF" or "exif" in im.info or "Raw profile type exif" in im.info:
         with contextlib.suppress(Exception):  # a broken EXIF block: keep the pixels as stored
             im = ImageOps.exif_transpose(im)
     return im
+
+
+def _loaded_pil(path: str, im: Image.Image) -> Image.Image:
+    """A PIL image a caller holds (perhaps not loaded yet: PIL reads lazily), with the checks
+    and the orientation of a decoded file."""
+    try:
+        _note_if_huge(path, im)
+        im.load()
+    except Image.DecompressionBombError as err:
+        raise ImageError(path, f"image too large: {err}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageError(path, f"truncated or corrupt image: {str(err) or type(err).__name__}") from None
+    return _oriented(path, im)
 
 
 def _resize_box(w: int, h: int, size: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
@@ -540,11 +590,11 @@ def _decode_plain_png(data: bytes, channels: int) -> np.ndarray | None:
     return np.repeat(chw, 3, axis=0) if channels == 3 and gray else chw
 
 
-def load_pixels(path: str, channels: int, size: int) -> np.ndarray:
-    """One file -> its pixels before normalisation (see the module docstring).
+def load_pixels(source: ImageSource, channels: int, size: int) -> np.ndarray:
+    """One image -> its pixels before normalisation (see the module docstring).
 
     Args:
-        path: the image file.
+        source: the image file, or an ``InMemoryImage``.
         channels: the model's input channels (1 or 3).
         size: the served square size.
 
@@ -553,19 +603,33 @@ def load_pixels(path: str, channels: int, size: int) -> np.ndarray:
         255), float32 in [0, 1] for wide ones.
 
     Raises:
-        ImageError: the file cannot be used; the reason is in the message.
+        ImageError: the image cannot be used; the reason is in the message.
     """
-    data = _read(path)
-    if _plain_png(data, size):
-        pixels = _decode_plain_png(data, channels)
-        if pixels is not None:
-            return pixels
-    im = _decode_bytes(path, data)
+    path = source_name(source)
+    if isinstance(source, InMemoryImage) and isinstance(source.data, Image.Image):
+        im = _loaded_pil(path, source.data)
+    else:
+        data = _read(path) if isinstance(source, str) else _held_bytes(source)
+        if _plain_png(data, size):
+            pixels = _decode_plain_png(data, channels)
+            if pixels is not None:
+                return pixels
+        im = _decode_bytes(path, data)
     try:
         a = _pixels_hwc(im, channels, size)
     except (OSError, ValueError) as err:
         raise ImageError(path, f"cannot convert mode {im.mode} to the model's {channels} channel(s): {err}") from None
     return np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+def _held_bytes(source: InMemoryImage) -> bytes:
+    """An in-memory image's encoded bytes, bounded as a file's are."""
+    data = bytes(source.data)
+    if not data:
+        raise ImageError(source.name, "empty (0 bytes)")
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError(source.name, f"too large (over {MAX_FILE_BYTES >> 20} MiB)")
+    return data
 
 
 def normalise_batch(pixels: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float]) -> tuple[Tensor, Tensor]:
@@ -601,13 +665,14 @@ def normalise_batch(pixels: Sequence[np.ndarray], mean: Sequence[float], std: Se
     return x, usable
 
 
-def load_image(path: str, channels: int, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """One file -> a normalised ``(channels, size, size)`` float32 tensor.
+def load_image(source: ImageSource, channels: int, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """One image (a file or an ``InMemoryImage``) -> a normalised ``(channels, size, size)``
+    float32 tensor.
 
     Raises:
-        ImageError: the file cannot be used; the reason is in the message.
+        ImageError: the image cannot be used; the reason is in the message.
     """
-    x, usable = normalise_batch([load_pixels(path, channels, size)], mean, std)
+    x, usable = normalise_batch([load_pixels(source, channels, size)], mean, std)
     if not usable[0]:
-        raise ImageError(path, NON_FINITE)
+        raise ImageError(source_name(source), NON_FINITE)
     return x[0]

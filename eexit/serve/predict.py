@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 try:
@@ -29,7 +30,16 @@ except ImportError:  # Windows: no advisory locks; the explain folder is not gua
 from eexit.bundle import Bundle
 from eexit.routing.decisions import attribute_output, decision_rows
 from eexit.routing.engine import RoutedOutput
-from eexit.serve.images import NON_FINITE, STDIN, ImageError, load_pixels, normalise_batch
+from eexit.serve.images import (
+    NON_FINITE,
+    STDIN,
+    ImageError,
+    ImageSource,
+    InMemoryImage,
+    load_pixels,
+    normalise_batch,
+    source_name,
+)
 from eexit.types import ExitLevel
 
 log = logging.getLogger(__name__)
@@ -41,13 +51,15 @@ ROW_DIGITS = 9
 (the model computes in float32; the float64 text of those values has 17)."""
 
 
-def _load_chunk(paths: Sequence[str], bundle: Bundle) -> Loaded:
-    """``(path, pixels, None)`` or ``(path, None, reason)`` per path (``load_pixels``)."""
+def _load_chunk(sources: Sequence[ImageSource], bundle: Bundle) -> Loaded:
+    """``(path, pixels, None)`` or ``(path, None, reason)`` per input (``load_pixels``; an
+    in-memory image's name stands for its path)."""
     size = bundle.input_size[0]
     out: Loaded = []
-    for p in paths:
+    for source in sources:
+        p = source_name(source)
         try:
-            out.append((p, load_pixels(p, bundle.channels, size), None))
+            out.append((p, load_pixels(source, bundle.channels, size), None))
         except ImageError as err:
             out.append((p, None, err.reason))
         except Exception as err:  # never lose the other inputs' results
@@ -158,7 +170,7 @@ def decode_ahead(requested: bool | None = None, device: torch.device | None = No
 
 def predict_rows(
     bundle: Bundle,
-    paths: Sequence[str],
+    paths: Sequence[ImageSource],
     router: str | None = None,
     batch_size: int = 256,
     force_tier: ExitLevel | int | None = None,
@@ -172,7 +184,8 @@ def predict_rows(
 
     Args:
         bundle: the loaded bundle.
-        paths: image files (see ``eexit.serve.images.expand_inputs``).
+        paths: image files (see ``eexit.serve.images.expand_inputs``; ``-`` reads standard
+            input) or ``InMemoryImage``s (their ``name`` is the rows' ``path``).
         router: router kind (default: the bundle's served router).
         batch_size: images per routed batch.
         force_tier: send every image to this exit (the router still runs).
@@ -207,6 +220,27 @@ def predict_rows(
         yield from _rows(
             bundle, paths, router, batch_size, tier, out_dir, attributions, on_batch, decode_in_background, digits
         )
+
+
+def predict_images(
+    bundle: Bundle,
+    images: Sequence[bytes | Image.Image],
+    names: Sequence[str] | None = None,
+    **kwargs,
+) -> list[dict]:
+    """``predict_rows`` for images a program holds: encoded bytes (an upload, decoded as a file
+    is) or PIL images. One row per image, in order; an unusable one gets an ``error`` row.
+
+    Args:
+        bundle: the loaded bundle.
+        images: encoded images or PIL images.
+        names: the rows' ``path`` for each image (default ``image-0``, ``image-1``, ...).
+        **kwargs: ``predict_rows``'s (``router``, ``batch_size``, ``force_tier``, ...).
+    """
+    if names is not None and len(names) != len(images):
+        raise ValueError(f"{len(names)} names for {len(images)} images")
+    labels = list(names) if names is not None else [f"image-{i}" for i in range(len(images))]
+    return list(predict_rows(bundle, [InMemoryImage(n, im) for n, im in zip(labels, images, strict=True)], **kwargs))
 
 
 EXPLAIN_LOCK = ".eexit-predict.lock"
@@ -246,7 +280,7 @@ def _explain_folder_lock(out_dir: Path | None) -> Iterator[None]:
 
 def _rows(
     bundle: Bundle,
-    paths: Sequence[str],
+    paths: Sequence[ImageSource],
     router: str,
     batch_size: int,
     tier: int | None,
