@@ -72,6 +72,11 @@ _QUIET = (
     r"Setting forward, backward hooks and attributes on non-linear",
     r"You are providing multiple inputs for Lime / Kernel SHAP",
 )
+# Captum's notes on every call, silenced once here for Captum's modules only: a
+# ``warnings.catch_warnings`` per call is not thread-safe (two threads restoring the filters in
+# turn lost one's and left the other's installed for good)
+for _message in _QUIET:
+    warnings.filterwarnings("ignore", message=_message, module=r"captum\.")
 
 
 class ExpectedTier(nn.Module):
@@ -328,18 +333,15 @@ def explain_gate(
         if len(x) == 0:  # nothing to attribute
             empty = x.new_zeros(0)
             return GateAttribution(x.new_zeros(x.shape), empty, output, baseline_output, method)
-        with warnings.catch_warnings():
-            for message in _QUIET:
-                warnings.filterwarnings("ignore", message=message)
-            try:
-                attributions = _attribute(score_fn, x, b, method, kwargs)
-            except RuntimeError as err:  # KernelShap's least squares on overflowing samples
-                if method != "kernel_shap" or bool(torch.isfinite(x * x).all()):  # not the features' scale
-                    raise
-                raise ValueError(
-                    f"{method} failed on features too large for float arithmetic (up to {x.abs().max().item():.3g}; "
-                    f"{type(err).__name__} in Captum's least squares): features out of the range the gate can take"
-                ) from err
+        try:
+            attributions = _attribute(score_fn, x, b, method, kwargs)
+        except RuntimeError as err:  # KernelShap's least squares on overflowing samples
+            if method != "kernel_shap" or bool(torch.isfinite(x * x).all()):  # not the features' scale
+                raise
+            raise ValueError(
+                f"{method} failed on features too large for float arithmetic (up to {x.abs().max().item():.3g}; "
+                f"{type(err).__name__} in Captum's least squares): features out of the range the gate can take"
+            ) from err
         attributions = attributions.detach().to(dtype=x.dtype).reshape(x.shape)
         delta = (attributions.sum(dim=1) - (output - baseline_output)).abs()
         _refuse_non_finite(delta, x, f"{method}'s attributions are")  # finite features whose differences overflow
