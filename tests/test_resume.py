@@ -245,20 +245,29 @@ def test_ckpt_path_last_is_checked_like_a_named_file(tmp_path: Path) -> None:
         train(cfg)
 
 
-def test_resume_drops_the_old_calibration_and_refuses_a_changed_schedule_length(tmp_path: Path) -> None:
-    overrides = [
-        "data=synthetic",
-        "model=micro",
-        "logger=none",
-        "trainer.max_epochs=2",
-        "callbacks.last_checkpoint.every_n_train_steps=5",
-        "router.calibrate=false",
-        "test=false",
-    ]
-    failing = [*overrides, "+callbacks.fail._target_=tests.test_resume.FailAtStep", "+callbacks.fail.step=17"]
+# two uncalibrated epochs, last.ckpt every 5 steps
+TWO_EPOCHS = [
+    "data=synthetic",
+    "model=micro",
+    "logger=none",
+    "trainer.max_epochs=2",
+    "callbacks.last_checkpoint.every_n_train_steps=5",
+    "router.calibrate=false",
+    "test=false",
+]
+
+
+def _failed_mid_epoch(folder: Path) -> Path:
+    """A ``TWO_EPOCHS`` run that fails before step 17; its ``last.ckpt`` (step 15, mid-epoch 1)."""
+    failing = [*TWO_EPOCHS, "+callbacks.fail._target_=tests.test_resume.FailAtStep", "+callbacks.fail.step=17"]
     with pytest.raises(RuntimeError, match="injected failure"):
-        train(compose_train(tmp_path / "a", failing))
-    last = tmp_path / "a" / "out" / "checkpoints" / "last.ckpt"
+        train(compose_train(folder, failing))
+    return folder / "out" / "checkpoints" / "last.ckpt"
+
+
+def test_resume_drops_the_old_calibration_and_refuses_a_changed_schedule_length(tmp_path: Path) -> None:
+    overrides = TWO_EPOCHS
+    last = _failed_mid_epoch(tmp_path / "a")
     state = torch.load(last, weights_only=False)
     state["eexit"]["calibration"] = {"routers": "fitted to the weights of step 15"}
     torch.save(state, last)
@@ -278,19 +287,8 @@ def test_resume_drops_the_old_calibration_and_refuses_a_changed_schedule_length(
 
 
 def test_resume_refuses_new_optimizer_values_and_another_process_count_mid_epoch(tmp_path: Path, caplog) -> None:
-    overrides = [
-        "data=synthetic",
-        "model=micro",
-        "logger=none",
-        "trainer.max_epochs=2",
-        "callbacks.last_checkpoint.every_n_train_steps=5",
-        "router.calibrate=false",
-        "test=false",
-    ]
-    failing = [*overrides, "+callbacks.fail._target_=tests.test_resume.FailAtStep", "+callbacks.fail.step=17"]
-    with pytest.raises(RuntimeError, match="injected failure"):
-        train(compose_train(tmp_path / "a", failing))
-    last = tmp_path / "a" / "out" / "checkpoints" / "last.ckpt"
+    overrides = TWO_EPOCHS
+    last = _failed_mid_epoch(tmp_path / "a")
     state = torch.load(last, weights_only=False)
     assert state["global_step"] == 15 and state["eexit"]["world_size"] == 1
     # restored from the checkpoint, a new learning rate would not take effect: refused

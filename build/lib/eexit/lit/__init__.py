@@ -1,5 +1,0 @@
-"""LightningModules."""
-
-from eexit.lit.multi_exit import MultiExitModule
-
-__all__ = ["MultiExitModule"]
