@@ -23,6 +23,9 @@ def main(cfg: DictConfig) -> None:
         metrics = evaluate(cfg)
     print_eval_summary(metrics)
     print_plain(f"report: {Path(cfg.paths.output_dir) / 'report.html'}")
+    if cfg.get("export_bundle"):
+        bundle = cfg.export_bundle
+        print_plain(f"bundle: {bundle}  (eexit predict --bundle {bundle} IMAGES...)")
 
 
 if __name__ == "__main__":

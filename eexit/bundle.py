@@ -189,7 +189,11 @@ def export_bundle(ckpt_path: str | Path, out_dir: str | Path, serve: str = "gate
 
     loaded = load_checkpoint(ckpt_path, trust=trust)
     if "calibration" not in loaded.extra:
-        raise BundleError(f"{ckpt_path} holds no router calibration; run calibration first (train.py does it)")
+        raise BundleError(
+            f"{ckpt_path} holds no router calibration: train.py calibrates and exports the best checkpoint; for "
+            "this one, `python evaluate.py ckpt_path=... export_bundle=DIR` calibrates it on the held-out split "
+            "and writes its bundle"
+        )
     if not loaded.data:
         raise BundleError(f"{ckpt_path} has no data section (classes, input size, normalisation)")
     try:

@@ -278,6 +278,10 @@ def validate_eval_config(cfg: DictConfig) -> None:
     validate_data_config(cfg)
     if not isinstance(cfg.get("recalibrate", False), bool):
         raise ConfigError("recalibrate", f"must be true or false, got {cfg.recalibrate!r}")
+    export = cfg.get("export_bundle")
+    if export is not None and (not isinstance(export, str) or not export or Path(export).is_file()):
+        why = "is a file" if isinstance(export, str) and export and Path(export).is_file() else "must be a folder path"
+        raise ConfigError("export_bundle", f"{why}: give the folder to write the bundle into (null: no export)")
     if cfg.get("limit") is not None:
         _number("limit", cfg.limit, 1, integer=True, what="(null: the whole test split) ")
     if cfg.get("batch_size") is not None:  # null: 256

@@ -218,6 +218,20 @@ def test_checkpoint_without_calibration_is_calibrated_on_the_held_out_split(tmp_
     assert len(seen["example"]) > 0 and torch.equal(seen["example"], calib_images[: len(seen["example"])])
     assert {"routed/gate/accuracy", "routed/staged/accuracy", "routed/cascade/accuracy"} <= metrics.keys()
     assert "calibration" not in load_checkpoint(objs["best_ckpt"]).extra, "evaluation never writes the checkpoint"
+    # export_bundle: the uncalibrated checkpoint served with the calibration fitted here
+    bundle_dir = tmp_path / "served"
+    exported = evaluate(compose_train(tmp_path / "eval2", [*small, f"export_bundle={bundle_dir}"], config_name="eval"))
+    assert exported["meta"]["exported bundle"] == str(bundle_dir)
+    from eexit.bundle import load_bundle
+    from eexit.serve.predict import predict_images
+
+    bundle = load_bundle(bundle_dir)
+    assert set(bundle.calibration.routers) == {"gate", "staged", "cascade"}
+    image = Image.new("L", (bundle.input_size[0],) * 2, 128)
+    (row,) = predict_images(bundle, [image])
+    assert row["tier"] in [lv.key for lv in ExitLevel] and row["label"] in bundle.class_names
+    with pytest.raises(ConfigError, match=r"'export_bundle': is a file"):
+        evaluate(compose_train(tmp_path / "eval3", [*small, f"export_bundle={objs['best_ckpt']}"], config_name="eval"))
 
 
 def test_limit_takes_a_seeded_random_subset_not_the_first_images() -> None:

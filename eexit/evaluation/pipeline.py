@@ -139,6 +139,22 @@ def _calibration(loaded: LoadedCheckpoint, dm: SplitDataModule, cfg: DictConfig,
     return calibrate(loaded.net, batches, torch.cat(timing)[:example_size], **calibration_settings(rc, cfg.get("seed")))
 
 
+def _export(cfg: DictConfig, loaded: LoadedCheckpoint, cal: Calibration) -> Path | None:
+    """With ``export_bundle=DIR``: the serving bundle of the evaluated network with the
+    calibration used here (the stored one, or the one fitted now: ``last.ckpt``, another epoch,
+    ``recalibrate=true``), written before the test images are used; its folder, else ``None``."""
+    out = cfg.get("export_bundle")
+    if not out:
+        return None
+    from eexit.bundle import write_bundle
+
+    bundle = write_bundle(
+        loaded.net, loaded.data, cal, out, serve=cfg.router.get("serve", "gate"), source=Path(loaded.path).name
+    )
+    log.info("bundle of %s written to %s", loaded.path, bundle)
+    return bundle
+
+
 def _router_overrides() -> list[str]:
     """The command line's ``router.*`` overrides (empty outside a Hydra run)."""
     from hydra.core.hydra_config import HydraConfig
@@ -252,6 +268,7 @@ def evaluate(cfg: DictConfig) -> dict:
     torch.manual_seed(cfg.get("seed") or 0)
 
     cal = _calibration(loaded, dm, cfg, min(ec.latency_batch, len(x)))
+    bundle_dir = _export(cfg, loaded, cal)
     log.info("evaluating %s on %d test images", loaded.path, len(y))
     records = collect_records(net, batches, cal.feature_kwargs)
     example = x[: ec.latency_batch]
@@ -325,8 +342,9 @@ def evaluate(cfg: DictConfig) -> dict:
         if scenes is not None
         else "none (one class among the test images)",
         "calibration": ("stored in the bundle" if "bundle" in loaded.extra else "stored in the checkpoint")
-        if loaded.extra.get("calibration")
+        if loaded.extra.get("calibration") and not cfg.get("recalibrate", False)
         else "fitted at evaluation",
+        "exported bundle": str(bundle_dir) if bundle_dir is not None else "-",
         "latency": f"ms per image in batches of {len(example)}, measured now on this machine"
         + ("" if ec.remeasure_tier_latency else " (routed tiers: as measured at calibration)"),
     }
