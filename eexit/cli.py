@@ -195,8 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Terminated(Exception):
-    """SIGTERM arrived (``kill``, a job scheduler, ``timeout``)."""
+class _Terminated(BaseException):
+    """SIGTERM arrived (``kill``, a job scheduler, ``timeout``). A ``BaseException``, as
+    ``KeyboardInterrupt`` is: the per-image ``except Exception`` that keeps the other inputs'
+    results would otherwise catch it as one image's error and go on."""
 
 
 def _raise_terminated(signum: int, frame: object) -> None:

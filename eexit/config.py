@@ -96,31 +96,6 @@ def _check_sync_batchnorm(trainer: DictConfig | None) -> None:
         )
 
 
-_SPAWNING_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook")
-
-
-def _check_ddp_outside_multirun(trainer: DictConfig | None) -> None:
-    """Lightning's DDP launcher starts every further process by running the command line again:
-    in a Hydra multirun (``-m``) each process ran the whole sweep, and the processes of a job
-    paired up only because the sweeps went through the jobs in the same order (a sampling
-    sweeper would give them different settings)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not trainer or not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return
-    strategy = str(trainer.get("strategy") or "auto")
-    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1) or 1
-    one_device = devices in (1, "1") or (OmegaConf.is_list(devices) and len(devices) == 1)
-    if strategy.startswith("ddp") and not strategy.startswith(_SPAWNING_STRATEGIES) and (nodes > 1 or not one_device):
-        raise ConfigError(
-            "trainer.strategy",
-            f"{strategy} on {devices} devices cannot run inside a Hydra multirun (-m): Lightning starts the "
-            "further processes by running the command line again, so each would run the whole sweep; run the "
-            "sweep's jobs one by one without -m, or each job on one device",
-        )
-
-
 def _cuda_available() -> bool:
     import torch
 
@@ -166,7 +141,6 @@ def validate_train_config(cfg: DictConfig) -> None:
         )
     validate_data_config(cfg)
     _check_sync_batchnorm(cfg.get("trainer"))
-    _check_ddp_outside_multirun(cfg.get("trainer"))
     smoothing = loss.get("label_smoothing", 0.0)
     _number("model.loss.label_smoothing", smoothing, 0)
     if smoothing >= 1:

@@ -137,6 +137,28 @@ def continue_checkpoints_in(callbacks: list, ckpt_path: str, default_dir: str) -
         log.info("resuming: checkpoints go on in %s", folder)
 
 
+def refuse_relaunch_in_multirun(trainer: pl.Trainer) -> None:
+    """Lightning starts the further processes of DDP (``ddp``, and ``auto`` on several devices)
+    by running the command line again: in a Hydra multirun (``-m``) each process ran the whole
+    sweep, and the processes of a job paired up only because the sweeps went through the jobs in
+    the same order (a sampling sweeper would give them different settings). Refused, naming the
+    key, before any process starts."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if isinstance(launcher, _SubprocessScriptLauncher) and trainer.world_size > 1:
+        raise ConfigError(
+            "trainer.strategy",
+            f"{type(trainer.strategy).__name__} with {trainer.world_size} processes cannot run inside a Hydra multirun "
+            "(-m): Lightning starts the further processes by running the command line again, so each would run "
+            "the whole sweep; run the sweep's jobs one by one without -m, or each job on one device",
+        )
+
+
 def finish_wandb_runs(loggers: list) -> None:
     """Close the W&B runs that these loggers started, so that their files are complete when
     ``train`` / ``evaluate`` returns and the next job of a Hydra multirun (``-m``) starts a run of
@@ -191,6 +213,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     if not loggers:  # nothing to monitor into (logger=none)
         callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.LearningRateMonitor)]
     trainer: pl.Trainer = instantiate_named(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    refuse_relaunch_in_multirun(trainer)
     try:
         return _fit_test_calibrate_export(cfg, dm, model, trainer, callbacks, loggers, ckpt_path)
     finally:

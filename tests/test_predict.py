@@ -1161,3 +1161,28 @@ def test_images_held_in_memory_predict_as_their_files_do(calibrated_run, tmp_pat
         InMemoryImage("upload", np.zeros((8, 8), dtype=np.uint8))
     with pytest.raises(ValueError, match="1 names for 2 images"):
         predict_images(bundle, encoded[:2], names=["a"])
+
+
+def test_sigterm_while_an_image_is_decoded_ends_the_run(calibrated_run, tmp_path: Path, monkeypatch, capsys) -> None:
+    # the signal landed in the per-image `except Exception` that keeps the other inputs' results:
+    # the run went on, with one image's error "cannot read: _Terminated"
+    import signal
+
+    import eexit.serve.predict as serve_predict
+
+    real, calls = serve_predict.load_pixels, []
+
+    def terminated_on_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(serve_predict, "load_pixels", terminated_on_the_third)
+    folder = _images(tmp_path / "imgs", 6, load_bundle(calibrated_run["bundle"]).input_size[0])
+    args = ["predict", "--bundle", calibrated_run["bundle"], str(folder), "--batch-size", "2", "--no-progress"]
+    assert main(args) == 128 + signal.SIGTERM
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) <= 2 and "error" not in captured.out  # at most the first batch
+    assert captured.err.strip().endswith("terminated")
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored

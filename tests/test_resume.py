@@ -297,6 +297,9 @@ def test_resume_refuses_new_optimizer_values_and_another_process_count_mid_epoch
     scheduler = [*overrides, "model.scheduler.pct_start=0.5", f"ckpt_path={last}"]
     with pytest.raises(ConfigError, match=r"'model.scheduler.pct_start'.*pct_start=0.2, this run sets pct_start=0.5"):
         train(compose_train(tmp_path / "b", scheduler))
+    dropped = [*overrides, "model.scheduler=null", f"ckpt_path={last}"]  # the LR would stay frozen where it was
+    with pytest.raises(ConfigError, match=r"'model.scheduler'.*trained with a scheduler, this run sets no scheduler"):
+        train(compose_train(tmp_path / "b", dropped))
     # written mid-epoch by 2 processes (the loader's position is per process): refused in 1
     two = tmp_path / "two.ckpt"
     state["eexit"]["world_size"] = 2
@@ -335,6 +338,30 @@ def test_last_checkpoint_holds_the_final_state_when_the_last_epoch_did_not_impro
     assert last["global_step"] == objs["trainer"].global_step == 2 * STEPS_PER_EPOCH
     final = objs["model"].state_dict()
     assert all(torch.equal(last["state_dict"][k], v) for k, v in final.items())
+
+
+def test_a_run_stopped_mid_epoch_by_max_steps_resumes_where_it_stopped(tmp_path: Path) -> None:
+    # Lightning calls the epoch's end after such a stop with the epoch counted as done: a last.ckpt
+    # written there made the resumed run skip the rest of the epoch (step 24 instead of 30)
+    overrides = [
+        "data=synthetic",
+        "model=micro",
+        "model.scheduler=null",
+        "logger=none",
+        "trainer.max_epochs=3",
+        "trainer.deterministic=true",
+        "seed=11",
+        "callbacks.last_checkpoint.every_n_train_steps=5",
+        "router.calibrate=false",
+        "test=false",
+    ]
+    _, whole = train(compose_train(tmp_path / "a", [*overrides, "+trainer.max_steps=30"]))
+    _, stopped = train(compose_train(tmp_path / "b", [*overrides, "+trainer.max_steps=17"]))
+    last = tmp_path / "b" / "out" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == stopped["trainer"].global_step == 17
+    _, resumed = train(compose_train(tmp_path / "c", [*overrides, "+trainer.max_steps=30", f"ckpt_path={last}"]))
+    assert resumed["trainer"].global_step == whole["trainer"].global_step == 30
+    assert _max_diff(whole["model"].state_dict(), resumed["model"].state_dict()) <= 1e-6
 
 
 # one uncalibrated epoch, no LR schedule (no schedule length to catch a change by chance)

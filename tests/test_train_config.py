@@ -314,6 +314,7 @@ def test_ddp_inside_a_multirun_is_refused_before_any_process_starts(tmp_path: Pa
     # Lightning starts DDP's further processes by running the command line again, -m included:
     # each process ran the whole sweep (the ranks paired up only by the sweeps' common order)
     args = ["-m", "data=synthetic", "logger=none", "trainer=ddp", "trainer.accelerator=cpu", "seed=1,2"]
+    # (also strategy=auto on 2 devices, which Lightning makes DDP with the same launcher)
     proc = subprocess.run(
         [sys.executable, "train.py", *args, f"hydra.sweep.dir={tmp_path}"],
         cwd=ROOT,
@@ -323,7 +324,7 @@ def test_ddp_inside_a_multirun_is_refused_before_any_process_starts(tmp_path: Pa
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "config key 'trainer.strategy': ddp on 2 devices cannot run inside a Hydra multirun (-m)" in out
+    assert "config key 'trainer.strategy': DDPStrategy with 2 processes cannot run inside a Hydra multirun (-m)" in out
     assert "#1 : data=synthetic logger=none trainer=ddp trainer.accelerator=cpu seed=2" in out
     assert not list(tmp_path.glob("*/checkpoints"))  # no job trained
 

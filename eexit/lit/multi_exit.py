@@ -317,14 +317,21 @@ class MultiExitModule(pl.LightningModule):
         key. A changed loss does take effect from the resumed step on: a warning names it."""
         ckpt = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
         for name in ("optimizer", "scheduler"):
-            saved, current = (hparams or {}).get(name), self.hparams.get(name)
-            if saved is None or current is None or not callable(saved):
+            if hparams is None or name not in hparams:  # a checkpoint of another module
                 continue
-            differs = _partial_differences(saved, current)
+            saved, current = hparams[name], self.hparams.get(name)
+            if (saved is None) != (current is None):  # a scheduler dropped or added
+                differs = [
+                    ("", f"{'no ' if saved is None else 'a '}{name}", f"{'no ' if current is None else 'a '}{name}")
+                ]
+            elif saved is None or not callable(saved):
+                continue
+            else:
+                differs = _partial_differences(saved, current)
             if differs:
                 key, was, now = differs[0]
                 raise ConfigError(
-                    f"model.{name}.{key}",
+                    f"model.{name}" + (f".{key}" if key else ""),
                     f"{ckpt} was trained with {was}, this run sets {now}: a resumed run restores the optimizer "
                     "and the scheduler from the checkpoint, so the new value would not take effect (resume with "
                     "the checkpoint's settings, or start a new run)",

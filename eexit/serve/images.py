@@ -322,6 +322,9 @@ def _oriented(path: str, im: Image.Image) -> Image.Image:
 def _loaded_pil(path: str, im: Image.Image) -> Image.Image:
     """A PIL image a caller holds (perhaps not loaded yet: PIL reads lazily), with the checks
     and the orientation of a decoded file."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and im.width * im.height > 2 * limit:  # as Pillow refuses such a file's bytes
+        raise ImageError(path, f"image too large: {im.width * im.height} pixels, over twice Pillow's limit of {limit}")
     try:
         _note_if_huge(path, im)
         im.load()
@@ -393,6 +396,9 @@ def _to_8bit(im: Image.Image, channels: int) -> Image.Image:
     """An 8-bit-mode image -> ``L`` (1 channel) or ``RGB`` (3), alpha composited over black."""
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("La", "RGBa"):  # premultiplied alpha: the colour bands are the image over black
+        bands = im.split()[:-1]
+        im = Image.merge("L" if len(bands) == 1 else "RGB", bands)
     if im.mode in _ALPHA_MODES:
         rgba = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
