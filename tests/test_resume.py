@@ -364,6 +364,28 @@ def test_a_run_stopped_mid_epoch_by_max_steps_resumes_where_it_stopped(tmp_path:
     assert _max_diff(whole["model"].state_dict(), resumed["model"].state_dict()) <= 1e-6
 
 
+def test_a_run_folder_moved_before_the_resume_keeps_its_best_checkpoint(tmp_path: Path) -> None:
+    # Lightning drops a checkpoint callback's best score when its saved folder is not the one it
+    # writes to: after a move, a worse later epoch became the best one (tested, exported)
+    import shutil
+    import warnings
+
+    epoch_0_best = ["callbacks.model_checkpoint.monitor=epoch", "callbacks.model_checkpoint.mode=min"]
+    overrides = [*TWO_EPOCHS, "model.scheduler=null", *epoch_0_best]  # (no schedule: its length changes)
+    train(compose_train(tmp_path / "a", [*overrides, "trainer.max_epochs=1"]))
+    shutil.move(tmp_path / "a" / "out", tmp_path / "moved")
+    folder = tmp_path / "moved" / "checkpoints"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="The dirpath has changed")
+        _, objs = train(compose_train(tmp_path / "b", [*overrides, f"ckpt_path={folder / 'last.ckpt'}"]))
+    best = objs["trainer"].checkpoint_callback
+    assert best.best_model_path == str(folder.resolve() / "epoch_000.ckpt") and float(best.best_model_score) == 0.0
+    assert objs["best_ckpt"] == best.best_model_path and sorted(p.name for p in folder.iterdir()) == [
+        "epoch_000.ckpt",
+        "last.ckpt",
+    ]
+
+
 # one uncalibrated epoch, no LR schedule (no schedule length to catch a change by chance)
 ONE_EPOCH = [
     "data=synthetic",

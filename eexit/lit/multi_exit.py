@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
 from collections.abc import Callable
 
 import pytorch_lightning as pl
@@ -294,6 +295,34 @@ class MultiExitModule(pl.LightningModule):
             if hasattr(dm, "split_record"):
                 self.data_info["split"] = dm.split_record()
 
+    def _follow_moved_run_folder(self, checkpoint: dict) -> None:
+        """A run folder moved or copied before the resume: the checkpoint callbacks' saved states
+        name the old ``checkpoints/`` folder, and Lightning then drops their best score and top-k
+        bookkeeping (a worse later epoch became the best one, tested and exported) and keeps a
+        best path into the old folder. Their paths are moved to the folder the checkpoint is in,
+        where ``continue_checkpoints_in`` points the callbacks."""
+        ckpt = getattr(self._trainer, "ckpt_path", None)
+        if not ckpt:
+            return
+        folder = os.path.realpath(os.path.dirname(ckpt))
+        if os.path.basename(folder) != "checkpoints":
+            return
+        for state in (checkpoint.get("callbacks") or {}).values():
+            old = state.get("dirpath") if isinstance(state, dict) else None
+            if not isinstance(old, str) or old == folder or os.path.basename(old) != "checkpoints":
+                continue
+
+            def moved(path, old=old):
+                return folder + path[len(old) :] if isinstance(path, str) and path.startswith(old + os.sep) else path
+
+            state["dirpath"] = folder
+            for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+                if key in state:
+                    state[key] = moved(state[key])
+            if isinstance(state.get("best_k_models"), dict):
+                state["best_k_models"] = {moved(k): v for k, v in state["best_k_models"].items()}
+            log.info("resuming: the checkpoints' bookkeeping follows the run from %s to %s", old, folder)
+
     def _check_resumed_world_size(self) -> None:
         """A checkpoint written in the middle of an epoch resumes with as many processes as wrote
         it: the training loader's position is kept per process (images yielded by each), so
@@ -376,6 +405,7 @@ class MultiExitModule(pl.LightningModule):
         meta = checkpoint.get("eexit", {})
         self._check_resumed_spec(meta.get("spec"))
         self._check_resumed_settings(checkpoint.get("hyper_parameters"), meta.get("loss"))
+        self._follow_moved_run_folder(checkpoint)
         self.data_info = meta.get("data")
         self._resume_split = (self.data_info or {}).get("split")
         self._resume_world_size = meta.get("world_size")
