@@ -1186,3 +1186,18 @@ def test_sigterm_while_an_image_is_decoded_ends_the_run(calibrated_run, tmp_path
     assert len(captured.out.splitlines()) <= 2 and "error" not in captured.out  # at most the first batch
     assert captured.err.strip().endswith("terminated")
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
+
+
+def test_a_lazily_opened_png_missing_rows_is_refused_as_its_bytes_are(calibrated_run) -> None:
+    # PIL zero-fills the rows of a complete image stream that ends early; the bytes were checked,
+    # a PIL image opened (not yet loaded) from the same bytes was predicted on half-black pixels
+    from eexit.serve.predict import predict_images
+
+    bundle = load_bundle(calibrated_run["bundle"])
+    size = bundle.input_size[0]
+    short = _crafted_png(b"".join(b"\x00" + bytes(range(i, i + size)) for i in range(size // 2)), size=size)
+    lazy = Image.open(io.BytesIO(short))
+    rows = predict_images(bundle, [short, lazy, memoryview(bytearray(short))])
+    assert all("error" in r and "bytes its rows need" in r["error"] for r in rows), rows
+    whole = _crafted_png(b"".join(b"\x00" + bytes(range(i, i + size)) for i in range(size)), size=size)
+    assert "error" not in predict_images(bundle, [Image.open(io.BytesIO(whole))])[0]

@@ -325,6 +325,8 @@ def _loaded_pil(path: str, im: Image.Image) -> Image.Image:
     limit = Image.MAX_IMAGE_PIXELS
     if limit and im.width * im.height > 2 * limit:  # as Pillow refuses such a file's bytes
         raise ImageError(path, f"image too large: {im.width * im.height} pixels, over twice Pillow's limit of {limit}")
+    # a PNG not decoded yet: its bytes, for the missing-rows check that files get (PIL zero-fills them)
+    data = _unread_png_bytes(im)
     try:
         _note_if_huge(path, im)
         im.load()
@@ -332,7 +334,25 @@ def _loaded_pil(path: str, im: Image.Image) -> Image.Image:
         raise ImageError(path, f"image too large: {err}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageError(path, f"truncated or corrupt image: {str(err) or type(err).__name__}") from None
+    short = _png_rows_missing(data) if data is not None else None
+    if short:
+        raise ImageError(path, f"truncated or corrupt image: {short}")
     return _oriented(path, im)
+
+
+def _unread_png_bytes(im: Image.Image) -> bytes | None:
+    """The whole file of a lazily opened PNG whose pixels PIL has not read yet, or ``None``."""
+    fp = getattr(im, "fp", None)
+    if im.format != "PNG" or fp is None or not getattr(im, "tile", None):  # tile: what load() has still to read
+        return None
+    try:
+        pos = fp.tell()
+        fp.seek(0)
+        data = fp.read(MAX_FILE_BYTES + 1)
+        fp.seek(pos)
+    except (OSError, ValueError, AttributeError):  # closed, unseekable: decoded as it comes
+        return None
+    return data if isinstance(data, bytes) and data.startswith(_PNG_SIGNATURE) else None
 
 
 def _resize_box(w: int, h: int, size: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
@@ -629,13 +649,13 @@ def load_pixels(source: ImageSource, channels: int, size: int) -> np.ndarray:
 
 
 def _held_bytes(source: InMemoryImage) -> bytes:
-    """An in-memory image's encoded bytes, bounded as a file's are."""
-    data = bytes(source.data)
-    if not data:
+    """An in-memory image's encoded bytes, bounded as a file's are (checked before any copy)."""
+    size = memoryview(source.data).nbytes
+    if not size:
         raise ImageError(source.name, "empty (0 bytes)")
-    if len(data) > MAX_FILE_BYTES:
+    if size > MAX_FILE_BYTES:
         raise ImageError(source.name, f"too large (over {MAX_FILE_BYTES >> 20} MiB)")
-    return data
+    return source.data if isinstance(source.data, bytes) else memoryview(source.data).tobytes()
 
 
 def normalise_batch(pixels: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float]) -> tuple[Tensor, Tensor]:
