@@ -406,3 +406,23 @@ def test_deeplift_summed_gradients_equal_captums_per_row_gradients():
     score = torch.nn.Sequential(model, torch.nn.Flatten(0))
     res = explain_gate(score, x.detach(), b[0], method="deeplift")
     assert torch.allclose(res.attributions.sum(dim=1), score(x.detach()) - score(b[:1]).expand(64), atol=1e-5)
+
+
+def test_deeplift_follows_weights_changed_in_place_between_calls() -> None:
+    # DeepLift explains a per-thread copy of the score module, kept between calls: it must be
+    # made anew when the module's tensors change
+    import copy
+
+    from eexit.explain.gate_attribution import explain_gate
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(7, 16), nn.ReLU(), nn.Linear(16, 1), nn.Flatten(0))
+    x, base = torch.randn(5, 7), torch.zeros(7)
+    first = explain_gate(net, x, base, method="deeplift").attributions
+    assert torch.equal(explain_gate(net, x, base, method="deeplift").attributions, first)
+    with torch.no_grad():
+        net[0].weight.mul_(-2.0)
+    changed = explain_gate(net, x, base, method="deeplift")
+    fresh = explain_gate(copy.deepcopy(net), x, base, method="deeplift")
+    assert not torch.allclose(changed.attributions, first)
+    assert torch.equal(changed.attributions, fresh.attributions) and float(changed.delta.max()) < 1e-5
