@@ -24,6 +24,7 @@ from eexit.config import (
 )
 from eexit.data.base import SplitDataModule
 from eexit.lit.multi_exit import MultiExitModule
+from eexit.lit.resume import run_checkpoints_folder
 from eexit.models.net import MultiExitNet
 
 log = logging.getLogger(__name__)
@@ -126,13 +127,13 @@ def continue_checkpoints_in(callbacks: list, ckpt_path: str, default_dir: str) -
     checkpoint inside a ``checkpoints/`` folder (one of our runs) moves the callbacks, and only
     those writing to this run's own ``default_dir`` (a callback given another folder keeps it).
     """
-    folder = Path(ckpt_path).resolve().parent
-    if folder.name != "checkpoints":
+    folder = run_checkpoints_folder(ckpt_path)
+    if folder is None:
         return
     default = os.path.realpath(default_dir)
     moved = [cb for cb in callbacks if isinstance(cb, pl.callbacks.ModelCheckpoint) and cb.dirpath == default]
     for cb in moved:
-        cb.dirpath = os.path.realpath(folder)
+        cb.dirpath = folder
     if moved:
         log.info("resuming: checkpoints go on in %s", folder)
 

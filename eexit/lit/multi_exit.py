@@ -15,7 +15,13 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from eexit.config import ConfigError
-from eexit.lit.resume import RNG_KEY, collect_rng_states, resume_train_loader, resumes_mid_epoch
+from eexit.lit.resume import (
+    RNG_KEY,
+    collect_rng_states,
+    resume_train_loader,
+    resumes_mid_epoch,
+    run_checkpoints_folder,
+)
 from eexit.losses import MultiExitLoss
 from eexit.models.net import MultiExitNet
 from eexit.types import ExitLevel
@@ -302,10 +308,8 @@ class MultiExitModule(pl.LightningModule):
         best path into the old folder. Their paths are moved to the folder the checkpoint is in,
         where ``continue_checkpoints_in`` points the callbacks."""
         ckpt = getattr(self._trainer, "ckpt_path", None)
-        if not ckpt:
-            return
-        folder = os.path.realpath(os.path.dirname(ckpt))
-        if os.path.basename(folder) != "checkpoints":
+        folder = run_checkpoints_folder(ckpt) if ckpt else None
+        if folder is None:
             return
         for state in (checkpoint.get("callbacks") or {}).values():
             old = state.get("dirpath") if isinstance(state, dict) else None

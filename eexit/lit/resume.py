@@ -18,6 +18,7 @@ helpers here close them:
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import pytorch_lightning as pl
@@ -32,6 +33,13 @@ RNG_KEY = "eexit_rng_states"
 def collect_rng_states() -> dict[str, Any]:
     """The global random states of torch, numpy and Python (CUDA too when present)."""
     return _collect_rng_states(include_cuda=True)
+
+
+def run_checkpoints_folder(ckpt_path: str | os.PathLike) -> str | None:
+    """The real path of the ``checkpoints/`` folder of one of our runs that holds ``ckpt_path``,
+    where a run resumed from it goes on writing its checkpoints; ``None`` for a file elsewhere."""
+    folder = os.path.dirname(os.path.realpath(ckpt_path))
+    return folder if os.path.basename(folder) == "checkpoints" else None
 
 
 def resumes_mid_epoch(trainer: pl.Trainer) -> bool:

@@ -289,19 +289,33 @@ def _decode_bytes(path: str, data: bytes) -> Image.Image:
     """``decode`` of the file's bytes (``path`` names it in errors)."""
     try:
         im = Image.open(io.BytesIO(data), formats=_available_formats())
-        _note_if_huge(path, im)
-        im.load()
     except UnidentifiedImageError:
         raise ImageError(
             path, f"not an image in a supported format ({', '.join(_available_formats())}) in {len(data)} bytes"
         ) from None
-    except Image.DecompressionBombError as err:
-        raise ImageError(path, f"image too large: {err}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        text = str(err)
-        reason = f"truncated or corrupt image: {text}" if text else f"corrupt image ({type(err).__name__})"
-        raise ImageError(path, reason) from None
-    if im.format == "PNG" and im.width and im.height:
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as err:
+        raise _unusable(path, err) from None
+    return _load_checked(path, im, data)
+
+
+def _unusable(path: str, err: Exception) -> ImageError:
+    """The ``ImageError`` for what Pillow raised opening or decoding an image."""
+    if isinstance(err, Image.DecompressionBombError):
+        return ImageError(path, f"image too large: {err}")
+    text = str(err)
+    return ImageError(path, f"truncated or corrupt image: {text}" if text else f"corrupt image ({type(err).__name__})")
+
+
+def _load_checked(path: str, im: Image.Image, data: bytes | None) -> Image.Image:
+    """An opened image's pixels decoded with the checks every input gets: Pillow's errors named,
+    a PNG's missing rows (PIL zero-fills them; checked on the file's ``data`` when known), no
+    empty image, EXIF orientation applied."""
+    try:
+        _note_if_huge(path, im)
+        im.load()
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as err:
+        raise _unusable(path, err) from None
+    if data is not None and im.format == "PNG" and im.width and im.height:
         short = _png_rows_missing(data)
         if short:
             raise ImageError(path, f"truncated or corrupt image: {short}")
@@ -325,19 +339,8 @@ def _loaded_pil(path: str, im: Image.Image) -> Image.Image:
     limit = Image.MAX_IMAGE_PIXELS
     if limit and im.width * im.height > 2 * limit:  # as Pillow refuses such a file's bytes
         raise ImageError(path, f"image too large: {im.width * im.height} pixels, over twice Pillow's limit of {limit}")
-    # a PNG not decoded yet: its bytes, for the missing-rows check that files get (PIL zero-fills them)
-    data = _unread_png_bytes(im)
-    try:
-        _note_if_huge(path, im)
-        im.load()
-    except Image.DecompressionBombError as err:
-        raise ImageError(path, f"image too large: {err}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageError(path, f"truncated or corrupt image: {str(err) or type(err).__name__}") from None
-    short = _png_rows_missing(data) if data is not None else None
-    if short:
-        raise ImageError(path, f"truncated or corrupt image: {short}")
-    return _oriented(path, im)
+    # a PNG not decoded yet: its bytes, for the missing-rows check that files get
+    return _load_checked(path, im, _unread_png_bytes(im))
 
 
 def _unread_png_bytes(im: Image.Image) -> bytes | None:
