@@ -93,11 +93,16 @@ def build_module(cfg: DictConfig, dm: SplitDataModule) -> MultiExitModule:
     return module
 
 
-def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:
+def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> tuple[str | None, dict]:
     """``"last"`` -> the newest ``last.ckpt`` under this task's log folder; a given file must be
-    a checkpoint that unpickles safely (or ``trust_checkpoint=true``)."""
+    a checkpoint that unpickles safely (or ``trust_checkpoint=true``).
+
+    Returns:
+        The checkpoint's path (``None``: a fresh run) and its ``eexit`` entry (the run's
+        description: spec, data split, W&B run; empty for a fresh run).
+    """
     if ckpt_path in (None, "", "null"):
-        return None
+        return None, {}
     if ckpt_path == "last":
         root = Path(cfg.paths.log_dir) / cfg.task_name
         found = sorted(root.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
@@ -116,7 +121,34 @@ def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:
         raise ConfigError(
             "ckpt_path", f"{ckpt_path} is no eexit training checkpoint to resume from (it lacks {', '.join(missing)})"
         )
-    return ckpt_path
+    return ckpt_path, dict(ckpt["eexit"] or {})
+
+
+def instantiate_loggers(section: DictConfig | None, resumed_wandb_run: str | None = None) -> list:
+    """The loggers of ``cfg.logger``; a resumed run's W&B logger continues the W&B run of the
+    checkpoint (its id, ``resume="allow"``) unless ``logger.wandb.id`` names one.
+
+    Online the resumed run goes on in the same W&B run; offline each part is a local run with
+    the same id, which ``wandb sync`` uploads, in order of start time, into one run.
+    """
+    loggers = []
+    for node in (section or {}).values():
+        if node is None or "_target_" not in node:
+            continue
+        kwargs = {}
+        if resumed_wandb_run and node.get("id") is None and _is_wandb_logger(node):
+            kwargs = {"id": resumed_wandb_run, "resume": "allow"}
+            log.info("resuming: logging into W&B run %s", resumed_wandb_run)
+        loggers.append(hydra.utils.instantiate(node, **kwargs))
+    return loggers
+
+
+def _is_wandb_logger(node: DictConfig) -> bool:
+    try:
+        cls = hydra.utils.get_class(node._target_)
+    except (ImportError, ValueError):  # instantiate reports what is wrong with the target
+        return False
+    return isinstance(cls, type) and issubclass(cls, pl.loggers.WandbLogger)
 
 
 def continue_checkpoints_in(callbacks: list, ckpt_path: str, default_dir: str) -> None:
@@ -202,7 +234,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         pl.seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg)
     model = build_module(cfg, dm)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg)
+    ckpt_path, resumed = resolve_ckpt_path(cfg.get("ckpt_path"), cfg)
     if (cfg.get("router") or {}).get("calibrate"):
         # split now (Lightning's setup then finds it done): a calibration split too small for
         # the routers, given as a fraction of a pool known only here, is named before the fit
@@ -210,7 +242,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         dm.setup("fit")
         check_calibration_size(len(dm.data_calib))
     callbacks = _instantiate_dict(cfg.get("callbacks"))
-    loggers = _instantiate_dict(cfg.get("logger"))
+    loggers = instantiate_loggers(cfg.get("logger"), resumed.get("wandb_run"))
     if not loggers:  # nothing to monitor into (logger=none)
         callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.LearningRateMonitor)]
     trainer: pl.Trainer = instantiate_named(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)

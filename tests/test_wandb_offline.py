@@ -157,3 +157,43 @@ def test_online_wandb_without_a_login_is_a_config_error(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "config key 'logger.wandb': W&B could not start the run" in proc.stderr, proc.stderr[-2000:]
     assert "logger.wandb.offline=true" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_resumed_run_continues_the_wandb_run_of_its_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """The checkpoint records its W&B run; the resume logs into it (offline: a second local part
+    with the same id, which ``wandb sync`` uploads into one run), also after a part without W&B."""
+    import torch
+
+    for name, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config")):
+        monkeypatch.setenv(name, str(tmp_path / sub))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    overrides = [
+        "data=synthetic",
+        "model=micro",
+        "model.scheduler=null",
+        "trainer.max_epochs=3",
+        "+trainer.limit_train_batches=4",
+        "+trainer.limit_val_batches=2",
+        "callbacks.last_checkpoint.every_n_train_steps=2",
+        "router.calibrate=false",
+        "test=false",
+    ]
+
+    def run(part: str, extra: list[str]) -> str | None:
+        train(compose_train(tmp_path / part, [*overrides, *extra]))
+        runs = sorted((tmp_path / part / "out").glob("wandb/offline-run-*"))
+        return runs[0].name.rsplit("-", 1)[1] if runs else None
+
+    last = tmp_path / "a" / "out" / "checkpoints" / "last.ckpt"  # the resumed parts write there too
+    first_id = run("a", ["logger=wandb", "+trainer.max_steps=3"])
+    assert first_id and torch.load(last, weights_only=False)["eexit"]["wandb_run"] == first_id
+    # a part without W&B keeps the id in its checkpoints
+    assert run("b", ["logger=csv", "+trainer.max_steps=6", f"ckpt_path={last}"]) is None
+    assert torch.load(last, weights_only=False)["eexit"]["wandb_run"] == first_id
+    assert run("c", ["logger=wandb", "+trainer.max_steps=9", f"ckpt_path={last}"]) == first_id
+    logged = _read_offline_run(next((tmp_path / "c" / "out").glob("wandb/offline-run-*/run-*.wandb")))
+    assert logged["trainer/global_step"] >= 6, "the resumed part logs the global steps after the resume"
+    # an id given in the config wins over the checkpoint's
+    own = run("d", ["logger=wandb", "logger.wandb.id=myownrun1", "+trainer.max_steps=12", f"ckpt_path={last}"])
+    assert own == "myownrun1"

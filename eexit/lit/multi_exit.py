@@ -29,7 +29,7 @@ from eexit.types import ExitLevel
 log = logging.getLogger(__name__)
 
 STAGES = ("train", "val", "test")
-RUN_KEYS = ("spec", "data", "world_size", "loss")
+RUN_KEYS = ("spec", "data", "world_size", "loss", "wandb_run")
 """The entries of ``checkpoint["eexit"]`` that describe the run; the others are ``extra_state``
 (the calibration)."""
 
@@ -81,6 +81,7 @@ class MultiExitModule(pl.LightningModule):
         self._resume_rng: dict | None = None
         self._resume_split: dict | None = None
         self._resume_world_size: int | None = None
+        self._resumed_wandb_run: str | None = None  # the W&B run of the resumed checkpoint
         self._schedule_length: tuple[str, int] | None = None
 
     @property
@@ -400,9 +401,19 @@ class MultiExitModule(pl.LightningModule):
             "data": self.data_info,
             "world_size": world_size,
             "loss": self.loss_fn.settings,
+            "wandb_run": self._wandb_run_id(),
             **self.extra_state,
         }
         checkpoint[RNG_KEY] = collect_rng_states()
+
+    def _wandb_run_id(self) -> str | None:
+        """The id of the W&B run this fit logs to, else the one of the run it resumed (a part
+        resumed without ``logger=wandb`` keeps the id, so a later part continues that run)."""
+        loggers = self._trainer.loggers if self._trainer is not None else []
+        for lg in loggers:
+            if isinstance(lg, pl.loggers.WandbLogger) and lg.version:
+                return str(lg.version)
+        return self._resumed_wandb_run
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._resume_rng = checkpoint.get(RNG_KEY)
@@ -413,6 +424,7 @@ class MultiExitModule(pl.LightningModule):
         self.data_info = meta.get("data")
         self._resume_split = (self.data_info or {}).get("split")
         self._resume_world_size = meta.get("world_size")
+        self._resumed_wandb_run = meta.get("wandb_run")
         self.extra_state = {k: v for k, v in meta.items() if k not in RUN_KEYS}
 
 
