@@ -38,8 +38,18 @@ def config_errors_exit() -> Iterator[None]:
     except (ConfigError, FileNotFoundError, CorruptImageError) as err:
         if _in_multirun():
             raise
-        print_error(str(err))
+        print_error(_own_message(err))
         raise SystemExit(2) from None
+
+
+def _own_message(err: BaseException) -> str:
+    """The exception's message; for one re-raised from a DataLoader worker (whose message is
+    the worker's whole traceback), the message it had in the worker."""
+    text = str(err)
+    if "\nOriginal Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def print_error(message: str) -> None:

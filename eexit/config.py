@@ -161,25 +161,25 @@ def validate_train_config(cfg: DictConfig) -> None:
             raise ConfigError("model.loss.cam_size", f"must be null, a size or [height, width], got {cam_size!r}")
         for size in sizes:
             _number("model.loss.cam_size", size, 1, integer=True)
-    for key in ("val_size", "calib_size"):
+    for key in ("val_size", "calib_size", "test_size"):
         if cfg.data.get(key) is not None:
             try:
                 check_split_size(key, cfg.data[key])
             except ValueError as err:
                 raise ConfigError(f"data.{key}", str(err)) from None
     calib_size = cfg.data.get("calib_size")
-    if (cfg.get("router") or {}).get("calibrate", False) and calib_size is not None:
-        # found only after the fit otherwise; a fraction is checked once the pool is known
-        if calib_size == 0:
-            raise ConfigError(
-                "data.calib_size", "is 0, but router calibration needs held-out images (or set router.calibrate=false)"
-            )
-        if isinstance(calib_size, int) and not isinstance(calib_size, bool):
-            check_calibration_size(calib_size)
+    # found only after the fit otherwise; a fraction is checked once the pool is known
+    counted = calib_size == 0 or (isinstance(calib_size, int) and not isinstance(calib_size, bool))
+    if (cfg.get("router") or {}).get("calibrate", False) and calib_size is not None and counted:
+        check_calibration_size(int(calib_size))
 
 
-def check_calibration_size(n: int) -> None:
+def check_calibration_size(n: int, hint: str | None = None) -> None:
     """Refuse a calibration split of ``n`` images, too few for router calibration.
+
+    Args:
+        n: images in the calibration split.
+        hint: what to do, in the message (default: the training run's choices).
 
     Raises:
         ConfigError: naming ``data.calib_size``.
@@ -187,10 +187,14 @@ def check_calibration_size(n: int) -> None:
     from eexit.routing.calibrate import MIN_CALIBRATION_IMAGES
 
     if n < MIN_CALIBRATION_IMAGES:
+        hint = hint or (
+            f"hold out more: data.calib_size={MIN_CALIBRATION_IMAGES} or more images (or a larger fraction); "
+            "router.calibrate=false trains without routers, and such a model can neither be evaluated nor "
+            "exported for serving"
+        )
         raise ConfigError(
             "data.calib_size",
-            f"{n} held-out calibration images; router calibration needs at least {MIN_CALIBRATION_IMAGES} "
-            "(or set router.calibrate=false)",
+            f"{n} held-out calibration images; router calibration needs at least {MIN_CALIBRATION_IMAGES} ({hint})",
         )
 
 

@@ -307,3 +307,82 @@ def test_synthetic_images_smaller_than_a_shape_are_refused() -> None:
     with pytest.raises(ValueError, match="image_size must be at least 4"):
         make_shapes(2, image_size=3)
     assert make_shapes(2, image_size=4)[0].shape == (2, 1, 4, 4)
+
+
+def test_training_reads_the_files_predict_reads_and_skips_the_hidden_ones(tmp_path: Path) -> None:
+    # macOS's ._ resource files (hidden, ending in .png) stopped training with bad_files=fail while
+    # predict skipped them; .jfif JPEGs were left out of training without a word
+    _folder(tmp_path, per_class=4)
+    a = tmp_path / "train" / "a"
+    (a / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (a / ".notes").mkdir()
+    Image.new("RGB", (16, 16)).save(a / ".notes" / "x.png")
+    Image.new("RGB", (16, 16)).save(a / "photo.jfif", format="JPEG")
+    (a / "readme.txt").write_text("not an image")
+    dm = ImageFolderDataModule(str(tmp_path), image_size=16, augment=False, val_size=2, calib_size=2, seed=0)
+    names = sorted(Path(p).name for p, _ in dm.load_pool().samples)
+    assert names == sorted([*(f"{i}.png" for i in range(4)), *(f"{i}.png" for i in range(4)), "photo.jfif"])
+    # a class folder without any file read is named with what is read
+    (tmp_path / "train" / "c").mkdir()
+    (tmp_path / "train" / "c" / "scan.pdf").write_bytes(b"%PDF-1.4")
+    dm = ImageFolderDataModule(str(tmp_path), image_size=16, augment=False, val_size=2, calib_size=2, seed=0)
+    with pytest.raises(
+        FileNotFoundError, match=r"class folder\(s\) 'c' of .*train hold no image file \(read: .*\.jfif"
+    ):
+        dm.setup("fit")
+
+
+def test_an_unreadable_held_out_image_is_found_before_training(tmp_path: Path) -> None:
+    # the test and calibration images were read only after the fit: a bad one ended a finished
+    # training without its test, calibration and bundle
+    from eexit.data.image_folder import CorruptImageError
+
+    _folder(tmp_path, per_class=6)
+    (tmp_path / "test" / "b" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    dm = ImageFolderDataModule(str(tmp_path), image_size=16, augment=False, val_size=2, calib_size=2, seed=0)
+    with pytest.raises(
+        CorruptImageError, match=r"1 unreadable image\(s\) among the 16 held out .*3\.png.*bad_files=skip"
+    ):
+        dm.setup("fit")
+    # a bad training image is left to the epoch that reads it (its message says what to do)
+    (tmp_path / "test" / "b" / "3.png").unlink()
+    (tmp_path / "train" / "a" / "5.png").write_bytes(b"")
+    dm = ImageFolderDataModule(str(tmp_path), image_size=16, augment=False, val_size=0, calib_size=0, seed=0)
+    dm.setup("fit")
+    pool = dm.data_train.dataset
+    with pytest.raises(CorruptImageError, match=r"5\.png: .*data\.bad_files=skip"):
+        pool[[Path(p).name for p, _ in pool.samples].index("5.png")]
+
+
+def test_a_folder_of_class_folders_holds_its_test_split_out(tmp_path: Path) -> None:
+    from eexit.config import ConfigError
+
+    _folder(tmp_path, per_class=10)
+    plain = tmp_path / "train"  # root/<class>/*.png, no test folder of its own
+    with pytest.raises(
+        FileNotFoundError, match=r"holds the class folders itself: data\.train_dir=\. data\.test_dir=null"
+    ):
+        ImageFolderDataModule(str(plain), image_size=16)
+    with pytest.raises(ConfigError, match=r"data\.test_dir.*is the training folder"):
+        ImageFolderDataModule(str(plain), image_size=16, train_dir=".", test_dir=".")
+    kwargs = {"image_size": 16, "augment": False, "val_size": 2, "calib_size": 3, "seed": 0}
+    dm = ImageFolderDataModule(str(plain), train_dir=".", test_dir=None, test_size=0.25, **kwargs)
+    dm.setup("fit")
+    parts = [set(s.indices) for s in (dm.data_train, dm.data_val, dm.data_calib, dm.data_test)]
+    assert [len(p) for p in parts] == [10, 2, 3, 5] and len(set.union(*parts)) == 20  # disjoint, the whole pool
+    assert dm.split_record()["test_size"] == 0.25 and len(dm.test_dataloader().dataset) == 5
+    # an evaluation with a test folder of its own cannot rebuild that split
+    other = ImageFolderDataModule(str(tmp_path), **kwargs)
+    assert other.split_differences(dm.split_record()) == ["test_size: 0.25 there, None here"]
+    with pytest.raises(ConfigError, match=r"data\.test_size.*held out of the training pool"):
+        other.use_split(dm.split_record())
+    # a module with a test set of its own records no test_size (as records did before it)
+    assert "test_size" not in other.split_record() and other.split_differences(other.split_record()) == []
+
+
+def test_a_validation_folder_that_is_not_read_is_named(tmp_path: Path, caplog) -> None:
+    _folder(tmp_path, per_class=4)
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    with caplog.at_level("WARNING", logger="eexit.data.image_folder"):
+        ImageFolderDataModule(str(tmp_path), image_size=16)
+    assert "val is not read: the validation and calibration images are held out of" in caplog.text

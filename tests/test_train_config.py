@@ -188,6 +188,25 @@ def test_image_folder_without_root_names_the_key(tmp_path: Path, capsys) -> None
     )
 
 
+def test_an_unreadable_image_met_in_a_loader_worker_is_one_line(capsys) -> None:
+    # a DataLoader worker's exception comes back with the worker's whole traceback as its message
+    from torch._utils import ExceptionWrapper
+
+    from eexit.cli_output import config_errors_exit
+    from eexit.data.image_folder import CorruptImageError
+
+    try:
+        raise CorruptImageError("cannot read image /data/train/a/1.png: empty file (data.bad_files=skip ...)")
+    except CorruptImageError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(SystemExit) as stop, config_errors_exit():
+        wrapped.reraise()
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: cannot read image /data/train/a/1.png: empty file (data.bad_files=skip ...)"
+    )
+
+
 def test_image_folder_split_folder_not_found_names_its_key(tmp_path: Path) -> None:
     (tmp_path / "imgs" / "train").mkdir(parents=True)
     cfg = compose_train(tmp_path, ["data=image_folder", f"data.root={tmp_path / 'imgs'}", "data.test_dir=tst", *FAST])

@@ -53,6 +53,8 @@ class SplitDataModule(pl.LightningDataModule):
         seed: seed of the split.
         num_workers: loader worker processes.
         limit_train: keep only this many training images (``None``: all), for quick runs.
+        test_size: images or fraction of the pool held out as the test split, for data without
+            a test set of its own (``None``: ``load_test`` gives the test set).
     """
 
     def __init__(
@@ -63,11 +65,13 @@ class SplitDataModule(pl.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         limit_train: int | None = None,
+        test_size: int | float | None = None,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.val_size = val_size
         self.calib_size = calib_size
+        self.test_size = test_size
         self.split_seed = seed
         self.num_workers = num_workers
         self.limit_train = limit_train
@@ -112,22 +116,35 @@ class SplitDataModule(pl.LightningDataModule):
             return round(size * n) if isinstance(size, float) and size < 1 else int(size)
 
         n_val, n_calib = count("val_size", self.val_size), count("calib_size", self.calib_size)
-        if n_val + n_calib >= n:
+        held = [n_val, n_calib]
+        if self.test_size is not None:
+            held.append(count("test_size", self.test_size))
+            if held[-1] == 0:
+                raise ConfigError("data.test_size", f"holds out no test image of the {n} in the pool")
+        if sum(held) >= n:
+            names = " + ".join(("val_size", "calib_size", "test_size")[: len(held)])
             raise ConfigError(
                 "data.val_size",
-                f"val_size + calib_size ({n_val} + {n_calib}) leave no training images out of {n}",
+                f"{names} ({' + '.join(map(str, held))}) leave no training images out of {n}",
             )
-        return [n - n_val - n_calib, n_val, n_calib]
+        return [n - sum(held), *held]
 
     def _split_settings(self) -> dict:
         """The settings that decide the split (what ``use_split`` sets)."""
-        return {"seed": self.split_seed, "val_size": self.val_size, "calib_size": self.calib_size}
+        return {
+            "seed": self.split_seed,
+            "val_size": self.val_size,
+            "calib_size": self.calib_size,
+            "test_size": self.test_size,
+        }
 
     def split_record(self) -> dict:
         """How the pool is split into train / val / calib: stored with the model (checkpoint and
         bundle ``data.split``), so that an evaluation recalibrates on the images training held
         out and a resumed run splits as the run it continues; with the pool's size once set up."""
         record = self._split_settings()
+        if record["test_size"] is None:  # a test set of its own, as in the records before test_size
+            del record["test_size"]
         if self._pool_size is not None:
             record["pool_size"] = self._pool_size
         return record
@@ -136,7 +153,9 @@ class SplitDataModule(pl.LightningDataModule):
         """``key: recorded vs here`` for each split setting of ``record`` (a ``split_record``;
         the pool's size is not a setting) that this module has otherwise."""
         here = self._split_settings()
-        return [f"{k}: {record[k]!r} there, {here[k]!r} here" for k in here if k in record and record[k] != here[k]]
+        # records from before test_size was recorded: the test set was a separate one
+        there = {"test_size": None, **record}
+        return [f"{k}: {there[k]!r} there, {here[k]!r} here" for k in here if k in there and there[k] != here[k]]
 
     @property
     def pool_size(self) -> int | None:
@@ -150,18 +169,29 @@ class SplitDataModule(pl.LightningDataModule):
         self.split_seed = int(record.get("seed", self.split_seed))
         self.val_size = record.get("val_size", self.val_size)
         self.calib_size = record.get("calib_size", self.calib_size)
+        if (record.get("test_size") is None) != (self.test_size is None):
+            # a test split held out of the pool there and a test set of its own here (or the
+            # reverse): the other splits could not be the ones training used
+            raise ConfigError(
+                "data.test_size",
+                f"the model's test split was {_test_source(record.get('test_size'))}, this data config's is "
+                f"{_test_source(self.test_size)}: evaluate with the training run's data config",
+            )
+        self.test_size = record.get("test_size")
 
     def setup(self, stage: str | None = None) -> None:
         if self.data_train is None:
             pool = self.load_pool()
             self._pool_size = len(pool)
             generator = torch.Generator().manual_seed(self.split_seed)
-            self.data_train, val, calib = random_split(pool, self._sizes(len(pool)), generator)
+            self.data_train, val, calib, *test = random_split(pool, self._sizes(len(pool)), generator)
             if stage == "fit":  # training only: evaluating or calibrating a trained model trains nothing
                 self._check_every_class_trains(pool, self.data_train.indices)
             # model selection and router calibration see images as the test set and serving do
             plain = self.eval_view(pool)
             self.data_val, self.data_calib = Subset(plain, val.indices), Subset(plain, calib.indices)
+            if test:  # test_size: the test split is held out of the pool too
+                self.data_test = Subset(plain, test[0].indices)
             if self.limit_train is not None and self.limit_train < len(self.data_train):
                 self.data_train = torch.utils.data.Subset(self.data_train, range(self.limit_train))
         if self.data_test is None and stage in (None, "test", "predict", "calibrate"):
@@ -223,8 +253,12 @@ class SplitDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         if self.data_test is None:
-            self.data_test = self.load_test()
+            self.setup("test")
         return self._loader(self.data_test)
+
+
+def _test_source(test_size: int | float | None) -> str:
+    return "the data's own test set" if test_size is None else f"held out of the training pool (test_size={test_size})"
 
 
 def _labels(pool: Dataset) -> Tensor | None:

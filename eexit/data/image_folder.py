@@ -4,31 +4,38 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import tarfile
 import tempfile
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 from torchvision.datasets.vision import StandardTransform
 
 from eexit.config import ConfigError
 from eexit.data.base import DataInfo, SplitDataModule
-from eexit.serve.images import ImageError, decode, to_model_mode
+from eexit.serve.images import ImageError, decode, image_extensions, to_model_mode
 
 log = logging.getLogger(__name__)
 
 
-EXTENSIONS: tuple[str, ...] = (*datasets.folder.IMG_EXTENSIONS, ".gif")
-"""File endings of the images an image folder trains on: torchvision's list and GIF (which
-``eexit predict`` serves too; torchvision's list leaves GIFs out, silently)."""
+def _is_image_file(path: str, root: str) -> bool:
+    """An image file of a class folder: an ending of a format ``eexit predict`` decodes
+    (``image_extensions``), and no hidden file or folder below ``root`` on its way (``.DS_Store``,
+    macOS's ``._photo.jpg`` resource files, ``.ipynb_checkpoints/``): what predict skips too."""
+    if not path.lower().endswith(image_extensions()):
+        return False
+    parts = os.path.relpath(path, root).split(os.sep)
+    return not any(_hidden_entry(part) for part in parts)
 
 
-def _is_image_file(path: str) -> bool:
-    return path.lower().endswith(EXTENSIONS)
+BAD_FILES_HINT = "data.bad_files=skip leaves unreadable images out"
 
 
 class CorruptImageError(RuntimeError):
@@ -41,15 +48,28 @@ def load_image(path: str) -> Image.Image:
     try:
         return decode(path)
     except ImageError as err:
-        raise CorruptImageError(f"cannot read image {path}: {err.reason}") from err
+        raise CorruptImageError(f"cannot read image {path}: {err.reason} ({BAD_FILES_HINT})") from err
+
+
+def unreadable_reason(path: str) -> str | None:
+    """Why the image file cannot be used (``None``: it decodes)."""
+    try:
+        decode(path)
+        return None
+    except ImageError as err:
+        return err.reason
 
 
 def readable(path: str) -> bool:
-    try:
-        load_image(path)
-        return True
-    except CorruptImageError:
-        return False
+    return unreadable_reason(path) is None
+
+
+def find_unreadable(paths: Sequence[str], workers: int = 4) -> list[tuple[str, str]]:
+    """``(path, reason)`` of each file of ``paths`` that does not decode, in their order;
+    decoded by ``workers`` threads (Pillow's decoders release the GIL)."""
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        reasons = list(pool.map(unreadable_reason, paths, chunksize=64))
+    return [(p, r) for p, r in zip(paths, reasons, strict=True) if r is not None]
 
 
 class CheckedImageFolder(datasets.ImageFolder):
@@ -80,13 +100,27 @@ class CheckedImageFolder(datasets.ImageFolder):
         if bad_files not in ("fail", "skip"):
             raise ValueError(f"bad_files must be 'fail' or 'skip', got {bad_files!r}")
         self._given_classes = None if classes is None else list(classes)
+        # allow_empty: the classes without an image file are named below, with what is read
         super().__init__(
-            root, transform=transform, loader=load_image, is_valid_file=_is_image_file, allow_empty=allow_empty
+            root,
+            transform=transform,
+            loader=load_image,
+            is_valid_file=partial(_is_image_file, root=root),
+            allow_empty=True,
         )
+        if not allow_empty:
+            counted = set(self.targets)
+            empty = [c for c, i in self.class_to_idx.items() if i not in counted]
+            if empty:
+                raise FileNotFoundError(
+                    f"class folder(s) {', '.join(map(repr, empty))} of {root} hold no image file (read: "
+                    f"{' '.join(image_extensions())}; hidden files skipped)"
+                )
         self.skipped: list[str] = []
         if bad_files == "skip":
-            keep = [(p, t) for p, t in self.samples if readable(p)]
-            self.skipped = sorted({p for p, _ in self.samples} - {p for p, _ in keep})
+            bad = {p for p, _ in find_unreadable([p for p, _ in self.samples], os.cpu_count() or 1)}
+            keep = [(p, t) for p, t in self.samples if p not in bad]
+            self.skipped = sorted(bad)
             self.samples = self.imgs = keep
             self.targets = [t for _, t in keep]
             if self.skipped:
@@ -103,7 +137,7 @@ class CheckedImageFolder(datasets.ImageFolder):
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         found, _ = super().find_classes(directory)
-        found = [c for c in found if not _hidden_folder(c)]
+        found = [c for c in found if not _hidden_entry(c)]
         if not found:
             raise FileNotFoundError(f"no class folders in {directory} (hidden folders do not count)")
         if self._given_classes is None:
@@ -117,9 +151,20 @@ class CheckedImageFolder(datasets.ImageFolder):
         return list(self._given_classes), {c: i for i, c in enumerate(self._given_classes)}
 
 
-def _hidden_folder(name: str) -> bool:
-    """A folder that is no class: hidden (``.ipynb_checkpoints``, ``.git``) or a macOS archive's
-    ``__MACOSX``."""
+def _holds_class_folders(root: Path) -> bool:
+    """Whether ``root`` itself looks like a training folder: a visible subfolder with an image file."""
+    try:
+        return any(
+            d.is_dir() and not _hidden_entry(d.name) and any(_is_image_file(str(f), str(root)) for f in d.iterdir())
+            for d in root.iterdir()
+        )
+    except OSError:
+        return False
+
+
+def _hidden_entry(name: str) -> bool:
+    """A file or folder that holds no class or image: hidden (``.ipynb_checkpoints``, ``.git``,
+    ``.DS_Store``, ``._photo.jpg``) or a macOS archive's ``__MACOSX``."""
     return name.startswith(".") or name == "__MACOSX"
 
 
@@ -133,8 +178,12 @@ class ImageFolderDataModule(SplitDataModule):
         std: per-channel normalisation std.
         in_chans: 1 reads images as grayscale, 3 as RGB.
         augment: random crop (padding 4) and horizontal flip for training.
-        train_dir: name of the training split folder.
-        test_dir: name of the test split folder.
+        train_dir: name of the training split folder (``"."``: ``root`` itself holds the class
+            folders).
+        test_dir: name of the test split folder; ``None``: there is none, and ``test_size`` of
+            the training folder is held out (seeded) as the test split.
+        test_size: images or fraction of the training folder held out as the test split when
+            ``test_dir`` is ``None`` (unused otherwise).
         name: data set name recorded with the model.
         bad_files: ``"fail"`` (default) stops at the first unreadable image, naming it;
             ``"skip"`` leaves unreadable images out and counts them (``skipped_files``).
@@ -150,16 +199,18 @@ class ImageFolderDataModule(SplitDataModule):
         in_chans: int = 3,
         augment: bool = True,
         train_dir: str = "train",
-        test_dir: str = "test",
+        test_dir: str | None = "test",
+        test_size: int | float = 0.1,
         name: str = "image_folder",
         bad_files: str = "fail",
         **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(test_size=test_size if test_dir is None else None, **kwargs)
         if bad_files not in ("fail", "skip"):
             raise ValueError(f"data.bad_files must be 'fail' or 'skip', got {bad_files!r}")
         self.bad_files = bad_files
         self.skipped_files: list[str] = []
+        self._held_out_checked = False
         self.root = Path(root)
         self.image_size = image_size
         self.mean, self.std = list(mean), list(std)
@@ -177,20 +228,49 @@ class ImageFolderDataModule(SplitDataModule):
         self.prepare_root()
         if not self.root.is_dir():
             raise FileNotFoundError(f"data folder not found: {self.root} (set data.root)")
-        for key, split in (("train_dir", train_dir), ("test_dir", test_dir)):
-            if not (self.root / split).is_dir():
-                raise FileNotFoundError(
-                    f"data folder not found: {self.root / split} (data.{key}={split!r} under data.root={str(self.root)!r})"
-                )
+        self._check_split_folders()
         # hidden folders (.ipynb_checkpoints, .git) and macOS archive debris are no classes
         self._classes = sorted(
-            p.name for p in (self.root / train_dir).iterdir() if p.is_dir() and not _hidden_folder(p.name)
+            p.name for p in (self.root / train_dir).iterdir() if p.is_dir() and not _hidden_entry(p.name)
         )
         if not self._classes:
             raise FileNotFoundError(f"no class folders in {self.root / train_dir}")
 
     def prepare_root(self) -> None:
         """Hook for subclasses that unpack or download into ``root`` first."""
+
+    def _check_split_folders(self) -> None:
+        """The split folders exist, the test folder is not the training folder, and a folder the
+        splits do not read (``val/``) is named in a warning."""
+        for key, split in (("train_dir", self.train_dir), ("test_dir", self.test_dir)):
+            if split is not None and not (self.root / split).is_dir():
+                hint = ""
+                if split == self.train_dir and _holds_class_folders(self.root):
+                    hint = (
+                        f"; {self.root} holds the class folders itself: data.train_dir=. data.test_dir=null trains on "
+                        "them and holds a test split out of them (data.test_size)"
+                    )
+                raise FileNotFoundError(
+                    f"data folder not found: {self.root / split} (data.{key}={split!r} under "
+                    f"data.root={str(self.root)!r}){hint}"
+                )
+        train = (self.root / self.train_dir).resolve()
+        if self.test_dir is not None and (self.root / self.test_dir).resolve() == train:
+            raise ConfigError(
+                "data.test_dir",
+                f"{self.test_dir!r} is the training folder {train}: the test accuracy would be measured on training "
+                "images; data.test_dir=null holds a test split out of the training folder (data.test_size)",
+            )
+        used = {train} | ({(self.root / self.test_dir).resolve()} if self.test_dir is not None else set())
+        for name in ("val", "valid", "validation"):
+            folder = self.root / name
+            if folder.is_dir() and folder.resolve() not in used:
+                log.warning(
+                    "%s is not read: the validation and calibration images are held out of %s (data.val_size, "
+                    "data.calib_size)",
+                    folder,
+                    self.root / self.train_dir,
+                )
 
     @property
     def info(self) -> DataInfo:
@@ -220,6 +300,30 @@ class ImageFolderDataModule(SplitDataModule):
     def load_pool(self) -> Dataset:
         return self._folder(self.train_dir, train=True)
 
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.bad_files == "fail" and not self._held_out_checked:
+            self._check_held_out_files()
+
+    def _check_held_out_files(self) -> None:
+        """Decode the validation, calibration and test images before training: they are read
+        only after a training epoch or after the fit, where an unreadable one ended a finished
+        training without its test, calibration and bundle. (Training images are read in the
+        first epoch; ``bad_files=skip`` checks every file.)"""
+        if self.data_test is None:
+            self.data_test = self.load_test()
+        paths = [p for split in (self.data_val, self.data_calib, self.data_test) for p in _files(split)]
+        start = time.perf_counter()
+        bad = find_unreadable(paths, os.cpu_count() or 1)
+        log.info("checked the %d held-out images in %.1f s", len(paths), time.perf_counter() - start)
+        self._held_out_checked = True
+        if bad:
+            examples = "; ".join(f"{p}: {r}" for p, r in bad[:3])
+            raise CorruptImageError(
+                f"{len(bad)} unreadable image(s) among the {len(paths)} held out for validation, calibration and "
+                f"test: {examples}{' ...' if len(bad) > 3 else ''} ({BAD_FILES_HINT})"
+            )
+
     def eval_view(self, pool: Dataset) -> Dataset:
         """The pool's files (listed and checked once) with the evaluation transform."""
         if not self.augment:
@@ -230,7 +334,17 @@ class ImageFolderDataModule(SplitDataModule):
         return view
 
     def load_test(self) -> Dataset:
+        if self.test_dir is None:
+            raise RuntimeError("the test split is held out of the training folder: call setup() first")
         return self._folder(self.test_dir, train=False)
+
+
+def _files(split: Dataset) -> list[str]:
+    """The image files of a split: a ``CheckedImageFolder`` or a ``Subset`` of one."""
+    if isinstance(split, Subset):
+        samples = split.dataset.samples
+        return [samples[i][0] for i in split.indices]
+    return [p for p, _ in split.samples]
 
 
 class CIFAR10DataModule(ImageFolderDataModule):
@@ -264,7 +378,7 @@ class CIFAR10DataModule(ImageFolderDataModule):
         """Whether both splits of ``root`` hold a visible class folder with a file in it."""
         return all(
             any(
-                c.is_dir() and not _hidden_folder(c.name) and any(f.is_file() for f in c.iterdir())
+                c.is_dir() and not _hidden_entry(c.name) and any(f.is_file() for f in c.iterdir())
                 for c in (root / d).iterdir()
             )
             for d in (self.train_dir, self.test_dir)

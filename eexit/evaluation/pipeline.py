@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -128,7 +129,11 @@ def _calibration(loaded: LoadedCheckpoint, dm: SplitDataModule, cfg: DictConfig,
     batches = list(dm.calib_dataloader())
     if not batches:
         raise ConfigError("data.calib_size", "the calibration split is empty: nothing to calibrate the routers on")
-    check_calibration_size(sum(len(y) for _, y in batches))
+    check_calibration_size(
+        sum(len(y) for _, y in batches),
+        f"the routers are fitted on the images training held out, as recorded in {loaded.path}: train with "
+        "data.calib_size of at least that many images",
+    )
     # the timing batch comes from the calibration split too: nothing of the fit sees test images
     timing, have = [], 0
     for x, _ in batches:
@@ -167,14 +172,22 @@ def _router_overrides() -> list[str]:
 
 def check_data_matches(loaded: LoadedCheckpoint, info, key: str) -> None:
     """Refuse test data the model was not trained for (classes, channels, size, normalisation)."""
-    if loaded.net.num_classes != info.num_classes:
-        raise ConfigError("data", f"{info.num_classes} classes, but {key} has {loaded.net.num_classes}")
     trained = loaded.data or {}
-    names = trained.get("class_names")
-    if names and info.class_names and list(names) != list(info.class_names):
+    if loaded.net.num_classes != info.num_classes:
+        source = f" (it was trained on data named {trained['name']!r})" if trained.get("name") else ""
+        raise ConfigError(
+            "data",
+            f"{info.num_classes} classes in {info.name!r}, but {key} has {loaded.net.num_classes}{source}: evaluate "
+            "with the training run's data config (data=..., data.root=...)",
+        )
+    names = [_nfc(n) for n in trained.get("class_names") or []]
+    here = [_nfc(n) for n in info.class_names]
+    if names and here and names != here:
         # the same number of classes, numbered otherwise (an ImageFolder sorts its folder names):
-        # every accuracy would compare labels of one numbering with predictions of another
-        diff = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(names, info.class_names, strict=False)) if a != b]
+        # every accuracy would compare labels of one numbering with predictions of another.
+        # Compared in Unicode's composed form (a folder copied from macOS may spell ü as u + ¨);
+        # shown escaped, so that names that look alike show where they differ
+        diff = [f"{i}: {a!a} vs {b!a}" for i, (a, b) in enumerate(zip(names, here, strict=False)) if a != b]
         raise ConfigError(
             "data",
             f"{key} was trained on classes numbered otherwise than this data's (trained vs here: "
@@ -192,6 +205,10 @@ def check_data_matches(loaded: LoadedCheckpoint, info, key: str) -> None:
             len(want) != len(got) or any(abs(float(a) - float(b)) > 1e-4 for a, b in zip(want, got, strict=False))
         ):
             raise ConfigError(f"data.{field_name}", f"{key} was trained with {field_name}={want}, the data gives {got}")
+
+
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", str(name))
 
 
 def _warn_if_scenes_are_not_recognised(loc: dict[str, float], test_acc: float, canvas_factor: float) -> None:
@@ -240,7 +257,7 @@ def evaluate(cfg: DictConfig) -> dict:
     differs = dm.split_differences(split) if split else []
     if differs:
         # recalibrating (and the report's split sizes) must use the images training held out
-        log.info("splitting the data as %s was trained: %s", loaded.path, "; ".join(differs))
+        log.warning("splitting the data as %s was trained: %s", loaded.path, "; ".join(differs))
         dm.use_split(split)
     info = dm.info
     net = loaded.net.eval()

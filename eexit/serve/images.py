@@ -267,6 +267,14 @@ def _available_formats() -> tuple[str, ...]:
     return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
 
 
+@functools.cache
+def image_extensions() -> tuple[str, ...]:
+    """The file endings (lower case, with the dot) Pillow gives the formats decoded here
+    (``IMAGE_FORMATS`` this Pillow can open): ``.jpg``, ``.jfif``, ``.png``, ``.tif``, ``.avif``..."""
+    formats = set(_available_formats())
+    return tuple(sorted(ext for ext, fmt in Image.EXTENSION.items() if fmt in formats))
+
+
 def _note_if_huge(path: str, im: Image.Image) -> None:
     """Log a warning naming the file when an opened image is past Pillow's decompression-bomb
     warning limit (Pillow's own ``DecompressionBombWarning`` does not say which file; twice the
