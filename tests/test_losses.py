@@ -111,3 +111,25 @@ def test_lambda_zero_gives_plain_cross_entropy() -> None:
     assert torch.allclose(base.total, base.ce_total)
     assert torch.allclose(egt.total, egt.ce_total + 2.0 * sum(egt.attn_kl.values()))
     assert base.attn_kl.keys() == {"tiny", "light", "medium"}  # still measured at lambda 0
+
+
+def test_attention_kl_is_kl_of_the_student_from_the_teacher_exactly() -> None:
+    # KL(teacher || student): the early exit (student) is pulled to cover where HEAVY looks; the
+    # other direction also is 0 for equal maps and positive otherwise
+    import math
+
+    teacher, student = torch.tensor([[0.9, 0.1]]), torch.tensor([[0.5, 0.5]])
+    expected = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
+    assert attention_kl(teacher, student).item() == pytest.approx(expected, abs=1e-6)
+    assert attention_kl(student, teacher).item() != pytest.approx(expected, abs=1e-3)
+
+
+def test_cam_distribution_does_not_depend_on_the_cam_scale() -> None:
+    # the cam is divided by its peak before eps is added: a cam 5x larger (a more confident exit)
+    # gives the same distribution
+    cam = torch.rand(2, 4, 4) + torch.eye(4)
+    p, p5 = cam_to_distribution(cam, eps=1e-3), cam_to_distribution(5 * cam, eps=1e-3)
+    assert torch.allclose(p, p5, atol=1e-7)
+    peak = cam.flatten(1).amax(1, keepdim=True)
+    expected = cam.flatten(1) / peak + 1e-3
+    assert torch.allclose(p, expected / expected.sum(1, keepdim=True), atol=1e-7)

@@ -1201,3 +1201,13 @@ def test_a_lazily_opened_png_missing_rows_is_refused_as_its_bytes_are(calibrated
     assert all("error" in r and "bytes its rows need" in r["error"] for r in rows), rows
     whole = _crafted_png(b"".join(b"\x00" + bytes(range(i, i + size)) for i in range(size)), size=size)
     assert "error" not in predict_images(bundle, [Image.open(io.BytesIO(whole))])[0]
+
+
+def test_a_dark_16_bit_image_keeps_its_16_bit_scale(tmp_path: Path) -> None:
+    # all pixels 200 of 65535: nearly black, not 200 / 255 (a peak under 256 is no sign of 8-bit data)
+    from eexit.serve.images import _pixels_hwc
+
+    path = tmp_path / "dark16.png"
+    Image.fromarray(np.full((8, 8), 200, dtype=np.uint16)).save(path)
+    pixels = _pixels_hwc(decode(str(path)), 1, 8)
+    assert np.allclose(pixels, 200 / 65535, atol=1e-6)

@@ -731,3 +731,16 @@ def test_fused_residual_convs_count_without_padding_as_the_plain_network(trained
                 fast.predict_exit, x.contiguous(memory_format=torch.channels_last), level
             )
             assert 0 < plain < count_flops(net.predict_exit, x, level)
+
+
+def test_one_shot_gate_picks_the_cheapest_tier_whose_cumulative_probability_reaches_the_knob() -> None:
+    from eexit.routing.routers import OneShotGate
+
+    gate = OneShotGate(num_features=7)
+    gate.tier_probs = lambda f: torch.tensor([[0.5, 0.2, 0.2, 0.1]]).expand(len(f), 4)
+    cdf = gate.tier_cdf(torch.zeros(1, 7))
+    assert torch.allclose(cdf, torch.tensor([[0.5, 0.7, 0.9, 1.0]]))
+    for knob, tier in ((0.5, 0), (0.6, 1), (0.7, 1), (0.95, 3), (1.0, 3)):  # >= the knob: a tie stops there
+        chosen, confidence = gate.choose_tier(torch.zeros(1, 7), knob=knob)
+        assert int(chosen) == tier, knob
+        assert float(confidence) == pytest.approx(float(cdf[0, tier]))
