@@ -163,8 +163,10 @@ def load_checkpoint(
         state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
         net.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
-        first = first_line(str(err), type(err).__name__)
-        raise ValueError(f"{path}: its spec and weights do not build a network: {first}") from None
+        # load_state_dict names the missing and unexpected keys on the lines after its first
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        said = " ".join(lines)[:400] if lines else first_line(str(err), type(err).__name__)
+        raise ValueError(f"{path}: its spec and weights do not build a network: {said}") from None
     net.eval()
     extra = {k: v for k, v in meta.items() if k not in ("spec", "data")}
     return LoadedCheckpoint(net, meta.get("data"), extra, path)

@@ -376,3 +376,15 @@ def test_checkpoints_hold_no_hydra_or_omegaconf_objects(calibrated_run) -> None:
     assert b"hydra" not in pickled and b"omegaconf" not in pickled
     hparams = read_checkpoint(calibrated_run["ckpt"])["hyper_parameters"]
     assert type(hparams["optimizer"]) is functools.partial and hparams["optimizer"].func is torch.optim.AdamW
+
+
+def test_a_checkpoint_missing_a_weight_is_refused_naming_it(calibrated_run, tmp_path: Path) -> None:
+    # a non-strict load would leave that layer at its random initial weights, silently
+    ckpt = torch.load(calibrated_run["ckpt"], map_location="cpu", weights_only=False)
+    dropped = next(k for k in ckpt["state_dict"] if k.startswith("net.") and k.endswith("weight"))
+    del ckpt["state_dict"][dropped]
+    torch.save(ckpt, tmp_path / "partial.ckpt")
+    with pytest.raises(
+        ValueError, match=rf"partial\.ckpt: its spec and weights do not build a network: .*{dropped[4:]}"
+    ):
+        load_checkpoint(tmp_path / "partial.ckpt")
