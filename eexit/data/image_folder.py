@@ -60,10 +60,6 @@ def unreadable_reason(path: str) -> str | None:
         return err.reason
 
 
-def readable(path: str) -> bool:
-    return unreadable_reason(path) is None
-
-
 def find_unreadable(paths: Sequence[str], workers: int = 4) -> list[tuple[str, str]]:
     """``(path, reason)`` of each file of ``paths`` that does not decode, in their order;
     decoded by ``workers`` threads (Pillow's decoders release the GIL)."""
