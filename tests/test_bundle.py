@@ -388,3 +388,31 @@ def test_a_checkpoint_missing_a_weight_is_refused_naming_it(calibrated_run, tmp_
         ValueError, match=rf"partial\.ckpt: its spec and weights do not build a network: .*{dropped[4:]}"
     ):
         load_checkpoint(tmp_path / "partial.ckpt")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda m: m["input"].update(channels=3, mean=m["input"]["mean"] * 3, std=m["input"]["std"] * 3),
+            r"bundle\.json is inconsistent: spec\.in_chans is 1 but input\.channels is 3",
+        ),
+        (
+            lambda m: m["spec"].update(in_chans=3),
+            r"bundle\.json is inconsistent: spec\.in_chans is 3 but input\.channels is 1",
+        ),
+    ],
+    ids=["input_channels", "spec_in_chans"],
+)
+def test_a_resealed_channel_count_the_network_does_not_take_is_refused_naming_both(
+    bundle_copy: Path, edit, message: str
+) -> None:
+    """A bundle whose input channels disagree with its network's ``in_chans`` is refused at load,
+    naming both values: with 3-channel inputs (mean and std to match) the 1-channel network would
+    otherwise load, and every image would fail when served."""
+    manifest = json.loads((bundle_copy / MANIFEST_NAME).read_text())
+    assert manifest["spec"]["in_chans"] == manifest["input"]["channels"] == 1
+    edit(manifest)
+    _reseal(bundle_copy, manifest)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle_copy)

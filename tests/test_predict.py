@@ -1211,3 +1211,71 @@ def test_a_dark_16_bit_image_keeps_its_16_bit_scale(tmp_path: Path) -> None:
     Image.fromarray(np.full((8, 8), 200, dtype=np.uint16)).save(path)
     pixels = _pixels_hwc(decode(str(path)), 1, 8)
     assert np.allclose(pixels, 200 / 65535, atol=1e-6)
+
+
+def test_palette_transparency_is_composited_over_black(tmp_path: Path) -> None:
+    """A palette image's tRNS alphas are honoured: a transparent entry is black, a half-transparent
+    one its colour times alpha / 255 (over black), an opaque one its colour; the luma of the same."""
+    from eexit.serve.images import load_pixels
+
+    im = Image.new("P", (4, 4))
+    im.putpalette([200, 100, 50, 10, 20, 30, 90, 180, 240] + [0] * (256 * 3 - 9))
+    im.putdata([0, 1, 2, 1] * 4)
+    path = tmp_path / "palette_alpha.png"
+    im.save(path, transparency=b"\x00\xff\x80")  # alphas 0, 255, 128 for entries 0, 1, 2
+    half = [round(c * 128 / 255) for c in (90, 180, 240)]  # 45, 90, 120
+    want_rgb = np.array([[0, 0, 0], [10, 20, 30], half, [10, 20, 30]], dtype=np.uint8)  # one row, by column
+    rgb = load_pixels(str(path), 3, 4)
+    assert rgb.dtype == np.uint8 and rgb.shape == (3, 4, 4)
+    assert np.array_equal(rgb, np.broadcast_to(want_rgb.T[:, None, :], (3, 4, 4)))
+    # ITU-R 601-2 luma of the composited colours: 0, 18, 80, 18
+    luma = load_pixels(str(path), 1, 4)
+    assert np.array_equal(luma, np.broadcast_to(np.array([0, 18, 80, 18], dtype=np.uint8), (1, 4, 4)))
+
+
+def test_exif_orientation_in_a_png_raw_profile_text_chunk_is_applied(tmp_path: Path) -> None:
+    """EXIF stored ImageMagick's way, in a PNG text chunk 'Raw profile type exif' (no eXIf chunk),
+    rotates the image as it says: orientation 6 is a quarter turn clockwise."""
+    from PIL import PngImagePlugin
+
+    from eexit.serve.images import load_pixels
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    raw = exif.tobytes()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type exif", f"\nexif\n{len(raw):8d}\n{raw.hex()}\n")
+    stored = (np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3) * 3).astype(np.uint8)  # 4 rows x 6 cols
+    Image.fromarray(stored).save(tmp_path / "wide.png", pnginfo=info)
+    shown = decode(str(tmp_path / "wide.png"))
+    assert shown.size == (4, 6)  # width x height: turned upright
+    assert np.array_equal(np.asarray(shown), np.rot90(stored, k=-1))
+    # at the served size (where an EXIF-less PNG would take the libpng fast path), rotated too
+    square = (np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3) * 5).astype(np.uint8)
+    Image.fromarray(square).save(tmp_path / "square.png", pnginfo=info)
+    got = load_pixels(str(tmp_path / "square.png"), 3, 4)
+    assert np.array_equal(got, np.rot90(square, k=-1).transpose(2, 0, 1))
+
+
+def test_centre_crop_offsets_round_as_torchvision_does(tmp_path: Path) -> None:
+    """An odd margin of 3 pixels: the crop starts at round(3 / 2) = 2 (torchvision's
+    ``center_crop``), not at 3 // 2 = 1, along the width and along the height."""
+    from torchvision.transforms import functional as tf
+
+    from eexit.serve.images import load_pixels
+
+    # 4 x 7, no resize needed: the crop keeps columns 2..5, whose values are 60, 90, 120, 150
+    columns = np.tile(np.arange(7, dtype=np.uint8) * 30, (4, 1))
+    Image.fromarray(columns).save(tmp_path / "columns.png")
+    got = load_pixels(str(tmp_path / "columns.png"), 1, 4)[0]
+    assert np.array_equal(got, np.tile(np.array([60, 90, 120, 150], dtype=np.uint8), (4, 1)))
+    ref = np.asarray(tf.center_crop(tf.resize(Image.fromarray(columns), 4), 4))
+    assert np.array_equal(got, ref)
+    # 14 rows x 8 columns: resized to 7 x 4, then 3 rows to crop: it starts at row 2
+    rows = np.add.outer(np.arange(14) * 17, np.arange(8) * 2).astype(np.uint8)
+    Image.fromarray(rows).save(tmp_path / "rows.png")
+    got = load_pixels(str(tmp_path / "rows.png"), 1, 4)[0]
+    resized = np.asarray(Image.fromarray(rows).resize((4, 7), Image.Resampling.BILINEAR))
+    assert np.array_equal(got, resized[2:6])
+    ref = np.asarray(tf.center_crop(tf.resize(Image.fromarray(rows), 4), 4))
+    assert np.array_equal(got, ref)
