@@ -294,7 +294,11 @@ def test_tier_latencies_are_rescaled_to_the_routed_batch(trained, monkeypatch) -
         tiers = model(example).tier.tolist()
         assert any(t > 0 for t in tiers)
         base, past = 0.1, sum(0.1 * t for t in tiers)
-        for batch_ms, factor in ((64 * base + 1.5 * past, 1.5), (64 * base + 100 * past, costs_mod.MAX_RESCALE)):
+        bounded = (
+            (64 * base + 100 * past, costs_mod.MAX_RESCALE),
+            (64 * base + 0.01 * past, 1 / costs_mod.MAX_RESCALE),
+        )
+        for batch_ms, factor in ((64 * base + 1.5 * past, 1.5), *bounded):  # beyond the bound either way: noise
             monkeypatch.setattr(costs_mod, "measure_latency", lambda fn, min_run_time, ms=batch_ms: ms / 1e3)
             out = costs_mod.rescale_to_routed_batch(model, example, forced, 0.01)
             assert [c.latency_basis for c in out] == ["routed"] * 4
@@ -744,3 +748,159 @@ def test_one_shot_gate_picks_the_cheapest_tier_whose_cumulative_probability_reac
         chosen, confidence = gate.choose_tier(torch.zeros(1, 7), knob=knob)
         assert int(chosen) == tier, knob
         assert float(confidence) == pytest.approx(float(cdf[0, tier]))
+
+
+def test_staged_gate_learns_to_stop_images_no_later_exit_gets_right() -> None:
+    # half the images no exit gets right (stopping early loses nothing), the other half only
+    # HEAVY gets right: the staged gate learns "safe to stop", not "this exit is right" (which
+    # is false for both halves and would send the hopeless images all the way to HEAVY)
+    from eexit.routing.routers import StagedGate
+
+    g = torch.Generator().manual_seed(0)
+    n = 128
+    features = 0.1 * torch.randn(n, 4, 7, generator=g)
+    hopeless = torch.arange(n) < n // 2
+    features[:, :, 0] += torch.where(hopeless, 2.0, -2.0)[:, None]
+    correct = torch.zeros(n, 4, dtype=torch.bool)
+    correct[~hopeless, 3] = True
+    gate = StagedGate().fit(features, correct, epochs=100).eval()
+    with torch.no_grad():
+        scores = [gate.stop_score(level, features[:, int(level)]) for level in list(ExitLevel)[:-1]]
+    for level, score in zip(list(ExitLevel)[:-1], scores, strict=True):
+        assert float(score[hopeless].min()) > 0.9, level.name
+        assert float(score[~hopeless].max()) < 0.1, level.name
+
+
+def test_staged_attributions_explain_the_continue_probability_against_the_deciding_exits_baseline(trained) -> None:
+    # the staged gate's explained output is the continue-probability (1 - stop score) at the
+    # exit that decided, and its reference the mean features of images that exit gets right:
+    # completeness alone holds for any output and any baseline
+    net, cal, x, _, _ = trained
+    model = _mixed_model(net, cal, "staged", x)
+    router = cal.routers["staged"]
+    try:
+        out = model(x[:64])
+        res = attribute_output(cal, "staged", out)
+        decided = out.decided_at.unique().tolist()
+        assert len(decided) > 1, "the knob should mix the deciding exits"
+        for k in decided:
+            sel = out.decided_at == k
+            stop = router.stop_score(ExitLevel(k), out.features[sel])
+            torch.testing.assert_close(res.output[sel], 1.0 - stop, atol=1e-6, rtol=0)
+            reference = 1.0 - router.stop_score(ExitLevel(k), cal.exit_baselines[k][None])
+            torch.testing.assert_close(res.baseline_output[sel], reference.expand(int(sel.sum())), atol=1e-6, rtol=0)
+        assert not torch.allclose(cal.exit_baselines[0], cal.baseline_features)  # the two references differ
+    finally:
+        router.set_knob(cal.fit_summary["staged"]["knob"])
+
+
+@pytest.mark.parametrize("kind", ["staged", "cascade"])
+def test_an_image_whose_stop_score_equals_the_knob_stops_as_calibration_simulated(trained, kind: str) -> None:
+    # the knob is swept over the routers' own scores (ties are the rule, not an accident):
+    # serving must stop an image whose score equals the knob, as calibration's simulate does
+    net, cal, x, _, _ = trained
+    model = cal.routed(net, kind)
+    router = model.router
+    records = collect_records(net, [(x, torch.zeros(len(x), dtype=torch.long))], cal.feature_kwargs)
+    scores = router.stop_score(ExitLevel.TINY, records.features[:, 0], records.probs[:, 0])
+    j = int(scores.argsort()[len(scores) // 2])
+    try:
+        router.set_knob(float(scores[j]))
+        assert float(router.knob) == float(scores[j])  # an exact tie
+        tiers = model(x).tier
+        assert int(tiers[j]) == int(ExitLevel.TINY)
+        assert torch.equal(tiers, simulate(router, records, float(router.knob)))
+    finally:
+        router.set_knob(cal.fit_summary[kind]["knob"])
+
+
+@pytest.mark.parametrize("kind", ["staged", "cascade"])
+def test_staged_confidence_is_the_stop_score_and_its_complement_at_heavy(trained, kind: str) -> None:
+    # an image stopped at exit k reports the stop score there; one sent on to HEAVY reports the
+    # probability that stopping at MEDIUM would have lost it, 1 - MEDIUM's stop score
+    net, cal, x, _, _ = trained
+    model = _mixed_model(net, cal, kind, x)
+    router = model.router
+    try:
+        out = model(x)
+        records = collect_records(net, [(x, torch.zeros(len(x), dtype=torch.long))], cal.feature_kwargs)
+        scores = torch.stack(
+            [
+                router.stop_score(lv, records.features[:, int(lv)], records.probs[:, int(lv)])
+                for lv in list(ExitLevel)[:-1]
+            ],
+            dim=1,
+        )
+        heavy = out.tier == int(ExitLevel.HEAVY)
+        assert heavy.any() and (~heavy).any(), "the knob should send some images to HEAVY and stop others"
+        expected = torch.where(
+            heavy, 1.0 - scores[:, int(ExitLevel.MEDIUM)], scores.gather(1, out.tier.clamp(max=2)[:, None]).squeeze(1)
+        )
+        torch.testing.assert_close(out.confidence, expected, atol=1e-5, rtol=0)
+    finally:
+        router.set_knob(cal.fit_summary[kind]["knob"])
+
+
+def test_the_accuracy_drops_standard_error_is_the_paired_per_image_one() -> None:
+    # 4 images, TINY wrong on the first, HEAVY right on all: at knob 0 the cascade stops all at
+    # TINY, the per-image drops are [1, 0, 0, 0]: std 0.5 (n - 1), standard error 0.5 / sqrt(4)
+    from eexit.routing.calibration import ExitRecords, sweep_folds
+    from eexit.routing.routers import ConfidenceCascade
+
+    probs = torch.zeros(4, 4, 2)
+    probs[:, :, 0] = 0.9
+    probs[:, :, 1] = 0.1
+    probs[0, 0] = torch.tensor([0.2, 0.8])
+    records = ExitRecords(torch.zeros(4, 4, 7), probs, torch.zeros(4, dtype=torch.long))
+    (point,) = sweep_folds([(ConfidenceCascade(), records)], [1.0, 2.0, 3.0, 4.0], knobs=[0.0])
+    assert point.tier_fractions == [1.0, 0.0, 0.0, 0.0] and point.accuracy == pytest.approx(0.75)
+    assert point.drop_se == pytest.approx(0.25)
+
+
+def test_tier_flops_are_per_image_whatever_the_timing_batch(trained) -> None:
+    from eexit.routing.costs import count_flops, measure_tier_costs
+
+    net, cal, x, _, _ = trained
+    model = cal.routed(net, "cascade", optimize=True)
+    costs = measure_tier_costs(model, x[:8], min_run_time=0.001, rounds=1)
+    for level, cost in zip(ExitLevel, costs, strict=True):
+        per_image = count_flops(model, x[:8], force_tier=int(level)) / 8 / 1e6
+        assert cost.mflops == pytest.approx(per_image, rel=1e-6), level.name
+        assert cost.batch_size == 8
+
+
+def test_each_knob_is_fitted_on_images_its_router_did_not_learn_from(trained, monkeypatch) -> None:
+    # two-fold cross-fit: each half is routed by a gate that learned on the other half (an
+    # in-sample fit picks knobs on predictions the gate memorised)
+    from eexit.routing import calibrate as calibrate_mod
+    from eexit.routing.routers import OneShotGate, StagedGate
+
+    net, _, x, _, calib = trained
+    records = collect_records(net, calib)
+
+    def rows(t: torch.Tensor) -> set[tuple[float, ...]]:
+        return {tuple(r) for r in t.reshape(len(t), -1).tolist()}
+
+    learned: dict[int, set] = {}
+    for cls in (OneShotGate, StagedGate):
+        original = cls.fit
+
+        def fit(self, features, *args, _original=original, **kwargs):
+            learned[id(self)] = rows(features[:, 0] if features.dim() == 3 else features)
+            return _original(self, features, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "fit", fit)
+    swept: list = []
+    original_sweep = calibrate_mod.sweep_folds
+    monkeypatch.setattr(
+        calibrate_mod, "sweep_folds", lambda folds, *a, **k: swept.append(list(folds)) or original_sweep(folds, *a, **k)
+    )
+    calibrate(net, [], x[:16], records=records, min_run_time=0.001)
+    learned_folds = [folds for folds in swept if len(folds) == 2]
+    assert len(learned_folds) == 2  # the one-shot and the staged gate
+    everything = rows(records.features[:, 0])
+    for folds in learned_folds:
+        routed = [rows(recs.features[:, 0]) for _, recs in folds]
+        assert routed[0] | routed[1] == everything and not routed[0] & routed[1]
+        for (router, _), seen in zip(folds, routed, strict=True):
+            assert learned[id(router)] and not learned[id(router)] & seen
