@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import random
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -166,6 +168,62 @@ def test_resume_in_process_gives_the_weights_of_an_uninterrupted_run(
     # the resumed run's checkpoints went on in the failed run's folder
     assert torch.load(last, weights_only=False)["global_step"] == 2 * STEPS_PER_EPOCH
     assert not (tmp_path / "c" / "out" / "checkpoints").exists()
+
+
+class DrawRandom(pl.Callback):
+    """Stands for random augmentation or dropout: draws from the global torch, NumPy and Python
+    random streams before each training batch, and records the draws by global step."""
+
+    def __init__(self) -> None:
+        self.draws: dict[int, tuple[float, float, float]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.draws[trainer.global_step] = (torch.rand(()).item(), float(np.random.rand()), random.random())
+
+
+def _draws(objs: dict) -> dict[int, tuple[float, float, float]]:
+    # (Hydra imports the callback as tests.test_resume, maybe another module object than this one)
+    (drawer,) = [cb for cb in objs["trainer"].callbacks if type(cb).__name__ == "DrawRandom"]
+    return drawer.draws
+
+
+@pytest.mark.parametrize(("fail_at", "resume_step"), [(5, 5), (7, 6)], ids=["epoch_boundary", "mid_epoch"])
+def test_a_resumed_run_draws_the_random_numbers_of_an_uninterrupted_run(
+    tmp_path: Path, fail_at: int, resume_step: int
+) -> None:
+    """Pins the restore of the global random state (torch, NumPy, Python) saved in ``last.ckpt``,
+    from a checkpoint written at an epoch's end (step 5, the first of epoch 1, 5 steps an epoch)
+    and from one in the middle of an epoch (step 6): the resumed run draws, batch by batch, the
+    numbers the uninterrupted run drew (without the restore it goes on from the seeded state of
+    its own start). The training data here draws nothing at random, so the weights cannot tell."""
+    overrides = [
+        "data=synthetic",
+        "data.num_train=192",  # 144 training images: 5 steps an epoch
+        "model=micro",
+        "experiment=baseline",
+        "logger=none",
+        "trainer.max_epochs=2",
+        "seed=11",
+        "callbacks.last_checkpoint.every_n_train_steps=2",
+        "router.calibrate=false",
+        "test=false",
+        "+callbacks.draw._target_=tests.test_resume.DrawRandom",
+    ]
+    _, objs = train(compose_train(tmp_path / "a", overrides))
+    whole = _draws(objs)
+    assert sorted(whole) == list(range(10))
+
+    failing = [*overrides, "+callbacks.fail._target_=tests.test_resume.FailAtStep", f"+callbacks.fail.step={fail_at}"]
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(compose_train(tmp_path / "b", failing))
+    last = tmp_path / "b" / "out" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == resume_step
+
+    _, objs = train(compose_train(tmp_path / "c", [*overrides, f"ckpt_path={last}"]))
+    resumed = _draws(objs)
+    assert sorted(resumed) == list(range(resume_step, 10))
+    for step, drawn in resumed.items():
+        assert drawn == whole[step], step
 
 
 def test_ckpt_path_last_without_a_last_checkpoint_names_the_key(tmp_path: Path) -> None:

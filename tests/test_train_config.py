@@ -458,3 +458,77 @@ def test_a_sweeper_gets_the_best_checkpoints_heavy_accuracy_not_the_last_epochs(
     other.best_model_score = torch.tensor(0.0)
     assert optimized_metric(last_epoch, SimpleNamespace(checkpoint_callbacks=[other])) == 0.91
     assert optimized_metric({}, SimpleNamespace(checkpoint_callbacks=[])) is None
+
+
+def test_each_exits_accuracy_is_measured_on_its_own_logits(tmp_path: Path) -> None:
+    """Pins ``{stage}/acc/{exit}`` to that exit's logits: each exit's head is set to answer one
+    class of its own for every image (exit i says class i), so its validation accuracy is exactly
+    the share of validation images of class i, different for each exit (HEAVY's logits for all
+    of them gave four equal accuracies)."""
+    import pytorch_lightning as pl
+
+    from eexit.training import build_datamodule, build_module
+
+    cfg = compose_train(tmp_path, ["data=synthetic", "model=micro", *FAST])
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, dm)
+    with torch.no_grad():
+        for level, head in zip(ExitLevel, module.net.heads, strict=True):
+            last = head.classifier[-1]  # the MLP head's output layer
+            last.weight.mul_(1e-3)  # small logits from the features (the cams stay defined) ...
+            last.bias.zero_()
+            last.bias[int(level)] = 10.0  # ... under one class's large bias: always class `level`
+    trainer = pl.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    (logged,) = trainer.validate(module, datamodule=dm, verbose=False)
+    labels = torch.cat([y for _, y in dm.val_dataloader()])
+    share = {lv.key: (labels == int(lv)).double().mean().item() for lv in ExitLevel}
+    assert len(set(share.values())) == 4, share  # the classes' shares differ: a swapped exit shows
+    for lv in ExitLevel:
+        assert logged[f"val/acc/{lv.key}"] == pytest.approx(share[lv.key], abs=1e-6), lv.key
+
+
+def test_the_test_split_is_scored_with_the_best_checkpoint_not_the_last_weights(tmp_path: Path) -> None:
+    """Pins ``train``'s test stage to the best checkpoint: with epoch 0 the best (monitor=epoch,
+    mode=min) of two epochs, the ``test/...`` metrics it returns are those of ``epoch_000.ckpt``'s
+    weights, scored again here, and not those of the final weights (``last.ckpt``), which score
+    differently; the module is left holding the tested weights."""
+    import pytorch_lightning as pl
+
+    from eexit.training import build_datamodule, build_module
+
+    overrides = [
+        "data=synthetic",
+        "data.num_train=192",  # 144 training images: 5 steps an epoch
+        "data.num_test=64",
+        "model=micro",
+        "experiment=baseline",
+        "logger=none",
+        "trainer.max_epochs=2",
+        "callbacks.model_checkpoint.monitor=epoch",  # epoch 0 is the best, once and for all
+        "callbacks.model_checkpoint.mode=min",
+        "router.calibrate=false",
+    ]
+    cfg = compose_train(tmp_path, overrides)
+    metrics, objs = train(cfg)
+    folder = tmp_path / "out" / "checkpoints"
+    assert objs["best_ckpt"] == str(folder / "epoch_000.ckpt")
+
+    def scores(ckpt: Path) -> dict[str, float]:
+        dm = build_datamodule(cfg)
+        module = build_module(cfg, dm)
+        module.load_state_dict(torch.load(ckpt, weights_only=False)["state_dict"])
+        trainer = pl.Trainer(
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+        )
+        (logged,) = trainer.test(module, datamodule=dm, verbose=False)
+        return logged
+
+    best, last = scores(folder / "epoch_000.ckpt"), scores(folder / "last.ckpt")
+    assert best["test/loss"] != pytest.approx(last["test/loss"], rel=1e-3)  # the two weights tell apart
+    assert best.keys() <= metrics.keys()
+    for key, value in best.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    saved = torch.load(folder / "epoch_000.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.equal(saved[k], v) for k, v in objs["model"].state_dict().items())
