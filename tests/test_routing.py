@@ -802,7 +802,8 @@ def test_an_image_whose_stop_score_equals_the_knob_stops_as_calibration_simulate
     model = cal.routed(net, kind)
     router = model.router
     records = collect_records(net, [(x, torch.zeros(len(x), dtype=torch.long))], cal.feature_kwargs)
-    scores = router.stop_score(ExitLevel.TINY, records.features[:, 0], records.probs[:, 0])
+    with torch.no_grad():
+        scores = router.stop_score(ExitLevel.TINY, records.features[:, 0], records.probs[:, 0])
     j = int(scores.argsort()[len(scores) // 2])
     try:
         router.set_knob(float(scores[j]))
@@ -895,6 +896,12 @@ def test_each_knob_is_fitted_on_images_its_router_did_not_learn_from(trained, mo
     monkeypatch.setattr(
         calibrate_mod, "sweep_folds", lambda folds, *a, **k: swept.append(list(folds)) or original_sweep(folds, *a, **k)
     )
+    # the costs are not what this test is about: one stand-in, not a timing per router
+    from eexit.routing.costs import TierCost
+
+    flat = [TierCost(lv.key, 1.0 + lv, 1.0 + lv, 16, "cpu") for lv in ExitLevel]
+    monkeypatch.setattr(calibrate_mod, "measure_tier_costs", lambda *a, **k: list(flat))
+    monkeypatch.setattr(calibrate_mod, "rescale_to_routed_batch", lambda model, example, costs, *a, **k: costs)
     calibrate(net, [], x[:16], records=records, min_run_time=0.001)
     learned_folds = [folds for folds in swept if len(folds) == 2]
     assert len(learned_folds) == 2  # the one-shot and the staged gate
