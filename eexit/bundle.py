@@ -397,9 +397,25 @@ def _check_consistency(manifest: dict, file: Path) -> None:
         problems.append(f"serve.router {manifest['serve']['router']!r} is not one of {sorted(manifest['routers'])}")
     if int(data.get("num_classes", -1)) != int(spec.get("num_classes", -2)):
         problems.append(f"data.num_classes {data.get('num_classes')} != spec.num_classes {spec.get('num_classes')}")
+    problems += _data_input_problems(data, inp)
     problems += _value_problems(manifest)
     if problems:
         raise BundleError(f"{file} is inconsistent: " + "; ".join(problems))
+
+
+def _data_input_problems(data: dict, inp: dict) -> list[str]:
+    """Where the ``data`` section (what evaluate checks a dataset against and normalises with)
+    and the ``input`` section (what predict serves with) disagree; keys a section lacks are not
+    compared."""
+    pairs = [("in_chans", data.get("in_chans"), "channels", inp.get("channels"))]
+    if data.get("image_size") is not None and isinstance(inp.get("size"), list):
+        pairs.append(("image_size", [data["image_size"]] * 2, "size", inp["size"]))
+    pairs += [(key, data.get(key), key, inp.get(key)) for key in ("mean", "std")]
+    return [
+        f"data.{d_key} is {d_value} but input.{i_key} is {i_value}"
+        for d_key, d_value, i_key, i_value in pairs
+        if d_value is not None and i_value is not None and d_value != i_value
+    ]
 
 
 def _is_number(value) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -415,4 +416,28 @@ def test_a_resealed_channel_count_the_network_does_not_take_is_refused_naming_bo
     edit(manifest)
     _reseal(bundle_copy, manifest)
     with pytest.raises(BundleError, match=message):
+        load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [("data", "in_chans", 3), ("data", "image_size", 99), ("data", "mean", [0.25]), ("input", "std", [2.0])],
+    ids=["in_chans", "image_size", "mean", "std"],
+)
+def test_a_resealed_data_section_that_disagrees_with_the_input_section_is_refused(
+    bundle_copy: Path, section: str, key: str, value
+) -> None:
+    """evaluate checks a dataset against the ``data`` section and predict serves with ``input``:
+    a bundle whose two sections disagree would be evaluated on other images than it serves."""
+    manifest = json.loads((bundle_copy / MANIFEST_NAME).read_text())
+    manifest[section][key] = value
+    _reseal(bundle_copy, manifest)
+    data, inp = manifest["data"], manifest["input"]
+    expected = {
+        "in_chans": f"data.in_chans is 3 but input.channels is {inp['channels']}",
+        "image_size": f"data.image_size is [99, 99] but input.size is {inp['size']}",
+        "mean": f"data.mean is [0.25] but input.mean is {inp['mean']}",
+        "std": f"data.std is {data['std']} but input.std is [2.0]",
+    }[key]
+    with pytest.raises(BundleError, match=re.escape(expected)):
         load_bundle(bundle_copy)
