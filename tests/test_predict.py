@@ -548,7 +548,17 @@ def test_predict_gives_an_error_line_for_an_image_with_nan_and_keeps_the_others(
 def test_folders_expand_to_every_visible_file_below_in_order(tmp_path: Path) -> None:
     (tmp_path / "b" / "deep").mkdir(parents=True)
     (tmp_path / ".git").mkdir()
-    for rel in ("z.png", "a.jpg", "b/c.png", "b/deep/d.txt", ".DS_Store", "b/.hidden.png", ".git/x.png"):
+    (tmp_path / "__MACOSX").mkdir()  # a macOS archive's resource forks: skipped as training skips them
+    for rel in (
+        "z.png",
+        "a.jpg",
+        "b/c.png",
+        "b/deep/d.txt",
+        ".DS_Store",
+        "b/.hidden.png",
+        ".git/x.png",
+        "__MACOSX/z.png",
+    ):
         (tmp_path / rel).write_bytes(b"x")
     (tmp_path / "link.png").symlink_to(tmp_path / "z.png")
     (tmp_path / "broken.png").symlink_to(tmp_path / "nowhere.png")

@@ -20,7 +20,7 @@ from torchvision.datasets.vision import StandardTransform
 
 from eexit.config import ConfigError
 from eexit.data.base import DataInfo, SplitDataModule
-from eexit.serve.images import ImageError, decode, image_extensions, to_model_mode
+from eexit.serve.images import ImageError, decode, hidden_entry, image_extensions, to_model_mode
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def _is_image_file(path: str, root: str) -> bool:
     if not path.lower().endswith(image_extensions()):
         return False
     parts = os.path.relpath(path, root).split(os.sep)
-    return not any(_hidden_entry(part) for part in parts)
+    return not any(hidden_entry(part) for part in parts)
 
 
 BAD_FILES_HINT = "data.bad_files=skip leaves unreadable images out"
@@ -133,7 +133,7 @@ class CheckedImageFolder(datasets.ImageFolder):
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         found, _ = super().find_classes(directory)
-        found = [c for c in found if not _hidden_entry(c)]
+        found = [c for c in found if not hidden_entry(c)]
         if not found:
             raise FileNotFoundError(f"no class folders in {directory} (hidden folders do not count)")
         if self._given_classes is None:
@@ -151,17 +151,11 @@ def _holds_class_folders(root: Path) -> bool:
     """Whether ``root`` itself looks like a training folder: a visible subfolder with an image file."""
     try:
         return any(
-            d.is_dir() and not _hidden_entry(d.name) and any(_is_image_file(str(f), str(root)) for f in d.iterdir())
+            d.is_dir() and not hidden_entry(d.name) and any(_is_image_file(str(f), str(root)) for f in d.iterdir())
             for d in root.iterdir()
         )
     except OSError:
         return False
-
-
-def _hidden_entry(name: str) -> bool:
-    """A file or folder that holds no class or image: hidden (``.ipynb_checkpoints``, ``.git``,
-    ``.DS_Store``, ``._photo.jpg``) or a macOS archive's ``__MACOSX``."""
-    return name.startswith(".") or name == "__MACOSX"
 
 
 class ImageFolderDataModule(SplitDataModule):
@@ -227,7 +221,7 @@ class ImageFolderDataModule(SplitDataModule):
         self._check_split_folders()
         # hidden folders (.ipynb_checkpoints, .git) and macOS archive debris are no classes
         self._classes = sorted(
-            p.name for p in (self.root / train_dir).iterdir() if p.is_dir() and not _hidden_entry(p.name)
+            p.name for p in (self.root / train_dir).iterdir() if p.is_dir() and not hidden_entry(p.name)
         )
         if not self._classes:
             raise FileNotFoundError(f"no class folders in {self.root / train_dir}")
@@ -374,7 +368,7 @@ class CIFAR10DataModule(ImageFolderDataModule):
         """Whether both splits of ``root`` hold a visible class folder with a file in it."""
         return all(
             any(
-                c.is_dir() and not _hidden_entry(c.name) and any(f.is_file() for f in c.iterdir())
+                c.is_dir() and not hidden_entry(c.name) and any(f.is_file() for f in c.iterdir())
                 for c in (root / d).iterdir()
             )
             for d in (self.train_dir, self.test_dir)

@@ -125,16 +125,23 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
     return out
 
 
+def hidden_entry(name: str) -> bool:
+    """A file or folder name that holds no image to read: hidden (``.DS_Store``, ``.git``,
+    ``.ipynb_checkpoints``, macOS's ``._photo.jpg``) or a macOS archive's ``__MACOSX`` folder.
+    Folder arguments of predict and the class folders of training skip such entries alike."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def _files_below(folder: str, top: bool = True) -> Iterator[str]:
     """Every file below ``folder``, recursively: symlinks to files included, symlinked folders not
-    entered (as ``Path.rglob``), hidden entries (``.DS_Store``, ``.git/``: names starting with a
-    dot) skipped as a shell glob skips them. A broken symlink, a FIFO or device and an unreadable
+    entered (as ``Path.rglob``), hidden entries (``hidden_entry``: ``.DS_Store``, ``.git/``,
+    ``__MACOSX/``) skipped. A broken symlink, a FIFO or device and an unreadable
     subfolder are listed themselves, so that each gets its error line instead of silently taking its images
     out of the run. ``os.scandir`` without a ``Path`` per entry: a tenth of ``rglob``'s time on
     large folders."""
     try:
         with os.scandir(folder) as it:
-            entries = [e for e in it if not e.name.startswith(".")]
+            entries = [e for e in it if not hidden_entry(e.name)]
     except OSError:
         if not top:
             yield folder
