@@ -386,3 +386,30 @@ def test_a_validation_folder_that_is_not_read_is_named(tmp_path: Path, caplog) -
     with caplog.at_level("WARNING", logger="eexit.data.image_folder"):
         ImageFolderDataModule(str(tmp_path), image_size=16)
     assert "val is not read: the validation and calibration images are held out of" in caplog.text
+
+
+def test_under_ddp_each_rank_reads_its_share_of_the_validation_and_test_images_once() -> None:
+    """Lightning's DistributedSampler pads an evaluation split to a multiple of the processes with
+    repeated images (counted twice in the metrics); the data module's sampler gives each image to
+    one rank, once, and being a DistributedSampler it is kept by Lightning as it is."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DistributedSampler
+
+    from eexit.data import SyntheticDataModule
+
+    dm = SyntheticDataModule(num_train=96, num_test=33, val_size=17, calib_size=16, seed=0)
+    dm.setup("fit")
+    dm.setup("test")
+    for loader_of, n in ((dm.val_dataloader, 17), (dm.test_dataloader, 33)):
+        seen = []
+        for rank in range(2):
+            dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+            loader = loader_of()
+            assert isinstance(loader.sampler, DistributedSampler)
+            seen += [float(v) for x, _ in loader for v in x.flatten(1).double().sum(1)]
+        dm.trainer = None
+        single = [float(v) for x, _ in loader_of() for v in x.flatten(1).double().sum(1)]
+        assert len(seen) == n and sorted(seen) == sorted(single)
+    dm.trainer = SimpleNamespace(world_size=40, global_rank=0)  # fewer images than processes: Lightning's
+    assert not isinstance(dm.val_dataloader().sampler, DistributedSampler)

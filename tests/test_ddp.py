@@ -28,6 +28,7 @@ from tests.conftest import ROOT
 
 COMMON = [
     "data=synthetic",
+    "data.num_test=129",  # under DDP one rank tests 65 images (5 batches of 16), the other 64 (4 batches)
     "model=micro",
     "experiment=egt",
     "logger=csv",
@@ -53,6 +54,12 @@ class RecordBatches(pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         torch.save(self.seen, self.out / f"rank{trainer.global_rank}.pt")
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.tested = getattr(self, "tested", 0) + len(batch[1])
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        (self.out / f"tested{trainer.global_rank}.txt").write_text(str(getattr(self, "tested", 0)))
 
 
 def _batches(folder: Path) -> dict[int, list[tuple[int, float]]]:
@@ -97,6 +104,10 @@ def test_two_process_cpu_ddp_matches_single_process_on_the_same_global_batch(tmp
     assert len(list((tmp_path / "ddp" / "batches").glob("rank*.pt"))) == 2
     assert ddp["step"] == single["step"] and len(batches_single) == 3 * 12  # 384 images / 32, 3 epochs
     assert batches_ddp == batches_single
+    # every test image scored once: 65 + 64 under DDP (Lightning's sampler scored 130, one twice)
+    for run, counts in (("single", [129]), ("ddp", [65, 64])):
+        tested = sorted((tmp_path / run / "batches").glob("tested*.txt"))
+        assert [int(f.read_text()) for f in tested] == counts, run
     # per-rank BatchNorm statistics (see the module docstring): agreement within stated tolerances
     assert abs(ddp["test/loss/ce"] - single["test/loss/ce"]) <= 0.05 * single["test/loss/ce"]
     assert abs(ddp["test/loss"] - single["test/loss"]) <= 0.15 * single["test/loss"]

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, random_split
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from eexit.config import ConfigError, check_split_size
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -217,16 +221,41 @@ class SplitDataModule(pl.LightningDataModule):
                 "split; add images of them, or lower data.val_size / data.calib_size, or change seed",
             )
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool = False) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, shuffle: bool = False, sharded: bool = False) -> DataLoader:
+        """A loader of ``dataset``; ``sharded``: under a trainer of several processes, each rank
+        reads its share of the images once (``_unrepeated_sampler``)."""
         if dataset is None:
             raise RuntimeError("call setup() before asking for a loader")
+        sampler = self._unrepeated_sampler(dataset) if sharded else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle if sampler is None else None,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _unrepeated_sampler(self, dataset: Dataset) -> UnrepeatedDistributedSampler | None:
+        """Under DDP, rank ``r`` of ``n`` reads images ``r, r + n, ...``: every validation and test
+        image counted once. (Lightning's own ``DistributedSampler`` pads the split with repeated
+        images up to a multiple of ``n``, so the metrics counted some twice.) The ranks then run
+        batch counts that differ by at most one, which evaluation allows: the metrics are reduced
+        once, at the epoch's end. ``None`` (the plain loader) with one process, or with fewer
+        images than processes (a rank without a batch would wait forever at that reduction)."""
+        trainer = getattr(self, "trainer", None)
+        replicas = trainer.world_size if trainer is not None else 1
+        if replicas < 2:
+            return None
+        if len(dataset) < replicas:
+            log.warning(
+                "%d evaluation image(s) for %d processes: Lightning's sampler repeats some so that every "
+                "process gets one",
+                len(dataset),
+                replicas,
+            )
+            return None
+        return UnrepeatedDistributedSampler(dataset, num_replicas=replicas, rank=trainer.global_rank, shuffle=False)
 
     def train_dataloader(self) -> StatefulDataLoader:
         """The shuffled, resumable training loader (see the class docstring)."""
@@ -246,7 +275,7 @@ class SplitDataModule(pl.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.data_val)
+        return self._loader(self.data_val, sharded=True)
 
     def calib_dataloader(self) -> DataLoader:
         return self._loader(self.data_calib)
@@ -254,7 +283,7 @@ class SplitDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         if self.data_test is None:
             self.setup("test")
-        return self._loader(self.data_test)
+        return self._loader(self.data_test, sharded=True)
 
 
 def _test_source(test_size: int | float | None) -> str:
