@@ -413,3 +413,54 @@ def test_under_ddp_each_rank_reads_its_share_of_the_validation_and_test_images_o
         assert len(seen) == n and sorted(seen) == sorted(single)
     dm.trainer = SimpleNamespace(world_size=40, global_rank=0)  # fewer images than processes: Lightning's
     assert not isinstance(dm.val_dataloader().sampler, DistributedSampler)
+
+
+class _RandomlyAugmented(torch.utils.data.Dataset):
+    """Test helper: item ``i`` is ``(i, a draw of torch's default generator)``, as a random
+    augmentation draws."""
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, i: int):
+        return i, torch.rand(())
+
+
+def _draws(loader) -> list[tuple[int, float]]:
+    return [(int(i), float(v)) for idx, vals in loader for i, v in zip(idx, vals, strict=True)]
+
+
+def test_training_augmentation_is_drawn_per_image_whatever_the_workers_and_after_a_resume() -> None:
+    """An image's augmentation depends on the seed, the epoch and the image alone: the same with 0
+    or 2 loader workers, the same when a loader resumed in the middle of an epoch starts fresh
+    workers, different in the next epoch; reading in the main process leaves the global random
+    stream where it was."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from eexit.data import SyntheticDataModule
+
+    def loader(workers: int, epoch: int = 0, dataset=None) -> StatefulDataLoader:
+        dm = SyntheticDataModule(num_train=64, num_test=8, seed=3, batch_size=4, num_workers=workers)
+        dm.data_train = _RandomlyAugmented() if dataset is None else dataset
+        out = dm.train_dataloader()
+        out.sampler.set_epoch(epoch)
+        return out
+
+    torch.manual_seed(0)
+    in_main = _draws(loader(0))
+    after_augmenting = torch.get_rng_state()
+    torch.manual_seed(0)
+    _draws(loader(0, dataset=[(i, 0.0) for i in range(24)]))  # the loader's own seed draw only
+    assert torch.equal(torch.get_rng_state(), after_augmenting)
+    assert len({v for _, v in in_main}) == 24 and sorted(i for i, _ in in_main) == list(range(24))
+    assert _draws(loader(2)) == in_main
+    assert dict(_draws(loader(0, epoch=1))).keys() == dict(in_main).keys()
+    assert all(dict(_draws(loader(0, epoch=1)))[i] != v for i, v in in_main)
+    # resumed after 2 of 6 batches, with 2 workers started afresh
+    killed = loader(2)
+    it = iter(killed)
+    next(it), next(it)
+    state = killed.state_dict()
+    resumed = loader(2)
+    resumed.load_state_dict(state)
+    assert _draws(resumed) == in_main[8:]
