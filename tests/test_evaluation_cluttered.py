@@ -98,3 +98,67 @@ def test_clutter_levels_that_break_the_scene_contract_are_refused(args: tuple, m
     # fully "visible" target; -1 distractors silently meant none
     with pytest.raises(ValueError, match=message):
         ClutterLevel(*args)
+
+
+class _MirrorNet:
+    """Four identity-weighted linear heads on the attention ``[x, x mirrored left-right]`` with
+    bias ``[0, 1]``: every exit predicts class 1; class 0's cam is ``relu(x) / 4``, class 1's
+    the mirrored map."""
+
+    def __init__(self) -> None:
+        from eexit.models import ExitHead
+
+        self.heads = []
+        for _ in range(4):
+            head = ExitHead(in_chs=2, num_classes=2, kind="linear")
+            with torch.no_grad():
+                head.classifier.weight.copy_(torch.eye(2))
+                head.classifier.bias.copy_(torch.tensor([0.0, 1.0]))
+            self.heads.append(head)
+
+    def forward_heads(self, x: torch.Tensor):
+        a = torch.cat([x, x.flip(-1)], dim=1)
+        return [head.forward_parts(a) for head in self.heads]
+
+
+def test_cluttered_localization_explains_the_target_class_on_normalised_scenes() -> None:
+    from eexit.data.cluttered import ClutteredScenes
+    from eexit.evaluation.cluttered import cluttered_localization
+
+    # a bright target pixel at (0, 0) of class 0 on a 0.6 background: normalised with mean 0.6
+    # and std 0.4 the background is 0, the target 1
+    image = torch.tensor([[[1.0, 0.6], [0.6, 0.6]]])
+    mask = torch.tensor([[True, False], [False, False]])
+    scenes = ClutteredScenes(
+        images=image.expand(2, 1, 2, 2).clone(),
+        masks=mask.expand(2, 2, 2).clone(),
+        labels=torch.tensor([0, 0]),
+        levels=torch.tensor([0, 1]),
+        boxes=torch.zeros(2, 4, dtype=torch.long),
+        source_index=torch.zeros(2, dtype=torch.long),
+    )
+    out, first = cluttered_localization(_MirrorNet(), scenes, [0.6], [0.4], fractions=(0.25,), batch_size=1)
+    for key in ("tiny", "heavy"):
+        # class 0's cam peaks on the target (HEAVY's class 1 would point at (0, 1))
+        assert out[f"cluttered/pointing_game/{key}"] == pytest.approx(1.0)
+        assert out[f"cluttered/iou@25/{key}"] == pytest.approx(1.0)
+        # all the cam's mass on the target (unnormalised, the background would hold 1.8 of 2.8)
+        assert out[f"cluttered/energy/{key}"] == pytest.approx(1.0)
+        assert out[f"cluttered/acc/{key}"] == 0.0
+        assert out[f"cluttered/pointing_game_level1/{key}"] == pytest.approx(1.0)
+    assert out["cluttered/mask_fraction"] == pytest.approx(0.25)
+    assert len(first) == 4 and first[0].shape == (1, 2, 2)
+
+
+def test_scenes_from_test_un_normalise_the_objects() -> None:
+    from eexit.evaluation.cluttered import scenes_from_test
+
+    objects = torch.zeros(2, 1, 4, 4)
+    objects[:, :, 1:3, 1:3] = 0.8
+    mean, std = [0.5], [0.25]
+    s = scenes_from_test(
+        (objects - 0.5) / 0.25, torch.tensor([0, 1]), mean, std, 2, levels=(ClutterLevel(0, 0.0, 1.0),)
+    )
+    assert s.images.shape == (2, 1, 8, 8)  # canvas twice the image side
+    for i in range(2):  # a clean level: the target's pixels are the object's, in [0, 1] units
+        torch.testing.assert_close(s.images[i, 0][s.masks[i]], torch.full((4,), 0.8))

@@ -403,3 +403,65 @@ def test_evaluate_help_says_which_groups_it_uses() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "evaluate.py composes only data, logger, paths and router" in proc.stdout
     assert "recalibrate: false" in proc.stdout and "template" not in proc.stdout
+
+
+def test_faithfulness_table_puts_each_auc_under_its_column() -> None:
+    from eexit.evaluation.report import metric_tables
+
+    m: dict = {f"test/{k}/{e}": 1.0 for k in ("acc", "mflops", "flops_ratio", "latency_ms") for e in EXITS}
+    m |= {f"{p}/{k}": 1.0 for p in ("heavy", "oracle") for k in ("accuracy", "mflops", "latency_ms", "flops_ratio")}
+    m |= {"routing/tier_distribution": {}, "routing/tier_feature_ranges": {}}
+    values = {"deletion_auc": 0.1, "deletion_auc_random": 0.2, "insertion_auc": 0.3, "insertion_auc_random": 0.4}
+    m |= {f"faithfulness/{k}/{e}": v for k, v in values.items() for e in EXITS}
+    (table,) = [t for t in metric_tables(m) if t.title.startswith("Explanation faithfulness")]
+    columns = {"deletion AUC": 0.1, "deletion, random map": 0.2, "insertion AUC": 0.3, "insertion, random map": 0.4}
+    for row in table.rows:
+        assert {h: row[table.header.index(h)] for h in columns} == columns
+
+
+class _FixedRouter:
+    """A one-shot router that sends each image to the tier written in its first TINY feature."""
+
+    one_shot = True
+    knob = 0.5
+
+    def choose_tier(self, features: torch.Tensor, probs: torch.Tensor, knob: float):
+        return features[:, 0].long(), None
+
+    def tier_probs(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(features[:, 0].long(), 4).float()
+
+
+def test_routing_metrics_on_hand_made_records() -> None:
+    from types import SimpleNamespace
+
+    from eexit.evaluation.routing_eval import routing_metrics
+    from eexit.routing.calibration import ExitRecords
+
+    # which exits get each image right (class 0 = right): all; HEAVY only; LIGHT on; none
+    right = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 1], [0, 1, 1, 1], [0, 0, 0, 0]]).bool()
+    probs = torch.stack([right.float(), (~right).float()], dim=2) * 0.8 + 0.1  # (4, 4, 2)
+    gate = torch.tensor([1, 3, 0, 2])  # the oracle's tiers are [0, 3, 1, 0]
+    features = torch.zeros(4, 4, 7)
+    features[:, 0, 0] = gate.float()
+    records = ExitRecords(features, probs, torch.zeros(4, dtype=torch.long))
+    costs = [{"exit": e, "mflops": float(i + 1), "latency_ms": 10.0 * (i + 1)} for i, e in enumerate(EXITS)]
+    tier_costs = [SimpleNamespace(mflops=i + 1.5, latency_ms=10.0 * (i + 1) + 5) for i in range(4)]
+    cal = SimpleNamespace(routers={"gate": _FixedRouter()}, tier_costs={"gate": tier_costs}, tier_profiles={})
+    m, tiers = routing_metrics(cal, records, costs)
+    assert tiers["oracle"].tolist() == [0, 3, 1, 0] and tiers["gate"].tolist() == gate.tolist()
+    assert m["heavy/accuracy"] == pytest.approx(0.75) and m["oracle/accuracy"] == pytest.approx(0.75)
+    assert m["oracle/mflops"] == pytest.approx(2.0)  # mean of 1, 4, 2, 1
+    assert m["routed/gate/accuracy"] == pytest.approx(0.5)  # right at LIGHT and HEAVY only
+    assert m["routed/gate/accuracy_drop"] == pytest.approx(0.25)  # HEAVY's accuracy minus the routed one
+    assert m["routed/gate/mflops"] == pytest.approx(3.0)  # mean of 2.5, 4.5, 1.5, 3.5
+    assert m["routed/gate/latency_ms"] == pytest.approx(30.0)
+    assert m["routed/gate/oracle_saving_fraction"] == pytest.approx(0.5)  # saves 1 of the oracle's 2
+    assert m["routing/gate/tier_accuracy"] == pytest.approx(0.25)
+    # rows: the oracle's tier, columns: the gate's
+    expected = [[0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]
+    assert m["routing/gate/confusion_matrix"] == expected
+    # the feature ranges are per tier the gate chose (MEDIUM: image 3), not the oracle's tiers
+    assert set(m["routing/tier_feature_ranges"]) == {"tiny", "light", "medium", "heavy"}
+    first_feature = next(iter(m["routing/tier_feature_ranges"]["medium"].values()))
+    assert first_feature == pytest.approx([2.0, 2.0])  # feature 0 holds the tier

@@ -168,3 +168,10 @@ def test_targets_given_as_numbers_are_range_checked_whatever_the_logits_device()
             class_indices(target, logits)
     t = class_indices([0, 1, 4], logits)
     assert t.device.type == "meta" and t.dtype == torch.long
+
+
+def test_normalize_per_image_divides_each_map_by_its_maximum() -> None:
+    cam = torch.tensor([[[0.0, 2.0], [1.0, 4.0]], [[0.0, 0.0], [0.0, 0.0]], [[3.0, 0.0], [0.0, 0.0]]])
+    expected = torch.tensor([[[0.0, 0.5], [0.25, 1.0]], [[0.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]])
+    assert torch.equal(normalize_per_image(cam), expected)
+    assert torch.equal(normalize_per_image(torch.zeros(1, 2, 2, dtype=torch.float16)), torch.zeros(1, 2, 2).half())
