@@ -189,8 +189,8 @@ def check_calibration_size(n: int, hint: str | None = None) -> None:
     if n < MIN_CALIBRATION_IMAGES:
         hint = hint or (
             f"hold out more: data.calib_size={MIN_CALIBRATION_IMAGES} or more images (or a larger fraction); "
-            "router.calibrate=false trains without routers, and such a model can neither be evaluated nor "
-            "exported for serving"
+            "router.calibrate=false with data.calib_size=0 trains without routers: such a model is evaluated "
+            "without them and cannot be exported for serving"
         )
         raise ConfigError(
             "data.calib_size",

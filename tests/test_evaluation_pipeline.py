@@ -234,6 +234,31 @@ def test_checkpoint_without_calibration_is_calibrated_on_the_held_out_split(tmp_
         evaluate(compose_train(tmp_path / "eval3", [*small, f"export_bundle={objs['best_ckpt']}"], config_name="eval"))
 
 
+def test_a_model_trained_without_a_calibration_split_is_evaluated_without_routers(tmp_path: Path) -> None:
+    """data.calib_size=0 with router.calibrate=false: nothing to fit routers on, so the report
+    holds the fixed exits, the oracle and the attention and explanation figures; an export
+    (which serves routed inference) and a recalibration are refused naming their key."""
+    cfg = compose_train(
+        tmp_path / "train",
+        ["data=synthetic", "model=micro", "debug=fdr", "logger=none", "router.calibrate=false", "data.calib_size=0"],
+    )
+    _, objs = train(cfg)
+    small = [*SMALL, f"ckpt_path={objs['best_ckpt']}"]
+    eval_cfg = compose_train(tmp_path / "eval", small, config_name="eval")
+    metrics = evaluate(eval_cfg)
+    assert metrics["meta"]["calibration"].startswith("none")
+    assert not any(k.startswith(("routed/", "tradeoff/", "gate_explanation/gate")) for k in metrics)
+    for key in ("test/acc/heavy", "oracle/accuracy", "consistency/kl/tiny", "faithfulness/deletion_auc/tiny"):
+        assert key in metrics, key
+    assert list(metrics["routing/tier_distribution"]) == ["oracle"]
+    report = (Path(eval_cfg.paths.output_dir) / "report.html").read_text()
+    assert "Fixed exits" in report and "One-shot gate tier" not in report
+    with pytest.raises(ConfigError, match=r"'export_bundle': .* no calibrated routers"):
+        evaluate(compose_train(tmp_path / "e2", [*small, f"export_bundle={tmp_path / 'b'}"], config_name="eval"))
+    with pytest.raises(ConfigError, match=r"'data.calib_size': the calibration split is empty"):
+        evaluate(compose_train(tmp_path / "e3", [*small, "recalibrate=true"], config_name="eval"))
+
+
 def test_limit_takes_a_seeded_random_subset_not_the_first_images() -> None:
     from eexit.evaluation.pipeline import _test_tensors
 

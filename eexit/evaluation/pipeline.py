@@ -98,9 +98,13 @@ def _batches(x: Tensor, y: Tensor, size: int) -> list[tuple[Tensor, Tensor]]:
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
 
 
-def _calibration(loaded: LoadedCheckpoint, dm: SplitDataModule, cfg: DictConfig, example_size: int) -> Calibration:
+def _calibration(
+    loaded: LoadedCheckpoint, dm: SplitDataModule, cfg: DictConfig, example_size: int
+) -> Calibration | None:
     """The checkpoint's stored calibration, or a new one fitted on the held-out calibration split
-    (its latencies timed on ``example_size`` images of that split)."""
+    (its latencies timed on ``example_size`` images of that split); ``None`` for a checkpoint
+    that stores none and was trained without a calibration split (``data.calib_size=0``,
+    ``router.calibrate=false``): then the routers are not evaluated."""
     state = loaded.extra.get("calibration")
     if state and not cfg.get("recalibrate", False):
         ignored = _router_overrides()
@@ -127,6 +131,13 @@ def _calibration(loaded: LoadedCheckpoint, dm: SplitDataModule, cfg: DictConfig,
         )
     rc = cfg.router
     batches = list(dm.calib_dataloader())
+    if not batches and not state and not cfg.get("recalibrate", False):
+        log.warning(
+            "%s holds no calibration and was trained without a calibration split: the routers are not "
+            "evaluated (fixed exits, oracle, attention and explanation figures only)",
+            loaded.path,
+        )
+        return None
     if not batches:
         raise ConfigError("data.calib_size", "the calibration split is empty: nothing to calibrate the routers on")
     check_calibration_size(
@@ -144,13 +155,19 @@ def _calibration(loaded: LoadedCheckpoint, dm: SplitDataModule, cfg: DictConfig,
     return calibrate(loaded.net, batches, torch.cat(timing)[:example_size], **calibration_settings(rc, cfg.get("seed")))
 
 
-def _export(cfg: DictConfig, loaded: LoadedCheckpoint, cal: Calibration) -> Path | None:
+def _export(cfg: DictConfig, loaded: LoadedCheckpoint, cal: Calibration | None) -> Path | None:
     """With ``export_bundle=DIR``: the serving bundle of the evaluated network with the
     calibration used here (the stored one, or the one fitted now: ``last.ckpt``, another epoch,
     ``recalibrate=true``), written before the test images are used; its folder, else ``None``."""
     out = cfg.get("export_bundle")
     if not out:
         return None
+    if cal is None:
+        raise ConfigError(
+            "export_bundle",
+            f"{loaded.path} has no calibrated routers and no calibration split to fit them on: a bundle serves "
+            "routed inference, so it cannot be exported (train with a calibration split)",
+        )
     from eexit.bundle import write_bundle
 
     bundle = write_bundle(
@@ -287,10 +304,10 @@ def evaluate(cfg: DictConfig) -> dict:
     cal = _calibration(loaded, dm, cfg, min(ec.latency_batch, len(x)))
     bundle_dir = _export(cfg, loaded, cal)
     log.info("evaluating %s on %d test images", loaded.path, len(y))
-    records = collect_records(net, batches, cal.feature_kwargs)
+    records = collect_records(net, batches, cal.feature_kwargs if cal is not None else None)
     example = x[: ec.latency_batch]
     costs = exit_costs(net, example, ec.latency_min_run_time)
-    if ec.remeasure_tier_latency:  # routed and fixed-exit times from the same machine and batch
+    if ec.remeasure_tier_latency and cal is not None:  # routed and fixed-exit times from the same machine and batch
         for kind in cal.routers:
             served = cal.routed(net, kind, optimize=True)
             cal.tier_costs[kind] = measure_routed_tier_costs(served, example, ec.latency_min_run_time)
@@ -316,7 +333,7 @@ def evaluate(cfg: DictConfig) -> dict:
     feats = records.features[order[: ec.gate_quality.num_images], 0]
     metrics["gate_explanation/perturb_radius"] = float(ec.gate_quality.perturb_radius)
     for kind in ("gate", "staged"):
-        if kind in cal.routers:
+        if cal is not None and kind in cal.routers:
             q = gate_explanation_quality(
                 cal,
                 kind,
@@ -358,7 +375,9 @@ def evaluate(cfg: DictConfig) -> dict:
         "cluttered scenes": f"{len(scenes)} synthetic layouts of test objects, canvas {scenes.images.shape[-1]} px"
         if scenes is not None
         else "none (one class among the test images)",
-        "calibration": ("stored in the bundle" if "bundle" in loaded.extra else "stored in the checkpoint")
+        "calibration": "none (no stored calibration, no calibration split): routers not evaluated"
+        if cal is None
+        else ("stored in the bundle" if "bundle" in loaded.extra else "stored in the checkpoint")
         if loaded.extra.get("calibration") and not cfg.get("recalibrate", False)
         else "fitted at evaluation",
         "exported bundle": str(bundle_dir) if bundle_dir is not None else "-",
@@ -382,9 +401,10 @@ def _figures(
     figs["Tier distribution"] = plots.tier_distribution_plot(
         metrics["routing/tier_distribution"], plot_dir / "tiers.png"
     )
-    figs["One-shot gate tier vs oracle tier"] = plots.confusion_plot(
-        metrics["routing/gate/confusion_matrix"], plot_dir / "gate_confusion.png"
-    )
+    if "routing/gate/confusion_matrix" in metrics:
+        figs["One-shot gate tier vs oracle tier"] = plots.confusion_plot(
+            metrics["routing/gate/confusion_matrix"], plot_dir / "gate_confusion.png"
+        )
     n = min(len(y), cfg.eval.plots.num_heatmap_images)
     xs = x[:n]
     size = tuple(x.shape[-2:])
@@ -406,7 +426,7 @@ def _figures(
         figs[f"Mean {kind} curve per exit"] = plots.curve_plot(
             curves[kind], plot_dir / f"{kind}.png", f"{kind} (most relevant pixels first)", "probability of the class"
         )
-    picks = _examples_per_tier(tiers["gate"])
+    picks = _examples_per_tier(tiers["gate"]) if cal is not None else []
     if picks:
         labels = [f"#{i} -> {ExitLevel(int(tiers['gate'][i])).name}" for i in picks]
         feats = records.features[picks, 0]

@@ -122,22 +122,23 @@ def metric_tables(metrics: Mapping) -> list[MetricTable]:
         if f"routing/{k}/tier_accuracy" in m:
             rows.append([f"{k}: agreement with the oracle tier", _pct(m[f"routing/{k}/tier_accuracy"]), "", "", ""])
     out.append(MetricTable("Tier distribution", ["", *[lv.name for lv in ExitLevel]], rows))
-    ranges = m["routing/tier_feature_ranges"]
-    rows = [
-        [f]
-        + [
-            ("-" if t not in ranges else f"{ranges[t][f][0]:.3g} .. {ranges[t][f][1]:.3g}")
-            for t in (lv.key for lv in ExitLevel)
+    ranges = m.get("routing/tier_feature_ranges", {})
+    if ranges:  # none without calibrated routers
+        rows = [
+            [f]
+            + [
+                ("-" if t not in ranges else f"{ranges[t][f][0]:.3g} .. {ranges[t][f][1]:.3g}")
+                for t in (lv.key for lv in ExitLevel)
+            ]
+            for f in FEATURE_NAMES
         ]
-        for f in FEATURE_NAMES
-    ]
-    out.append(
-        MetricTable(
-            "Typical TINY features per routed tier (10th-90th percentile, one-shot gate)",
-            ["feature", *[lv.name for lv in ExitLevel]],
-            rows,
+        out.append(
+            MetricTable(
+                "Typical TINY features per routed tier (10th-90th percentile, one-shot gate)",
+                ["feature", *[lv.name for lv in ExitLevel]],
+                rows,
+            )
         )
-    )
     for prefix, label in (("consistency", "this model"), ("baseline/consistency", "baseline (second checkpoint)")):
         if f"{prefix}/kl/tiny" not in m:
             continue

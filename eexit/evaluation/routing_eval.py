@@ -59,12 +59,13 @@ def _thin(points: list[dict], max_points: int) -> list[dict]:
 
 
 def routing_metrics(
-    cal: Calibration, records: ExitRecords, costs: Sequence[dict[str, float]], max_curve_points: int = 101
+    cal: Calibration | None, records: ExitRecords, costs: Sequence[dict[str, float]], max_curve_points: int = 101
 ) -> tuple[dict, dict[str, Tensor]]:
     """Every accuracy/cost and routing figure on the test records.
 
     Args:
-        cal: the calibration (routers at their knobs, tier costs).
+        cal: the calibration (routers at their knobs, tier costs); ``None``: the fixed exits and
+            the oracle only.
         records: test-split records of every exit (``collect_records``).
         costs: fixed-exit costs from ``exit_costs``.
         max_curve_points: points kept per trade-off curve.
@@ -94,7 +95,7 @@ def routing_metrics(
     distribution = {"oracle": frac}
     saving_oracle = heavy["mflops"] - mflops
 
-    for kind, router in cal.routers.items():
+    for kind, router in (cal.routers if cal is not None else {}).items():
         tier_mflops = [c.mflops for c in cal.tier_costs[kind]]
         tier = simulate(router, records, float(router.knob))
         tiers[kind] = tier
@@ -123,6 +124,7 @@ def routing_metrics(
             m[f"routing/{kind}/tier_accuracy"] = (tier == oracle).float().mean().item()
             m[f"routing/{kind}/confusion_matrix"] = multiclass_confusion_matrix(tier, oracle, NUM_TIERS).tolist()
     m["routing/tier_distribution"] = distribution
-    m["routing/tier_feature_ranges"] = tier_profiles(records.features[:, 0], tiers["gate"])
-    m["routing/tier_feature_ranges_calibration"] = cal.tier_profiles
+    if cal is not None:
+        m["routing/tier_feature_ranges"] = tier_profiles(records.features[:, 0], tiers["gate"])
+        m["routing/tier_feature_ranges_calibration"] = cal.tier_profiles
     return m, tiers
