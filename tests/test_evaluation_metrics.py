@@ -373,3 +373,22 @@ def test_completeness_gap_reported_is_the_largest_over_images() -> None:
     features = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # gaps 1 (1 + 1 vs 1) and 0
     q = gate_explanation_quality(_staged_cal(_Product()), "staged", features, method="feature_ablation")
     assert q["completeness_delta_max"] == pytest.approx(1.0)
+
+
+def test_fixed_exit_costs_are_per_image(monkeypatch) -> None:
+    """The fixed exits' latency is the batch's time over its images, and their FLOPs those of one
+    image, whatever the timing batch (the routers' tier costs are per image too)."""
+    from eexit.evaluation import routing_eval
+    from eexit.models import create_model
+    from eexit.routing.costs import count_flops
+    from eexit.types import ExitLevel
+
+    net = create_model("resnet_micro", in_chans=1, num_classes=4).eval()
+    example = torch.randn(8, 1, 16, 16)
+    monkeypatch.setattr(
+        routing_eval, "measure_latencies", lambda fns, min_run_time: [0.004 * (i + 1) for i in range(4)]
+    )
+    costs = routing_eval.exit_costs(net, example, 0.01)
+    assert [c["latency_ms"] for c in costs] == pytest.approx([0.5, 1.0, 1.5, 2.0])  # 4 ms .. 16 ms over 8 images
+    for level, cost in zip(ExitLevel, costs, strict=True):
+        assert cost["mflops"] == pytest.approx(count_flops(net.predict_exit, example, level) / 8 / 1e6)
