@@ -155,11 +155,7 @@ def test_resume_in_process_gives_the_weights_of_an_uninterrupted_run(
     _, objs = train(compose_train(tmp_path / "a", overrides))
     weights_a = {k: v.clone() for k, v in objs["model"].state_dict().items()}
 
-    failing = [*overrides, "+callbacks.fail._target_=tests.test_resume.FailAtStep", f"+callbacks.fail.step={fail_at}"]
-    with pytest.raises(RuntimeError, match="injected failure"):
-        train(compose_train(tmp_path / "b", failing))
-    last = tmp_path / "b" / "out" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=False)["global_step"] == resume_step
+    last = _killed_run_last_checkpoint(tmp_path / "b", overrides, fail_at, resume_step)
 
     _, objs = train(compose_train(tmp_path / "c", [*overrides, f"ckpt_path={last}"]))
     weights_b = objs["model"].state_dict()
@@ -168,6 +164,17 @@ def test_resume_in_process_gives_the_weights_of_an_uninterrupted_run(
     # the resumed run's checkpoints went on in the failed run's folder
     assert torch.load(last, weights_only=False)["global_step"] == 2 * STEPS_PER_EPOCH
     assert not (tmp_path / "c" / "out" / "checkpoints").exists()
+
+
+def _killed_run_last_checkpoint(folder: Path, overrides: list[str], fail_at: int, resume_step: int) -> Path:
+    """Train with ``overrides`` into ``folder``, failing at step ``fail_at``; the ``last.ckpt`` left,
+    checked to hold step ``resume_step``."""
+    failing = [*overrides, "+callbacks.fail._target_=tests.test_resume.FailAtStep", f"+callbacks.fail.step={fail_at}"]
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(compose_train(folder, failing))
+    last = folder / "out" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == resume_step
+    return last
 
 
 class DrawRandom(pl.Callback):
@@ -213,11 +220,7 @@ def test_a_resumed_run_draws_the_random_numbers_of_an_uninterrupted_run(
     whole = _draws(objs)
     assert sorted(whole) == list(range(10))
 
-    failing = [*overrides, "+callbacks.fail._target_=tests.test_resume.FailAtStep", f"+callbacks.fail.step={fail_at}"]
-    with pytest.raises(RuntimeError, match="injected failure"):
-        train(compose_train(tmp_path / "b", failing))
-    last = tmp_path / "b" / "out" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=False)["global_step"] == resume_step
+    last = _killed_run_last_checkpoint(tmp_path / "b", overrides, fail_at, resume_step)
 
     _, objs = train(compose_train(tmp_path / "c", [*overrides, f"ckpt_path={last}"]))
     resumed = _draws(objs)
