@@ -464,3 +464,80 @@ def test_training_augmentation_is_drawn_per_image_whatever_the_workers_and_after
     resumed = loader(2)
     resumed.load_state_dict(state)
     assert _draws(resumed) == in_main[8:]
+
+
+def test_fractional_split_sizes_round_to_the_nearest_image_and_limit_train_keeps_the_first_images() -> None:
+    from eexit.data import SyntheticDataModule
+
+    dm = SyntheticDataModule(num_train=20, num_test=4, val_size=0.19, calib_size=0.26, seed=0)
+    dm.setup("calibrate")
+    assert (len(dm.data_train), len(dm.data_val), len(dm.data_calib)) == (11, 4, 5)  # 3.8 -> 4, 5.2 -> 5
+    full = SyntheticDataModule(num_train=64, num_test=4, val_size=8, calib_size=8, seed=0)
+    full.setup("fit")
+    limited = SyntheticDataModule(num_train=64, num_test=4, val_size=8, calib_size=8, seed=0, limit_train=10)
+    limited.setup("fit")
+    assert len(limited.data_train) == 10
+    assert [limited.data_train.dataset.indices[i] for i in limited.data_train.indices] == full.data_train.indices[:10]
+
+
+def test_held_out_splits_that_take_the_whole_pool_are_refused() -> None:
+    from eexit.config import ConfigError
+    from eexit.data import SyntheticDataModule
+
+    with pytest.raises(ConfigError, match=r"val_size \+ calib_size \(16 \+ 16\) leave no training images out of 32"):
+        SyntheticDataModule(num_train=32, num_test=4, val_size=16, calib_size=16).setup("calibrate")
+    SyntheticDataModule(num_train=33, num_test=4, val_size=16, calib_size=16).setup("calibrate")  # one left
+
+
+def _expected_sample_seed(seed: int, epoch: int, index: int) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest(), "little") >> 1
+
+
+def test_the_training_order_follows_the_data_seed_and_epoch_and_each_rank_takes_its_share() -> None:
+    """The training sampler shuffles as torch's DistributedSampler does, with the data module's
+    seed plus the epoch (``randperm`` of a generator seeded so), rank ``r`` of 2 taking positions
+    ``r, r + 2, ...``, and pairs each index with the hash of (seed, epoch, index)."""
+    from types import SimpleNamespace
+
+    from eexit.data import SyntheticDataModule
+
+    def pairs(seed: int, epoch: int, world: int = 1, rank: int = 0) -> list[tuple[int, int]]:
+        dm = SyntheticDataModule(num_train=64, num_test=4, seed=seed, batch_size=4)
+        dm.data_train = [(i, 0) for i in range(48)]
+        if world > 1:
+            dm.trainer = SimpleNamespace(world_size=world, global_rank=rank)
+        sampler = dm.train_dataloader().sampler
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    for seed, epoch in ((5, 0), (5, 1), (9, 0)):
+        order = torch.randperm(48, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        assert pairs(seed, epoch) == [(i, _expected_sample_seed(seed, epoch, i)) for i in order]
+        for rank in (0, 1):
+            assert [i for i, _ in pairs(seed, epoch, world=2, rank=rank)] == order[rank::2]
+    assert pairs(5, 0) != pairs(9, 0)
+
+
+def test_the_generated_test_set_shares_no_image_with_the_training_pool() -> None:
+    from eexit.data import SyntheticDataModule
+
+    dm = SyntheticDataModule(num_train=32, num_test=32, seed=3)  # equal sizes: one seed would draw the same images
+    pool, test = dm.load_pool().tensors[0].flatten(1), dm.load_test().tensors[0].flatten(1)
+    assert torch.cdist(test, pool).min() > 1.0  # noise alone puts two images far apart
+
+
+@needs_fashion
+def test_fashion_mnist_is_normalised_by_the_training_mean_and_std() -> None:
+    from eexit.data import FashionMNISTDataModule
+    from eexit.data.fashion_mnist import DEBIAN_DIR
+    from tests.conftest import ROOT
+
+    dm = FashionMNISTDataModule(data_dir=str(ROOT / "data"), source_dir=DEBIAN_DIR)
+    x = dm.load_test().tensors[0]
+    assert x.shape == (10_000, 1, 28, 28)
+    # black pixels (0) and white ones (255) after (x / 255 - 0.2860) / 0.3530
+    assert float(x.min()) == pytest.approx(-0.2860 / 0.3530, abs=1e-6)
+    assert float(x.max()) == pytest.approx((1 - 0.2860) / 0.3530, abs=1e-6)
+    assert abs(float(x.mean())) < 0.01 and abs(float(x.std()) - 1) < 0.01  # the test set's statistics are close
