@@ -137,7 +137,10 @@ def print_eval_summary(metrics: dict, console: Console | None = None) -> None:
             get(f"cluttered/pointing_game/{k}", "{:.2%}"),
         )
     console.print(table)
-    table = Table(title="routing (knobs fitted on the calibration split)")
+    routed = any(f"routed/{kind}/accuracy" in metrics for kind in ("gate", "staged", "cascade"))
+    table = Table(
+        title="routing (knobs fitted on the calibration split)" if routed else "routing: no calibrated routers"
+    )
     for col in ("", "acc", "FLOPs / HEAVY", "ms/img", "oracle saving", "tiers T/L/M/H"):
         table.add_column(col, justify="left" if not col else "right")
     table.add_row(

@@ -413,6 +413,11 @@ def test_under_ddp_each_rank_reads_its_share_of_the_validation_and_test_images_o
         assert len(seen) == n and sorted(seen) == sorted(single)
     dm.trainer = SimpleNamespace(world_size=40, global_rank=0)  # fewer images than processes: Lightning's
     assert not isinstance(dm.val_dataloader().sampler, DistributedSampler)
+    # a fraction of the batches: Lightning's (equal shares; a fraction of an uneven share could
+    # leave one rank less than a batch, which Lightning refuses on that rank alone)
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=0, limit_val_batches=0.5, limit_test_batches=1.0)
+    assert not isinstance(dm.val_dataloader().sampler, DistributedSampler)
+    assert isinstance(dm.test_dataloader().sampler, DistributedSampler)
 
 
 class _RandomlyAugmented(torch.utils.data.Dataset):
@@ -541,3 +546,29 @@ def test_fashion_mnist_is_normalised_by_the_training_mean_and_std() -> None:
     assert float(x.min()) == pytest.approx(-0.2860 / 0.3530, abs=1e-6)
     assert float(x.max()) == pytest.approx((1 - 0.2860) / 0.3530, abs=1e-6)
     assert abs(float(x.mean())) < 0.01 and abs(float(x.std()) - 1) < 0.01  # the test set's statistics are close
+
+
+def test_training_with_overfit_batches_reads_the_items_lightning_asks_for(tmp_path) -> None:
+    """``trainer.overfit_batches`` rebuilds the training loader with Lightning's own sequential
+    sampler, which gives plain indices: the seeded items take them as they are."""
+    from eexit.data.base import SeededItems
+    from eexit.training import train
+    from tests.conftest import compose_train
+
+    items = SeededItems([(i, -i) for i in range(4)])
+    assert items[2] == (2, -2) and items[(3, 7)] == (3, -3)
+    cfg = compose_train(
+        tmp_path,
+        [
+            "data=synthetic",
+            "model=micro",
+            "debug=fdr",
+            "logger=none",
+            "callbacks=none",
+            "test=false",
+            "router.calibrate=false",
+            "+trainer.overfit_batches=2",
+        ],
+    )
+    _, objs = train(cfg)
+    assert objs["trainer"].global_step == 1

@@ -225,12 +225,13 @@ class SplitDataModule(pl.LightningDataModule):
                 "split; add images of them, or lower data.val_size / data.calib_size, or change seed",
             )
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool = False, sharded: bool = False) -> DataLoader:
-        """A loader of ``dataset``; ``sharded``: under a trainer of several processes, each rank
-        reads its share of the images once (``_unrepeated_sampler``)."""
+    def _loader(self, dataset: Dataset | None, shuffle: bool = False, limit_key: str | None = None) -> DataLoader:
+        """A loader of ``dataset``; with ``limit_key`` (the trainer's ``limit_*_batches`` of the
+        stage), under a trainer of several processes each rank reads its share of the images once
+        (``_unrepeated_sampler``)."""
         if dataset is None:
             raise RuntimeError("call setup() before asking for a loader")
-        sampler = self._unrepeated_sampler(dataset) if sharded else None
+        sampler = self._unrepeated_sampler(dataset, limit_key) if limit_key else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -240,24 +241,30 @@ class SplitDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def _unrepeated_sampler(self, dataset: Dataset) -> UnrepeatedDistributedSampler | None:
+    def _unrepeated_sampler(self, dataset: Dataset, limit_key: str) -> UnrepeatedDistributedSampler | None:
         """Under DDP, rank ``r`` of ``n`` reads images ``r, r + n, ...``: every validation and test
         image counted once. (Lightning's own ``DistributedSampler`` pads the split with repeated
         images up to a multiple of ``n``, so the metrics counted some twice.) The ranks then run
         batch counts that differ by at most one, which evaluation allows: the metrics are reduced
-        once, at the epoch's end. ``None`` (the plain loader) with one process, or with fewer
-        images than processes (a rank without a batch would wait forever at that reduction)."""
+        once, at the epoch's end. ``None`` (the plain loader) with one process, with a fraction of
+        the batches (``trainer.<limit_key>`` < 1.0: Lightning refuses a fraction that leaves a rank
+        less than one batch, which uneven ranks could meet on one rank alone), or with fewer images
+        than processes (a rank without a batch would wait forever at that reduction)."""
         trainer = getattr(self, "trainer", None)
         replicas = trainer.world_size if trainer is not None else 1
         if replicas < 2:
             return None
+        limit = getattr(trainer, limit_key, 1.0)
+        if isinstance(limit, float) and limit < 1.0:
+            return None
         if len(dataset) < replicas:
-            log.warning(
-                "%d evaluation image(s) for %d processes: Lightning's sampler repeats some so that every "
-                "process gets one",
-                len(dataset),
-                replicas,
-            )
+            if len(dataset):
+                log.warning(
+                    "%d evaluation image(s) for %d processes: Lightning's sampler repeats some so that every "
+                    "process gets one",
+                    len(dataset),
+                    replicas,
+                )
             return None
         return UnrepeatedDistributedSampler(dataset, num_replicas=replicas, rank=trainer.global_rank, shuffle=False)
 
@@ -278,7 +285,7 @@ class SplitDataModule(pl.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.data_val, sharded=True)
+        return self._loader(self.data_val, limit_key="limit_val_batches")
 
     def calib_dataloader(self) -> DataLoader:
         return self._loader(self.data_calib)
@@ -286,7 +293,7 @@ class SplitDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         if self.data_test is None:
             self.setup("test")
-        return self._loader(self.data_test, sharded=True)
+        return self._loader(self.data_test, limit_key="limit_test_batches")
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -326,7 +333,9 @@ class SeededItems(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]):
+    def __getitem__(self, key: tuple[int, int] | int):
+        if not isinstance(key, tuple):  # a loader Lightning rebuilt with its own sampler (overfit_batches)
+            return self.dataset[key]
         index, seed = key
         generator = torch.default_generator
         state = generator.get_state()

@@ -116,10 +116,6 @@ def _calibration(
                 " ".join(ignored),
             )
         return Calibration.from_state(state)
-    if state:
-        log.info("recalibrate=true: fitting the routers anew on the held-out calibration split")
-    else:
-        log.warning("%s holds no calibration: calibrating on the held-out calibration split now", loaded.path)
     dm.setup("calibrate")
     trained_pool = ((loaded.data or {}).get("split") or {}).get("pool_size")
     if trained_pool is not None and trained_pool != dm.pool_size:
@@ -140,6 +136,10 @@ def _calibration(
         return None
     if not batches:
         raise ConfigError("data.calib_size", "the calibration split is empty: nothing to calibrate the routers on")
+    if state:
+        log.info("recalibrate=true: fitting the routers anew on the held-out calibration split")
+    else:
+        log.warning("%s holds no calibration: calibrating on the held-out calibration split now", loaded.path)
     check_calibration_size(
         sum(len(y) for _, y in batches),
         f"the routers are fitted on the images training held out, as recorded in {loaded.path}: train with "
