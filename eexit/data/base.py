@@ -225,17 +225,21 @@ class SplitDataModule(pl.LightningDataModule):
                 "split; add images of them, or lower data.val_size / data.calib_size, or change seed",
             )
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool = False, limit_key: str | None = None) -> DataLoader:
-        """A loader of ``dataset``; with ``limit_key`` (the trainer's ``limit_*_batches`` of the
-        stage), under a trainer of several processes each rank reads its share of the images once
-        (``_unrepeated_sampler``)."""
+    def _processes(self) -> tuple[int, int]:
+        """The attached trainer's ``(world_size, global_rank)``; ``(1, 0)`` without a trainer."""
+        trainer = getattr(self, "trainer", None)
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _loader(self, dataset: Dataset | None, limit_key: str | None = None) -> DataLoader:
+        """An evaluation loader of ``dataset``, in order; with ``limit_key`` (the trainer's
+        ``limit_*_batches`` of the stage), under a trainer of several processes each rank reads
+        its share of the images once (``_unrepeated_sampler``)."""
         if dataset is None:
             raise RuntimeError("call setup() before asking for a loader")
         sampler = self._unrepeated_sampler(dataset, limit_key) if limit_key else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle if sampler is None else None,
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -250,11 +254,10 @@ class SplitDataModule(pl.LightningDataModule):
         the batches (``trainer.<limit_key>`` < 1.0: Lightning refuses a fraction that leaves a rank
         less than one batch, which uneven ranks could meet on one rank alone), or with fewer images
         than processes (a rank without a batch would wait forever at that reduction)."""
-        trainer = getattr(self, "trainer", None)
-        replicas = trainer.world_size if trainer is not None else 1
+        replicas, rank = self._processes()
         if replicas < 2:
             return None
-        limit = getattr(trainer, limit_key, 1.0)
+        limit = getattr(self.trainer, limit_key, 1.0)
         if isinstance(limit, float) and limit < 1.0:
             return None
         if len(dataset) < replicas:
@@ -266,15 +269,14 @@ class SplitDataModule(pl.LightningDataModule):
                     replicas,
                 )
             return None
-        return UnrepeatedDistributedSampler(dataset, num_replicas=replicas, rank=trainer.global_rank, shuffle=False)
+        return UnrepeatedDistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=False)
 
     def train_dataloader(self) -> StatefulDataLoader:
         """The shuffled, resumable training loader (see the class docstring); each image's random
         augmentation is drawn from a seed of its own (``SeededItems``)."""
         if self.data_train is None:
             raise RuntimeError("call setup() before asking for a loader")
-        trainer = getattr(self, "trainer", None)
-        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        replicas, rank = self._processes()
         sampler = SeededSampler(self.data_train, num_replicas=replicas, rank=rank, shuffle=True, seed=self.split_seed)
         return StatefulDataLoader(
             SeededItems(self.data_train),

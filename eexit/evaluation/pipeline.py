@@ -155,6 +155,15 @@ def _calibration(
     return calibrate(loaded.net, batches, torch.cat(timing)[:example_size], **calibration_settings(rc, cfg.get("seed")))
 
 
+def _calibration_source(loaded: LoadedCheckpoint, cfg: DictConfig, cal: Calibration | None) -> str:
+    """Where the routers evaluated come from, for the report's meta line."""
+    if cal is None:
+        return "none (no stored calibration, no calibration split): routers not evaluated"
+    if not loaded.extra.get("calibration") or cfg.get("recalibrate", False):
+        return "fitted at evaluation"
+    return "stored in the bundle" if "bundle" in loaded.extra else "stored in the checkpoint"
+
+
 def _export(cfg: DictConfig, loaded: LoadedCheckpoint, cal: Calibration | None) -> Path | None:
     """With ``export_bundle=DIR``: the serving bundle of the evaluated network with the
     calibration used here (the stored one, or the one fitted now: ``last.ckpt``, another epoch,
@@ -375,11 +384,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "cluttered scenes": f"{len(scenes)} synthetic layouts of test objects, canvas {scenes.images.shape[-1]} px"
         if scenes is not None
         else "none (one class among the test images)",
-        "calibration": "none (no stored calibration, no calibration split): routers not evaluated"
-        if cal is None
-        else ("stored in the bundle" if "bundle" in loaded.extra else "stored in the checkpoint")
-        if loaded.extra.get("calibration") and not cfg.get("recalibrate", False)
-        else "fitted at evaluation",
+        "calibration": _calibration_source(loaded, cfg, cal),
         "exported bundle": str(bundle_dir) if bundle_dir is not None else "-",
         "latency": f"ms per image in batches of {len(example)}, measured now on this machine"
         + ("" if ec.remeasure_tier_latency else " (routed tiers: as measured at calibration)"),
