@@ -146,7 +146,7 @@ def test_online_wandb_without_a_login_is_a_config_error(tmp_path: Path) -> None:
             str(ROOT / "train.py"),
             *overrides,
             "logger.wandb.offline=false",
-            f"paths.output_dir={tmp_path}/o",
+            f"hydra.run.dir={tmp_path}/o",  # not the project's logs/ (paths.output_dir follows it)
         ],
         capture_output=True,
         text=True,
