@@ -58,3 +58,21 @@ def calibrated_run(tmp_path_factory) -> dict:
     cfg = compose_train(tmp, ["data=synthetic", "model=micro", "debug=fdr", "logger=none", "callbacks=none"])
     _, objs = train(cfg)
     return {"ckpt": objs["best_ckpt"], "bundle": objs["bundle"], "data": objs["datamodule"].info}
+
+
+def micro_module(loss=None, lr: float = 0.1, **kwargs):
+    """``MultiExitModule`` around the micro network (1 channel, 3 classes, MLP heads) with plain
+    SGD; ``loss`` defaults to ``MultiExitLoss(attn_weight=0.5)``."""
+    import functools
+
+    import torch
+
+    from eexit.lit.multi_exit import MultiExitModule
+    from eexit.losses import MultiExitLoss
+    from eexit.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("resnet_micro", in_chans=1, num_classes=3, head="mlp")
+    return MultiExitModule(
+        net, loss or MultiExitLoss(attn_weight=0.5), functools.partial(torch.optim.SGD, lr=lr), **kwargs
+    )

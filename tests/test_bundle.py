@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import re
@@ -15,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from eexit.bundle import MANIFEST_NAME, SEAL_KEY, WEIGHTS_NAME, BundleError, export_bundle, file_sha256, load_bundle
-from eexit.checkpoint import load_checkpoint
+from eexit.checkpoint import load_checkpoint, read_checkpoint
 from eexit.data.synthetic import make_shapes
 from eexit.routing.calibrate import Calibration
 from eexit.routing.decisions import decisions_from_output
@@ -441,3 +442,16 @@ def test_a_resealed_data_section_that_disagrees_with_the_input_section_is_refuse
     }[key]
     with pytest.raises(BundleError, match=re.escape(expected)):
         load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("name", ["LambdaLR", "MultiplicativeLR"])
+def test_schedulers_that_call_a_given_function_are_refused_unless_trusted(tmp_path: Path, name: str) -> None:
+    """Pins the schedulers left out of the safe globals: the ones that call a function given to
+    them are refused by name (the other ``torch.optim`` classes load)."""
+    path = tmp_path / "s.ckpt"
+    torch.save({"scheduler": getattr(torch.optim.lr_scheduler, name)}, path)
+    with pytest.raises(ValueError, match=rf"refused to unpickle torch\.optim\.lr_scheduler\.{name}\b"):
+        read_checkpoint(path)
+    assert read_checkpoint(path, trust=True)["scheduler"] is getattr(torch.optim.lr_scheduler, name)
+    torch.save({"scheduler": functools.partial(torch.optim.lr_scheduler.StepLR, step_size=2)}, path)
+    assert read_checkpoint(path)["scheduler"].keywords == {"step_size": 2}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from eexit.losses import MultiExitLoss, attention_kl, cam_to_distribution
+from eexit.losses import LossOutput, MultiExitLoss, attention_kl, cam_to_distribution
 from eexit.models import create_model
 from eexit.types import ExitLevel
 
@@ -133,3 +135,101 @@ def test_cam_distribution_does_not_depend_on_the_cam_scale() -> None:
     peak = cam.flatten(1).amax(1, keepdim=True)
     expected = cam.flatten(1) / peak + 1e-3
     assert torch.allclose(p, expected / expected.sum(1, keepdim=True), atol=1e-7)
+
+
+def test_cam_resampling_is_bilinear_with_pixel_centres() -> None:
+    """Pins the resampling of a cam to the common size: bilinear with ``align_corners=False``
+    (pixel centres), so a 1x2 map ``[0, 1]`` becomes ``[0, .25, .75, 1]`` at 1x4 before the eps
+    smoothing (corner-aligned sampling gives ``[0, 1/3, 2/3, 1]``)."""
+    p = cam_to_distribution(torch.tensor([[[0.0, 1.0]]]), size=(1, 4), eps=1e-3)
+    expected = torch.tensor([0.0, 0.25, 0.75, 1.0]) + 1e-3
+    assert torch.allclose(p[0], expected / expected.sum(), atol=1e-7)
+
+
+def test_temperature_softmax_divides_the_peak_normalised_cam() -> None:
+    """Pins ``P = softmax(cam / max / T)``: a lower temperature sharpens the distribution."""
+    p = cam_to_distribution(torch.tensor([[[0.0, 3.0]]]), temperature=0.5)
+    e2 = math.exp(2.0)  # (3 / 3) / 0.5
+    assert p[0].tolist() == pytest.approx([1 / (1 + e2), e2 / (1 + e2)], abs=1e-7)
+
+
+def test_attn_kl_mean_averages_the_exits_and_is_zero_without_them() -> None:
+    """Pins ``LossOutput.attn_kl_mean`` (logged as ``{stage}/loss/attn_kl``): the mean over the
+    consistency exits, not their sum; 0 when no KL was measured."""
+    total = torch.tensor(5.0)
+    out = LossOutput(total, {"tiny": total}, {"tiny": torch.tensor(0.3), "light": torch.tensor(0.6)})
+    assert out.attn_kl_mean.item() == pytest.approx(0.45)
+    assert LossOutput(total, {"tiny": total}, {}).attn_kl_mean.item() == 0.0
+
+
+def _hand_logits() -> list[torch.Tensor]:
+    # four exits, a batch of 2, 3 classes: each exit its own logits
+    return [torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]]) * (k + 1) for k in range(len(ExitLevel))]
+
+
+def _hand_cams() -> list[torch.Tensor]:
+    # TINY 2x2, LIGHT and MEDIUM 2x2, HEAVY 4x4 (the largest: the common size)
+    g = torch.Generator().manual_seed(3)
+    return [torch.rand(2, 2, 2, generator=g) for _ in range(3)] + [torch.rand(2, 4, 4, generator=g)]
+
+
+def test_total_is_weighted_smoothed_ce_plus_lambda_times_batch_mean_kl_exactly() -> None:
+    """Pins ``MultiExitLoss`` on hand-made logits and cams: ``sum_k w_k CE_ls(logits_k, y) +
+    lambda * sum_students mean_batch KL(P_HEAVY || P_k)``, with label smoothing applied to every
+    exit's cross-entropy, the KL a mean over the batch (not a sum) and every cam resampled to the
+    largest cam's size (HEAVY's 4x4)."""
+    logits, cams, y = _hand_logits(), _hand_cams(), torch.tensor([0, 2])
+    weights = {"tiny": 0.5, "light": 1.0, "medium": 2.0, "heavy": 3.0}
+    loss = MultiExitLoss(
+        exit_weights=weights, attn_weight=0.7, consistency_exits=["tiny", "medium"], label_smoothing=0.2
+    )
+    out = loss(logits, y, cams)
+
+    def smoothed_ce(z: torch.Tensor) -> float:
+        logp = torch.log_softmax(z, dim=1)
+        k = z.shape[1]
+        per = [-(0.8 * logp[i, int(t)] + 0.2 / k * logp[i].sum()) for i, t in enumerate(y)]
+        return float(sum(per) / len(per))
+
+    ce = {lv.key: smoothed_ce(logits[lv]) for lv in ExitLevel}
+    teacher = cam_to_distribution(cams[ExitLevel.HEAVY], (4, 4))
+    kl = {
+        s: float(attention_kl(teacher, cam_to_distribution(cams[ExitLevel.parse(s)], (4, 4))).mean())
+        for s in ("tiny", "medium")
+    }
+    assert {k: v.item() for k, v in out.ce.items()} == pytest.approx(ce, abs=1e-6)
+    assert {k: v.item() for k, v in out.attn_kl.items()} == pytest.approx(kl, abs=1e-6)
+    expected = sum(weights[k] * ce[k] for k in ce) + 0.7 * sum(kl.values())
+    assert out.total.item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_positive_lambda_without_cams_is_refused() -> None:
+    """Pins the error for ``attn_weight > 0`` without cams (silently training without the KL
+    term otherwise); at lambda 0 the cams are optional."""
+    logits, y = _hand_logits(), torch.tensor([0, 2])
+    with pytest.raises(ValueError, match="attn_weight > 0 needs the cams"):
+        MultiExitLoss(attn_weight=0.5)(logits, y)
+    out = MultiExitLoss(attn_weight=0.0)(logits, y)
+    assert out.attn_kl == {} and torch.allclose(out.total, out.ce_total)
+
+
+def test_settings_hold_the_loss_under_its_config_names() -> None:
+    """Pins ``MultiExitLoss.settings`` (what a checkpoint records and a resume compares): every
+    value as given, one ``cam_size`` number as a square, missing exit weights as 1."""
+    loss = MultiExitLoss(
+        exit_weights={"tiny": 0.5},
+        attn_weight=0.3,
+        consistency_exits=["light"],
+        cam_size=4,
+        eps=0.01,
+        label_smoothing=0.1,
+    )
+    assert loss.settings == {
+        "exit_weights": {"tiny": 0.5, "light": 1.0, "medium": 1.0, "heavy": 1.0},
+        "attn_weight": 0.3,
+        "consistency_exits": ["light"],
+        "cam_size": [4, 4],
+        "eps": 0.01,
+        "temperature": None,
+        "label_smoothing": 0.1,
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import os
 import random
@@ -10,15 +11,21 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from eexit.config import ConfigError
+from eexit.lit.last_checkpoint import LastCheckpoint
+from eexit.lit.multi_exit import _partial_differences
+from eexit.lit.resume import run_checkpoints_folder
+from eexit.losses import MultiExitLoss
 from eexit.training import train
-from tests.conftest import ROOT, compose_train
+from tests.conftest import ROOT, compose_train, micro_module
 
 # synthetic: 384 training images / 32 = 12 steps an epoch; last.ckpt every 5 steps (and at each
 # epoch end); killed before step 17, so the newest checkpoint is step 15: epoch 1, after 3 batches
@@ -501,3 +508,162 @@ def test_resume_checks_hold_for_a_finished_run_and_another_image_size(tmp_path: 
                 tmp_path / "c", [*ONE_EPOCH, "trainer.max_epochs=2", "data.image_size=20", f"ckpt_path={last}"]
             )
         )
+
+
+# the resume checks of MultiExitModule, unit tests with a stand-in trainer
+
+
+def _fake_trainer(**kwargs) -> SimpleNamespace:
+    return SimpleNamespace(ckpt_path="run/checkpoints/last.ckpt", **kwargs)
+
+
+def _mid_epoch_loop(mid_epoch: bool) -> SimpleNamespace:
+    current = SimpleNamespace(processed=1, started=2 if mid_epoch else 1)
+    return SimpleNamespace(restarting=True, epoch_progress=SimpleNamespace(current=current))
+
+
+@pytest.mark.parametrize("mid_epoch", [True, False])
+def test_another_process_count_is_refused_only_in_the_middle_of_an_epoch(mid_epoch: bool) -> None:
+    """Pins the world-size check to mid-epoch checkpoints: at an epoch's end the loader's
+    position is not restored, so another process count resumes fine."""
+    module = micro_module()
+    module._trainer = _fake_trainer(world_size=1, fit_loop=_mid_epoch_loop(mid_epoch))
+    module._resume_world_size = 2
+    if mid_epoch:
+        with pytest.raises(ConfigError, match=r"trainer\.devices"):
+            module._check_resumed_world_size()
+    else:
+        module._check_resumed_world_size()
+
+
+def test_another_optimizer_class_is_refused_naming_the_target() -> None:
+    """Pins the ``_target_`` comparison: AdamW -> SGD with the same keywords is a change the
+    restored optimizer state would silently undo."""
+    adamw, sgd = functools.partial(torch.optim.AdamW, lr=0.1), functools.partial(torch.optim.SGD, lr=0.1)
+    assert _partial_differences(adamw, sgd) == [("_target_", "torch.optim.adamw.AdamW", "torch.optim.sgd.SGD")]
+    module = micro_module()  # SGD
+    module._trainer = _fake_trainer()
+    with pytest.raises(ConfigError, match=r"'model.optimizer._target_'.*torch.optim.adamw.AdamW"):
+        module._check_resumed_settings({"optimizer": adamw, "scheduler": None}, None)
+
+
+def test_a_checkpoint_records_this_runs_loss_and_process_count_and_keeps_extra_state() -> None:
+    """Pins ``on_save_checkpoint`` after ``on_load_checkpoint``: the ``eexit`` entry records the
+    process count and the loss of this run (not the resumed checkpoint's), and carries the
+    entries that do not describe the run (calibration)."""
+    module = micro_module(MultiExitLoss(attn_weight=0.5))
+    old_loss = {**module.loss_fn.settings, "attn_weight": 0.25}
+    module.on_load_checkpoint(
+        {"eexit": {"spec": module.net.spec, "loss": old_loss, "world_size": 2, "calibration": {"x": 1}}}
+    )
+    module._trainer = SimpleNamespace(world_size=3, loggers=[])
+    saved: dict = {}
+    module.on_save_checkpoint(saved)
+    assert saved["eexit"]["loss"]["attn_weight"] == 0.5
+    assert saved["eexit"]["world_size"] == 3
+    assert saved["eexit"]["calibration"] == {"x": 1}
+
+
+def test_resuming_with_loader_workers_and_augmentation_warns(caplog) -> None:
+    """Pins the warning that a resume with workers and augmentation is not exact."""
+    module = micro_module()
+    for workers, augment, warned in ((2, True, True), (0, True, False), (2, False, False)):
+        dm = SimpleNamespace(split_differences=lambda r: [], num_workers=workers, augment=augment, pool_size=None)
+        module._trainer = _fake_trainer(datamodule=dm)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="eexit.lit.multi_exit"):
+            module._check_resumed_split()
+        assert ("not exact" in caplog.text or "augment differently" in caplog.text) == warned, (workers, augment)
+
+
+def test_a_moved_run_folder_moves_only_the_bookkeeping_of_its_checkpoints_folder(tmp_path: Path) -> None:
+    """Pins ``_follow_moved_run_folder``: the states of callbacks that wrote into the old run's
+    ``checkpoints/`` folder (dirpath, best and last paths, the top-k keys) follow the checkpoint
+    to its new folder; a callback writing elsewhere is left alone."""
+    new = tmp_path / "new" / "checkpoints"
+    new.mkdir(parents=True)
+    old = "/old/run/checkpoints"
+    mine = {
+        "dirpath": old,
+        "best_model_path": f"{old}/epoch_000.ckpt",
+        "last_model_path": f"{old}/last.ckpt",
+        "best_k_models": {f"{old}/epoch_000.ckpt": 0.5},
+    }
+    other = {"dirpath": "/elsewhere/ckpts", "best_model_path": "/elsewhere/ckpts/a.ckpt"}
+    checkpoint = {"callbacks": {"mine": dict(mine), "other": dict(other)}}
+    module = micro_module()
+    module._trainer = SimpleNamespace(ckpt_path=str(new / "last.ckpt"))
+    module._follow_moved_run_folder(checkpoint)
+    moved = checkpoint["callbacks"]["mine"]
+    assert moved["dirpath"] == str(new.resolve())
+    assert moved["best_model_path"] == str(new.resolve() / "epoch_000.ckpt")
+    assert moved["last_model_path"] == str(new.resolve() / "last.ckpt")
+    assert moved["best_k_models"] == {str(new.resolve() / "epoch_000.ckpt"): 0.5}
+    assert checkpoint["callbacks"]["other"] == other
+
+
+# LastCheckpoint and the run folder, on the smallest module
+
+
+class _Linear(pl.LightningModule):
+    """The smallest trainable module: one linear layer on 4 features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        return self.layer(x).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class _StopAt(pl.Callback):
+    """Sets ``trainer.should_stop`` after the given global step (as ``max_time`` does)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def _fit(folder: Path, *callbacks: pl.Callback, ckpt_path: Path | None = None) -> pl.Trainer:
+    """Two epochs of 5 steps with ``last.ckpt`` every 100 steps (never, by the step trigger)."""
+    trainer = pl.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[LastCheckpoint(dirpath=folder, every_n_train_steps=100), *callbacks],
+    )
+    trainer.fit(_Linear(), DataLoader(TensorDataset(torch.randn(10, 4)), batch_size=2), ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_a_run_stopped_mid_epoch_by_a_callback_saves_that_step_as_mid_epoch(tmp_path: Path) -> None:
+    """Pins the save on ``should_stop`` (``max_time``, a callback) in the middle of an epoch:
+    ``last.ckpt`` holds step 3 with epoch 0 still running (Lightning's own save at the end of
+    training counts the epoch as done), so the resumed run trains the rest of epoch 0 and all
+    of epoch 1: 3 + 2 + 5 = 10 steps, not 8."""
+    trainer = _fit(tmp_path / "a", _StopAt(3))
+    assert trainer.global_step == 3
+    last = tmp_path / "a" / "last.ckpt"
+    state = torch.load(last, weights_only=False)
+    assert state["global_step"] == 3
+    epoch = state["loops"]["fit_loop"]["epoch_progress"]["current"]
+    assert epoch["processed"] == 0 and epoch["started"] == 1
+    assert _fit(tmp_path / "b", ckpt_path=last).global_step == 10
+
+
+def test_the_run_folder_of_a_checkpoint_reached_through_a_link_is_its_real_path(tmp_path: Path) -> None:
+    """Pins ``run_checkpoints_folder`` to the real path (what the checkpoint callbacks compare),
+    not the linked one; a file outside a ``checkpoints/`` folder has none."""
+    real = tmp_path / "real" / "checkpoints"
+    real.mkdir(parents=True)
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    assert run_checkpoints_folder(tmp_path / "link" / "checkpoints" / "last.ckpt") == str(real.resolve())
+    assert run_checkpoints_folder(tmp_path / "real" / "last.ckpt") is None

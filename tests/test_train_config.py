@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from omegaconf import open_dict
 from omegaconf.errors import MissingMandatoryValue
+from torch.utils.data import DataLoader, TensorDataset
 
 from eexit.checkpoint import load_checkpoint
 from eexit.config import ConfigError
+from eexit.lit.multi_exit import MultiExitModule
+from eexit.losses import MultiExitLoss
 from eexit.routing.costs import count_flops
 from eexit.training import train
 from eexit.types import ExitLevel
-from tests.conftest import ROOT, compose_train, needs_cifar, needs_fashion
+from tests.conftest import ROOT, compose_train, micro_module, needs_cifar, needs_fashion
 
 FAST = ["debug=fdr", "logger=csv"]
 
@@ -532,3 +538,117 @@ def test_the_test_split_is_scored_with_the_best_checkpoint_not_the_last_weights(
         assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     saved = torch.load(folder / "epoch_000.ckpt", weights_only=False)["state_dict"]
     assert all(torch.equal(saved[k], v) for k, v in objs["model"].state_dict().items())
+
+
+# MultiExitModule's steps and optimizers, unit tests on the micro network
+
+
+def _logged_names(module: MultiExitModule, stage: str) -> dict[str, float]:
+    logged: dict[str, float] = {}
+
+    def log(name, value, **kwargs) -> None:
+        logged[name] = value.detach() if isinstance(value, torch.Tensor) else value
+
+    module.log = log  # type: ignore[method-assign]
+    torch.manual_seed(1)
+    module._batch_idx = 0
+    module._step((torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 0])), stage)
+    return logged
+
+
+def test_training_kl_is_logged_at_lambda_zero_only_with_log_train_kl() -> None:
+    """Pins ``log_train_kl``: at lambda 0 the training step measures the KL (``train/attn_kl/*``)
+    only when asked to; validation always does."""
+    plain = MultiExitLoss(attn_weight=0.0)
+    assert not any("attn_kl" in k for k in _logged_names(micro_module(plain), "train"))
+    asked = _logged_names(micro_module(plain, log_train_kl=True), "train")
+    assert {"train/loss/attn_kl", "train/attn_kl/tiny", "train_step/loss/attn_kl"} <= asked.keys()
+    assert "val/attn_kl/tiny" in _logged_names(micro_module(plain), "val")
+
+
+def test_loss_ce_is_logged_as_the_unweighted_ce_sum_not_the_total() -> None:
+    """Pins ``{stage}/loss/ce`` to ``LossOutput.ce_total`` (``{stage}/loss`` is the total)."""
+    logged = _logged_names(micro_module(MultiExitLoss(attn_weight=1.0)), "train")
+    ce = sum(float(logged[f"train/loss/ce/{lv.key}"]) for lv in ExitLevel)
+    assert float(logged["train/loss/ce"]) == pytest.approx(ce, abs=1e-5)
+    assert float(logged["train/loss"]) > float(logged["train/loss/ce"])  # the KL term on top
+
+
+def test_training_step_backpropagates_the_kl_through_the_cams_gradients() -> None:
+    """Pins ``create_graph`` in training with lambda > 0: Grad-CAM's channel weights are
+    gradients through the exit's classifier, so the KL alone moves the students' classifiers
+    (with a detached graph they got no gradient from it)."""
+    loss = MultiExitLoss(exit_weights={lv.key: 0.0 for lv in ExitLevel}, attn_weight=1.0)
+    module = micro_module(loss)
+    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    torch.manual_seed(1)
+    module.training_step((torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 0])), 0).backward()
+    for level in (ExitLevel.TINY, ExitLevel.LIGHT, ExitLevel.MEDIUM):
+        grads = [p.grad for p in module.net.heads[level].classifier.parameters()]
+        assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0, level.name
+
+
+def _fake_trainer(**kwargs) -> SimpleNamespace:
+    return SimpleNamespace(ckpt_path="run/checkpoints/last.ckpt", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "interval", "length"),
+    [
+        (functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1), "step", ("total_steps", 10)),
+        (functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1, total_steps=7), "step", ("total_steps", 7)),
+        (functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR), "step", ("T_max", 10)),
+        (functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=3), "epoch", ("T_max", 3)),
+        (functools.partial(torch.optim.lr_scheduler.StepLR, step_size=2), "epoch", None),
+    ],
+    ids=["onecycle", "onecycle_given", "cosine", "cosine_given", "step_lr"],
+)
+def test_a_schedule_length_is_filled_in_only_when_the_config_leaves_it_out(scheduler, interval, length) -> None:
+    """Pins ``configure_optimizers``: ``total_steps`` / ``T_max`` become the run's step count
+    (10 here) only when not given, the scheduler then steps every batch (OneCycleLR always),
+    others every epoch."""
+    module = micro_module(scheduler=scheduler)
+    module._trainer = _fake_trainer(estimated_stepping_batches=10)
+    config = module.configure_optimizers()
+    assert config["lr_scheduler"]["interval"] == interval
+    if length is not None:
+        assert getattr(config["lr_scheduler"]["scheduler"], length[0]) == length[1]
+
+
+def _hand_set_heads(net, label: int) -> None:
+    with torch.no_grad():
+        for head in net.heads:
+            last = head.classifier[-1]
+            last.weight.mul_(1e-3)
+            last.bias.zero_()
+            last.bias[label] = 10.0  # every exit answers `label` for every image
+
+
+def test_epoch_metrics_are_kept_per_stage_and_the_kl_is_a_per_image_mean() -> None:
+    """Pins the per-stage metric objects and the KL's batch weighting in a real fit: the heads
+    answer class 0, training images are all class 0 and validation images class 1, so train
+    accuracy is 1 and validation accuracy 0 (a metric shared across stages mixes them); the
+    validation KL, over batches of 2, 2 and 1 images, is the mean over the 5 images (an
+    unweighted mean of batch means differs)."""
+    module = micro_module(MultiExitLoss(attn_weight=0.5), lr=0.0)
+    _hand_set_heads(module.net, 0)
+    g = torch.Generator().manual_seed(2)
+    train = TensorDataset(torch.randn(4, 1, 16, 16, generator=g), torch.zeros(4, dtype=torch.long))
+    val_x, val_y = torch.randn(5, 1, 16, 16, generator=g), torch.ones(5, dtype=torch.long)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, DataLoader(train, batch_size=4), DataLoader(TensorDataset(val_x, val_y), batch_size=2))
+    metrics = trainer.callback_metrics
+    for lv in ExitLevel:
+        assert float(metrics[f"train/acc/{lv.key}"]) == 1.0 and float(metrics[f"val/acc/{lv.key}"]) == 0.0, lv.key
+    module.net.eval()
+    out = module.net(val_x, with_cams=True, targets=val_y)
+    per_image = module.loss_fn.consistency(out.cams)
+    for key, kl in per_image.items():
+        assert float(metrics[f"val/attn_kl/{key}"]) == pytest.approx(float(kl.mean()), rel=1e-4), key

@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
+import eexit.evaluation.plots as plots
+import eexit.lit.cam_logging as cam_logging
+from eexit.lit.cam_logging import CamOverlayLogger
+from eexit.models import create_model
 from eexit.training import train
 from tests.conftest import compose_train
 
@@ -197,3 +203,67 @@ def test_a_resumed_run_continues_the_wandb_run_of_its_checkpoint(tmp_path: Path,
     # an id given in the config wins over the checkpoint's
     own = run("d", ["logger=wandb", "logger.wandb.id=myownrun1", "+trainer.max_steps=12", f"ckpt_path={last}"])
     assert own == "myownrun1"
+
+
+class _FakeWandb:
+    """Stands for a ``WandbLogger``: records ``log_image`` calls."""
+
+    def __init__(self) -> None:
+        self.images: list[dict] = []
+
+    def log_image(self, key, images, step=None, caption=None) -> None:
+        self.images.append({"key": key, "images": images, "step": step, "caption": caption})
+
+
+def _trainer(logger: _FakeWandb, epoch: int, sanity: bool = False) -> SimpleNamespace:
+    g = torch.Generator().manual_seed(0)
+    data_val = [(torch.randn(1, 16, 16, generator=g), i % 3) for i in range(5)]
+    info = SimpleNamespace(class_names=["circle", "square"], mean=(0.5,), std=(0.25,))
+    return SimpleNamespace(
+        loggers=[logger],
+        sanity_checking=sanity,
+        is_global_zero=True,
+        current_epoch=epoch,
+        global_step=7,
+        datamodule=SimpleNamespace(data_val=data_val, info=info),
+    )
+
+
+@pytest.fixture
+def grids(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """The ``heatmap_grid`` calls (images and titles), with W&B replaced by ``_FakeWandb``."""
+    calls: list[dict] = []
+
+    def grid(images, cams, path, titles=None):
+        calls.append({"images": images, "titles": titles})
+        return Path(path)
+
+    monkeypatch.setattr(cam_logging, "WandbLogger", _FakeWandb)
+    monkeypatch.setattr(plots, "heatmap_grid", grid)
+    return calls
+
+
+def test_cam_overlays_every_n_epochs_in_the_nth_epochs_only(grids: list[dict]) -> None:
+    """Pins the epoch rule: with ``every_n_epochs=2`` the figure is logged after epochs 1 and 3
+    (the 2nd and 4th), not 0 and 2, and never in the sanity check; the grid holds the first
+    ``num_images`` validation images, titled by class name (the index past the names)."""
+    torch.manual_seed(0)
+    module = SimpleNamespace(net=create_model("resnet_micro", in_chans=1, num_classes=3, head="mlp"), device="cpu")
+    callback = CamOverlayLogger(num_images=4, every_n_epochs=2)
+    logger = _FakeWandb()
+    for epoch in range(4):
+        callback.on_validation_epoch_end(_trainer(logger, epoch), module)
+    callback.on_validation_epoch_end(_trainer(logger, 1, sanity=True), module)
+    assert [c["caption"] for c in logger.images] == [
+        ["epoch 1: cams of TINY .. HEAVY for the label"],
+        ["epoch 3: cams of TINY .. HEAVY for the label"],
+    ]
+    assert all(c["key"] == "val/cams" and c["step"] == 7 for c in logger.images)
+    assert len(grids) == 2 and grids[0]["images"].shape[0] == 4
+    assert grids[0]["titles"] == ["circle", "square", "2", "circle"]
+
+
+@pytest.mark.parametrize("kwargs", [{"num_images": 0}, {"every_n_epochs": 0}])
+def test_cam_overlays_need_one_image_and_one_epoch(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="must be >= 1"):
+        CamOverlayLogger(**kwargs)
