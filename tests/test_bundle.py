@@ -455,3 +455,20 @@ def test_schedulers_that_call_a_given_function_are_refused_unless_trusted(tmp_pa
     assert read_checkpoint(path, trust=True)["scheduler"] is getattr(torch.optim.lr_scheduler, name)
     torch.save({"scheduler": functools.partial(torch.optim.lr_scheduler.StepLR, step_size=2)}, path)
     assert read_checkpoint(path)["scheduler"].keywords == {"step_size": 2}
+
+
+def test_export_asking_for_onnx_without_the_package_is_one_error_line(
+    calibrated_run, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """``eexit export --onnx`` where the onnx package is missing: exit 2 and the install hint, no
+    traceback, no half-written bundle (test_onnx.py, which has the same check, is skipped there)."""
+    import sys
+
+    from eexit.cli import main
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx -> ImportError
+    out = tmp_path / "bundle"
+    assert main(["export", calibrated_run["ckpt"], str(out), "--onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "ONNX export needs the onnx package" in err and "Traceback" not in err
+    assert not out.exists()

@@ -98,16 +98,3 @@ def test_runner_refuses_pieces_that_do_not_belong_together(calibrated_run, tmp_p
     (d / "routing.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"first\.onnx gives \[4\] logits, routing\.json names 3 classes"):
         OnnxRoutedRunner(d)
-
-
-def test_export_onnx_without_the_onnx_package_writes_nothing(calibrated_run, tmp_path, monkeypatch, capsys) -> None:
-    # the bundle was written first, then the ONNX step failed: half of what was asked for
-    import sys
-
-    from eexit.cli import main
-
-    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx -> ImportError
-    out = tmp_path / "bundle"
-    assert main(["export", calibrated_run["ckpt"], str(out), "--onnx"]) == 2
-    assert "ONNX export needs the onnx package" in capsys.readouterr().err
-    assert not out.exists()

@@ -1289,3 +1289,266 @@ def test_centre_crop_offsets_round_as_torchvision_does(tmp_path: Path) -> None:
     assert np.array_equal(got, resized[2:6])
     ref = np.asarray(tf.center_crop(tf.resize(Image.fromarray(rows), 4), 4))
     assert np.array_equal(got, ref)
+
+
+def test_a_quoted_recursive_glob_reaches_every_depth_and_an_existing_name_is_no_pattern(tmp_path: Path) -> None:
+    """A quoted ``**`` glob matches files at any depth (the shell's globstar); an existing file
+    whose name holds glob characters (``photo[1].png``) is that file, not the pattern it also
+    spells (which would match ``photo1.png``)."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for rel in ("top.png", "a/mid.png", "a/b/deep.png", "photo[1].png", "photo1.png"):
+        (tmp_path / rel).write_bytes(b"x")
+    every = [str(tmp_path / r) for r in ("a/b/deep.png", "a/mid.png", "photo1.png", "photo[1].png", "top.png")]
+    assert expand_inputs([str(tmp_path / "**" / "*.png")]) == every
+    assert expand_inputs([str(tmp_path / "photo[1].png")]) == [str(tmp_path / "photo[1].png")]
+
+
+def test_the_orientation_tag_of_a_tiff_is_applied(tmp_path: Path) -> None:
+    """A TIFF holds its orientation as a tag (no EXIF block in ``info``): orientation 6, a quarter
+    turn clockwise, is applied as a JPEG's is."""
+    stored = np.arange(4 * 6, dtype=np.uint8).reshape(4, 6) * 10
+    Image.fromarray(stored).save(tmp_path / "turned.tif", tiffinfo={274: 6})
+    shown = decode(str(tmp_path / "turned.tif"))
+    assert shown.size == (4, 6) and np.array_equal(np.asarray(shown), np.rot90(stored, k=-1))
+
+
+def test_held_pil_images_without_pixels_or_past_twice_the_bomb_limit_are_refused(monkeypatch) -> None:
+    """A PIL image a caller holds gets a file's checks: a 0 x 4 image has no pixels, one over twice
+    Pillow's pixel limit is too large (as Pillow refuses such a file); both are ``ImageError``s."""
+    from eexit.serve.images import InMemoryImage, load_pixels
+
+    with pytest.raises(ImageError, match=r"empty: image has no pixels \(0x4\)"):
+        load_pixels(InMemoryImage("empty", Image.new("L", (0, 4))), 1, 4)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(ImageError, match="big: image too large: 400 pixels"):
+        load_pixels(InMemoryImage("big", Image.new("L", (20, 20))), 1, 4)
+    assert load_pixels(InMemoryImage("fine", Image.new("L", (14, 14))), 1, 4).shape == (1, 4, 4)  # 196 <= 200
+
+
+def test_float_and_32_bit_images_at_the_top_of_their_scale_are_white(tmp_path: Path) -> None:
+    """A float image whose peak is exactly 1.0 is on the 0-1 scale and a 32-bit integer image whose
+    peak is exactly 255 on the 0-255 scale: both are white (not 1 / 255, not 255 / 65535)."""
+    from eexit.serve.images import load_pixels
+
+    Image.fromarray(np.full((4, 4), 1.0, np.float32)).save(tmp_path / "one.tif")
+    Image.fromarray(np.full((4, 4), 255, np.int32)).save(tmp_path / "i255.tif")
+    assert Image.open(tmp_path / "i255.tif").mode == "I"
+    for name in ("one.tif", "i255.tif"):
+        assert np.allclose(load_pixels(str(tmp_path / name), 1, 4), 1.0), name
+
+
+def test_training_pixels_of_a_float_image_with_nan_or_infinity_are_defined() -> None:
+    """``to_model_mode`` (the training decode) holds no NaN in 8 bits: NaN and -inf are black, +inf
+    white, finite pixels keep their scale."""
+    from eexit.serve.images import to_model_mode
+
+    f = np.array([[np.nan, np.inf], [-np.inf, 0.5]], np.float32)
+    assert np.array_equal(np.asarray(to_model_mode(Image.fromarray(f), 1)), [[0, 255], [0, 128]])
+
+
+def test_an_unexpected_error_decoding_one_input_becomes_its_error_line(
+    calibrated_run, tmp_path: Path, monkeypatch
+) -> None:
+    """An exception that is no ``ImageError`` (a decoder bug, say) costs only its own input: its
+    row names the exception, the other inputs are predicted."""
+    import eexit.serve.predict as serve_predict
+
+    bundle = load_bundle(calibrated_run["bundle"])
+    paths = [str(p) for p in sorted(_images(tmp_path / "imgs", 3, bundle.input_size[0]).iterdir())]
+    real = serve_predict.load_pixels
+
+    def flaky(source, *args):
+        if source == paths[1]:
+            raise RuntimeError("decoder bug")
+        return real(source, *args)
+
+    monkeypatch.setattr(serve_predict, "load_pixels", flaky)
+    rows = list(serve_predict.predict_rows(bundle, paths, attributions=False))
+    assert [r["path"] for r in rows] == paths
+    assert rows[1] == {"path": paths[1], "error": "cannot read: RuntimeError: decoder bug"}
+    assert rows[0]["label"] is not None and rows[2]["label"] is not None
+
+
+def test_rows_round_their_floats_to_nine_significant_digits(calibrated_run, tmp_path: Path) -> None:
+    """The floats of predict's rows carry ``ROW_DIGITS`` (9) significant digits: each is the full
+    value rounded, not its 17-digit float64 text."""
+    from eexit.serve.predict import ROW_DIGITS, predict_rows
+
+    bundle = load_bundle(calibrated_run["bundle"])
+    paths = [str(p) for p in sorted(_images(tmp_path / "imgs", 3, bundle.input_size[0]).iterdir())]
+    rows, full = list(predict_rows(bundle, paths)), list(predict_rows(bundle, paths, digits=None))
+    assert ROW_DIGITS == 9
+
+    def rounded(v: float) -> float:
+        return float(f"{v:.9g}")
+
+    for r, f in zip(rows, full, strict=True):
+        for key in ("probability", "confidence"):
+            assert r[key] == rounded(f[key]), key
+        for key in ("features", "attributions"):
+            assert r[key] == {k: rounded(v) for k, v in f[key].items()}, key
+
+
+def test_predict_rows_refuses_an_unknown_router_and_an_empty_batch(calibrated_run, tmp_path: Path) -> None:
+    """``predict_rows`` checks its arguments before any image is read, with messages naming them."""
+    from eexit.serve.predict import predict_rows
+
+    bundle = load_bundle(calibrated_run["bundle"])
+    paths = [str(p) for p in _images(tmp_path / "imgs", 1, bundle.input_size[0]).iterdir()]
+    with pytest.raises(ValueError, match=r"unknown router 'fast'; this bundle has \['cascade', 'gate', 'staged'\]"):
+        list(predict_rows(bundle, paths, router="fast"))
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        list(predict_rows(bundle, paths, batch_size=0))
+
+
+def test_a_figure_whose_drawing_raises_a_value_error_is_that_figures_error(
+    calibrated_run, tmp_path: Path, monkeypatch
+) -> None:
+    """A ``ValueError`` drawing one figure (matplotlib refusing some data) is reported in the row's
+    ``explanation_error``; the other figures are written and the row keeps its decision."""
+    from eexit.explain import figures
+    from eexit.serve.predict import predict_rows
+
+    def refused(*args, **kwargs):
+        raise ValueError("no data to draw")
+
+    monkeypatch.setattr(figures, "radar_chart", refused)
+    bundle = load_bundle(calibrated_run["bundle"])
+    paths = [str(p) for p in _images(tmp_path / "imgs", 1, bundle.input_size[0]).iterdir()]
+    (row,) = predict_rows(bundle, paths, router="gate", explain_dir=tmp_path / "ex", attributions=True)
+    assert row["label"] is not None and set(row["explanation"]) == {"cam", "attributions"}
+    assert row["explanation_error"] == "radar: ValueError: no data to draw"
+
+
+def test_no_attributions_leaves_them_out_of_the_rows(calibrated_run, tmp_path: Path, capsys) -> None:
+    """``--no-attributions`` skips Captum: the rows' ``attributions`` and ``attribution_delta`` are null."""
+    folder = _images(tmp_path / "imgs", 2, load_bundle(calibrated_run["bundle"]).input_size[0])
+    assert main(["predict", "--bundle", calibrated_run["bundle"], str(folder), "--no-attributions"]) == 0
+    rows = [_strict_json(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 2 and all(r["attributions"] is None and r["attribution_delta"] is None for r in rows)
+    assert all(len(r["features"]) == 7 for r in rows)
+
+
+def test_tier_takes_an_exit_index_or_a_name_in_any_case() -> None:
+    """``--tier`` reads ``0``-``3`` as exit indices and names in any case, as its lower-case key."""
+    from eexit.cli import build_parser
+
+    def tier(text: str) -> str:
+        return build_parser().parse_args(["predict", "--bundle", "b", "x", "--tier", text]).tier
+
+    assert [tier(t) for t in ("0", "3", "Medium", "LIGHT")] == ["tiny", "heavy", "medium", "light"]
+
+
+def test_the_progress_bar_shows_past_one_batch_or_from_two_explained_inputs_unless_turned_off(
+    calibrated_run, tmp_path: Path, capsys
+) -> None:
+    """Off a terminal, rows and bar apart: the bar (on stderr) shows when the inputs fill more than
+    one batch, or from 2 inputs with ``--explain`` (figures take a while); never with ``--no-progress``."""
+    folder = _images(tmp_path / "imgs", 2, load_bundle(calibrated_run["bundle"]).input_size[0])
+    base = ["predict", "--bundle", calibrated_run["bundle"], str(folder), "--no-attributions"]
+
+    def bar(*extra: str) -> bool:
+        assert main([*base, *extra]) == 0
+        return "2/2" in capsys.readouterr().err
+
+    assert not bar()  # one batch: the rows themselves show the progress
+    assert bar("--batch-size", "1")
+    assert not bar("--batch-size", "1", "--no-progress")
+    assert bar("--explain", str(tmp_path / "ex"))
+
+
+def test_a_callers_own_sigterm_handler_is_left_in_place(monkeypatch) -> None:
+    """``main`` turns SIGTERM into a clean stop only where it has its default action: a program
+    that calls ``main`` with a handler of its own keeps receiving the signal."""
+    import signal
+
+    import eexit.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_models", lambda args: seen.append(signal.getsignal(signal.SIGTERM)) or 0)
+
+    def own(signum: int, frame: object) -> None:
+        pass
+
+    previous = signal.signal(signal.SIGTERM, own)
+    try:
+        assert cli.main(["models"]) == 0
+        assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [own]
+
+
+def test_a_non_finite_image_after_a_broken_file_in_one_batch_costs_only_its_own_row(
+    calibrated_run, tmp_path: Path
+) -> None:
+    """In one batch [broken, good, NaN, good] each row keeps its own image: the broken file's
+    error, a decision, the non-finite error, a decision equal to that image's alone."""
+    from eexit.serve.predict import predict_rows
+
+    bundle = load_bundle(calibrated_run["bundle"])
+    size = bundle.input_size[0]
+    folder = _images(tmp_path / "imgs", 2, size)
+    nan = np.full((size, size), 0.5, np.float32)
+    nan[0, 0] = np.nan
+    Image.fromarray(nan, mode="F").save(tmp_path / "nan.tif")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    paths = [
+        str(tmp_path / "broken.png"),
+        str(folder / "img0.png"),
+        str(tmp_path / "nan.tif"),
+        str(folder / "img1.png"),
+    ]
+    rows = list(predict_rows(bundle, paths, batch_size=4, attributions=False))
+    assert [r["path"] for r in rows] == paths
+    assert "not an image" in rows[0]["error"] and "non-finite" in rows[2]["error"]
+    alone = list(predict_rows(bundle, [paths[1], paths[3]], batch_size=1, attributions=False))
+    for got, want in zip((rows[1], rows[3]), alone, strict=True):
+        assert (got["label_index"], got["tier"]) == (want["label_index"], want["tier"])
+        assert got["probability"] == pytest.approx(want["probability"], abs=1e-6)
+
+
+def test_an_overflowing_image_does_not_shift_the_next_images_decision(calibrated_run, tmp_path: Path) -> None:
+    """An image whose logits overflow gets its error row; the image after it in the batch keeps its
+    own decision (a black image stays finite under a tiny std: (0 - 0) / std = 0)."""
+    from eexit.serve.predict import predict_rows
+
+    bundle = load_bundle(calibrated_run["bundle"])
+    size = bundle.input_size[0]
+    assert bundle.mean == [0.0]
+    Image.fromarray(_shape_u8(1, size)).save(tmp_path / "a_shape.png")
+    Image.fromarray(np.zeros((size, size), np.uint8)).save(tmp_path / "b_black.png")
+    paths = [str(tmp_path / "a_shape.png"), str(tmp_path / "b_black.png")]
+    (black,) = predict_rows(bundle, paths[1:], attributions=False)
+    bundle.manifest["input"]["std"] = [1e-38] * len(bundle.std)  # the shape overflows the network
+    rows = list(predict_rows(bundle, paths, attributions=False))
+    assert set(rows[0]) == {"path", "error"} and "not finite" in rows[0]["error"]
+    assert (rows[1]["label_index"], rows[1]["tier"]) == (black["label_index"], black["tier"])
+
+
+def test_two_images_of_one_name_in_two_folders_get_figures_of_their_own(calibrated_run, tmp_path: Path) -> None:
+    """Figures are named by the input's position in the run and its name: ``a/x.png`` and
+    ``b/x.png`` do not overwrite each other's figures."""
+    from eexit.serve.predict import predict_rows
+
+    bundle = load_bundle(calibrated_run["bundle"])
+    size = bundle.input_size[0]
+    for i, sub in enumerate(("a", "b")):
+        (tmp_path / sub).mkdir()
+        Image.fromarray(_shape_u8(i, size)).save(tmp_path / sub / "x.png")
+    paths = [str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png")]
+    rows = list(predict_rows(bundle, paths, router="gate", explain_dir=tmp_path / "ex"))
+    cams = [r["explanation"]["cam"] for r in rows]
+    assert [Path(c).name for c in cams] == ["000000_x_cam.png", "000001_x_cam.png"]
+    assert all(Path(c).is_file() for c in cams)
+
+
+def test_figure_names_keep_the_safe_characters_of_the_image_name() -> None:
+    """A figure's name is the input's position and its file name's stem, reduced to letters,
+    digits, ``.``, ``_`` and ``-`` (other runs become ``_``), at most 60 of them; an input without
+    a name (an in-memory image named ``""``) is ``image``."""
+    from eexit.serve.predict import _safe_name
+
+    assert _safe_name(7, "/photos/caf\u00e9 au lait!.jpeg") == "000007_caf_au_lait_"
+    assert _safe_name(12, "/p/" + "x" * 80 + ".png") == "000012_" + "x" * 60
+    assert _safe_name(0, "") == "000000_image"

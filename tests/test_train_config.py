@@ -652,3 +652,53 @@ def test_epoch_metrics_are_kept_per_stage_and_the_kl_is_a_per_image_mean() -> No
     per_image = module.loss_fn.consistency(out.cams)
     for key, kl in per_image.items():
         assert float(metrics[f"val/attn_kl/{key}"]) == pytest.approx(float(kl.mean()), rel=1e-4), key
+
+
+def test_the_exit_table_shows_accuracies_in_percent_and_only_the_splits_measured() -> None:
+    """train.py's per-exit table: accuracy in percent, attention KL to 4 places, ``-`` for a missing
+    value; a split without accuracies (no test run) gets no columns."""
+    import io
+
+    from rich.console import Console
+
+    from eexit.cli_output import print_exit_table
+
+    console = Console(file=io.StringIO(), record=True, width=200)
+    print_exit_table({"val/acc/tiny": 0.5, "val/attn_kl/tiny": 0.125, "val/acc/heavy": 0.9876}, console=console)
+    lines = console.export_text().splitlines()
+    assert any("val acc" in line for line in lines) and not any("test acc" in line for line in lines)
+    tiny = next(line for line in lines if "TINY" in line)
+    light = next(line for line in lines if "LIGHT" in line)
+    assert "50.00%" in tiny and "0.1250" in tiny and "98.76%" in next(line for line in lines if "HEAVY" in line)
+    assert light.count("-") >= 2 and "%" not in light
+
+
+def test_the_evaluation_summary_gives_the_oracle_its_full_saving() -> None:
+    """evaluate.py's routing table: the oracle saves all it can (1.00), a router its measured
+    fraction; accuracies in percent; a router not evaluated has no row."""
+    import io
+
+    from rich.console import Console
+
+    from eexit.cli_output import print_eval_summary
+
+    metrics = {
+        "heavy/accuracy": 0.9,
+        "heavy/latency_ms": 2.0,
+        "routing/tier_distribution": {"oracle": [0.5, 0.2, 0.2, 0.1], "gate": [0.4, 0.3, 0.2, 0.1]},
+        "oracle/accuracy": 0.95,
+        "oracle/flops_ratio": 0.3,
+        "oracle/latency_ms": 0.5,
+        "routed/gate/accuracy": 0.875,
+        "routed/gate/flops_ratio": 0.5,
+        "routed/gate/latency_ms": 1.0,
+        "routed/gate/oracle_saving_fraction": 0.25,
+    }
+    console = Console(file=io.StringIO(), record=True, width=200)
+    print_eval_summary(metrics, console=console)
+    lines = console.export_text().splitlines()
+    oracle = next(line for line in lines if "oracle" in line and "%" in line).split()
+    gate = next(line for line in lines if "gate" in line and "%" in line).split()
+    assert "95.00%" in oracle and "1.00" in oracle and "50%/20%/20%/10%" in oracle
+    assert "87.50%" in gate and "0.25" in gate and "40%/30%/20%/10%" in gate
+    assert not any("staged" in line or "cascade" in line for line in lines)
