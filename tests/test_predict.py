@@ -330,7 +330,7 @@ def test_png_fast_path_gives_the_pixels_of_the_pil_path(tmp_path: Path, monkeypa
         "gamma": (_png(tmp_path / "gm.png", gray, pnginfo=gamma), 1, True),
         "text": (_png(tmp_path / "t.png", rgb, pnginfo=text), 3, True),
         "text_naming_exif": (_png(tmp_path / "tx.png", rgb, pnginfo=mention), 3, True),
-        "gray_trns": (_png(tmp_path / "gt.png", gray, transparency=0), 3, True),
+        "gray_trns": (_png(tmp_path / "gt.png", gray, transparency=0), 3, False),  # tRNS: composited, by PIL
         "rgb_trns": (_png(tmp_path / "ct.png", rgb, transparency=(0, 0, 0)), 1, False),  # luma: PIL
         "rgb_to_luma": (_png(tmp_path / "cl.png", rgb), 1, False),
         "exif": (_png(tmp_path / "e.png", rgb, exif=exif.tobytes()), 3, False),
@@ -1241,6 +1241,39 @@ def test_palette_transparency_is_composited_over_black(tmp_path: Path) -> None:
     # ITU-R 601-2 luma of the composited colours: 0, 18, 80, 18
     luma = load_pixels(str(path), 1, 4)
     assert np.array_equal(luma, np.broadcast_to(np.array([0, 18, 80, 18], dtype=np.uint8), (1, 4, 4)))
+
+
+def test_a_transparent_colour_gives_the_same_pixels_in_every_encoding(tmp_path: Path) -> None:
+    """One picture with a transparent colour (PNG tRNS) saved as palette, grey, RGB and bilevel
+    PNG, and as a GIF: every encoding gives the same pixels, the transparent ones black (as
+    RGBA / LA alpha is composited), also at the served size, where the grey and RGB files would
+    otherwise take the libpng fast path, which ignores tRNS."""
+    from eexit.serve.images import load_pixels
+
+    a = np.full((4, 4), 255, np.uint8)
+    a[:2] = 100  # the top half grey 100, the bottom half white = the transparent colour
+    grey = Image.fromarray(a)
+    files = {
+        "grey": (grey, 255),
+        "palette": (grey.convert("P"), grey.convert("P").getpixel((0, 3))),
+        "rgb": (grey.convert("RGB"), (255, 255, 255)),
+        "gif": (grey.convert("P"), grey.convert("P").getpixel((0, 3))),
+    }
+    want = np.zeros((4, 4), np.uint8)
+    want[:2] = 100
+    for name, (im, transparent) in files.items():
+        path = tmp_path / (f"{name}.gif" if name == "gif" else f"{name}.png")
+        im.save(path, transparency=transparent)
+        for channels in (1, 3):
+            got = load_pixels(str(path), channels, 4)
+            assert got.shape == (channels, 4, 4), name
+            assert np.array_equal(got, np.broadcast_to(want, got.shape)), (name, channels, got[0])
+    bilevel = Image.fromarray(a > 128).convert("1")  # white = transparent
+    bilevel.save(tmp_path / "bilevel.png", transparency=1)
+    assert not load_pixels(str(tmp_path / "bilevel.png"), 1, 4).any()  # black, and white made black
+    # without a transparent colour nothing changes: white stays white
+    grey.save(tmp_path / "plain.png")
+    assert np.array_equal(load_pixels(str(tmp_path / "plain.png"), 1, 4)[0], a)
 
 
 def test_exif_orientation_in_a_png_raw_profile_text_chunk_is_applied(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ others. Conversions:
 * EXIF orientation is applied (``ImageOps.exif_transpose``).
 * 8-bit modes (``L``, ``RGB``, ``P``, ``1``, ``CMYK``, ``YCbCr``, ...) go through PIL's own
   conversions to ``L`` or ``RGB`` (as the training data modules do); alpha (``RGBA``, ``LA``,
-  palette transparency) is composited over black first.
+  and a transparent colour, PNG's ``tRNS`` or GIF's, in a palette, grey, RGB or bilevel image)
+  is composited over black first, so a picture gets the same pixels however it is encoded.
 * 16-bit (``I;16*``) and 32-bit integer (``I``) images are scaled by 65535 (``I`` by 255 when
   no value exceeds 255), float (``F``) images by 1 (or 255 when a value exceeds 1); grayscale
   is repeated for an RGB model, RGB reduced to luma (ITU-R 601-2, PIL's ``L`` formula) for a
@@ -50,6 +51,7 @@ Pillow would hand EPS / PostScript to Ghostscript, and scientific or game format
 images a classifier is served."""
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+_TRANSPARENT_COLOUR_MODES = ("P", "L", "RGB", "1")
 NON_FINITE = "image has non-finite pixel values"
 
 log = logging.getLogger(__name__)
@@ -432,8 +434,12 @@ def _wide_to_array(im: Image.Image, size: int | None) -> np.ndarray:
 
 def _to_8bit(im: Image.Image, channels: int) -> Image.Image:
     """An 8-bit-mode image -> ``L`` (1 channel) or ``RGB`` (3), alpha composited over black."""
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in _TRANSPARENT_COLOUR_MODES and im.info.get("transparency") is not None:
+        # a transparent colour (PNG tRNS, GIF): PIL gives its pixels alpha 0; a palette image,
+        # the grey one a PNG optimiser makes of it and the RGB one must all give the same pixels
+        im = im.convert("RGBA")
+    elif im.mode == "P":
+        im = im.convert("RGB")
     if im.mode in ("La", "RGBa"):  # premultiplied alpha: the colour bands are the image over black
         bands = im.split()[:-1]
         im = Image.merge("L" if len(bands) == 1 else "RGB", bands)
@@ -475,10 +481,11 @@ def _pixels_hwc(im: Image.Image, channels: int, size: int) -> np.ndarray:
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # chunks that change no pixel for PIL or for libpng without transforms (and none it warns about,
-# such as iCCP); any other chunk sends the file to PIL
+# such as iCCP); any other chunk sends the file to PIL (tRNS too: its transparent colour is
+# composited over black there, which libpng without transforms would not do)
 _TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
 _PLAIN_CHUNKS = frozenset(
-    (b"IHDR", b"IDAT", b"IEND", b"gAMA", b"cHRM", b"sRGB", b"pHYs", b"tIME", b"bKGD", b"sBIT", b"tRNS", *_TEXT_CHUNKS)
+    (b"IHDR", b"IDAT", b"IEND", b"gAMA", b"cHRM", b"sRGB", b"pHYs", b"tIME", b"bKGD", b"sBIT", *_TEXT_CHUNKS)
 )
 _EXIF_TEXT_KEY = b"Raw profile type exif\x00"  # the text chunk in which Pillow also finds EXIF
 
