@@ -1271,6 +1271,9 @@ def test_a_transparent_colour_gives_the_same_pixels_in_every_encoding(tmp_path: 
     bilevel = Image.fromarray(a > 128).convert("1")  # white = transparent
     bilevel.save(tmp_path / "bilevel.png", transparency=1)
     assert not load_pixels(str(tmp_path / "bilevel.png"), 1, 4).any()  # black, and white made black
+    wide = Image.fromarray(a.astype(np.uint16) * 257)  # 16-bit grey, white = 65535 transparent
+    wide.save(tmp_path / "wide.png", transparency=65535)
+    assert np.allclose(load_pixels(str(tmp_path / "wide.png"), 1, 4)[0], want / 255.0, atol=1e-6)
     # without a transparent colour nothing changes: white stays white
     grey.save(tmp_path / "plain.png")
     assert np.array_equal(load_pixels(str(tmp_path / "plain.png"), 1, 4)[0], a)

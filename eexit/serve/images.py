@@ -7,7 +7,8 @@ others. Conversions:
 * EXIF orientation is applied (``ImageOps.exif_transpose``).
 * 8-bit modes (``L``, ``RGB``, ``P``, ``1``, ``CMYK``, ``YCbCr``, ...) go through PIL's own
   conversions to ``L`` or ``RGB`` (as the training data modules do); alpha (``RGBA``, ``LA``,
-  and a transparent colour, PNG's ``tRNS`` or GIF's, in a palette, grey, RGB or bilevel image)
+  and a transparent colour, PNG's ``tRNS`` or GIF's, in a palette, grey (8 or 16-bit), RGB or
+  bilevel image)
   is composited over black first, so a picture gets the same pixels however it is encoded.
 * 16-bit (``I;16*``) and 32-bit integer (``I``) images are scaled by 65535 (``I`` by 255 when
   no value exceeds 255), float (``F``) images by 1 (or 255 when a value exceeds 1); grayscale
@@ -422,8 +423,13 @@ def _wide_to_array(im: Image.Image, size: int | None) -> np.ndarray:
     else:
         full = 65535.0
     bad = None if all_finite else a[~finite]
+    # a 16-bit grey PNG's transparent colour (tRNS) is composited over black, as in 8-bit images
+    transparent = im.info.get("transparency") if im.mode != "F" else None
+    clear = a == np.float32(transparent) if isinstance(transparent, int) else None
     np.divide(a, np.float32(full), out=a)
     np.clip(a, 0.0, 1.0, out=a)
+    if clear is not None:
+        a[clear] = 0.0
     if bad is not None:  # NaN and +-inf stay as they were (clipping turns inf white): refused later
         a[~finite] = bad
     f = Image.fromarray(a)  # float32 -> mode "F"
