@@ -143,10 +143,25 @@ class FailAtStep(pl.Callback):
             raise RuntimeError(f"injected failure at step {self.step}")
 
 
-@pytest.mark.parametrize(("fail_at", "resume_step"), [(12, 12), (17, 15)], ids=["epoch_boundary", "mid_epoch"])
+@pytest.mark.parametrize(
+    ("fail_at", "resume_step", "extra"),
+    [
+        (12, 12, []),
+        (17, 15, []),
+        # loader workers take their indices when the iterator is made, so the sampler's epoch
+        # must be set before resume_train_loader makes it (without workers the first batch does)
+        (12, 12, ["data.num_workers=2"]),
+        (17, 15, ["data.num_workers=2"]),
+    ],
+    ids=["epoch_boundary", "mid_epoch", "epoch_boundary_workers", "mid_epoch_workers"],
+)
 def test_resume_in_process_gives_the_weights_of_an_uninterrupted_run(
-    tmp_path: Path, fail_at: int, resume_step: int
+    tmp_path: Path, fail_at: int, resume_step: int, extra: list[str]
 ) -> None:
+    """Pins the resume of ``resume_train_loader``: the run resumed from the ``last.ckpt`` of a run
+    that failed at an epoch's boundary or in the middle of an epoch ends with the weights of an
+    uninterrupted run, also with loader workers (which take the epoch's order when the iterator
+    is made: a wrong or missing sampler epoch, or the iterator made before the restore, shows)."""
     overrides = [
         "data=synthetic",
         "model=micro",
@@ -158,6 +173,7 @@ def test_resume_in_process_gives_the_weights_of_an_uninterrupted_run(
         "callbacks.last_checkpoint.every_n_train_steps=5",
         "router.calibrate=false",
         "test=false",
+        *extra,
     ]
     _, objs = train(compose_train(tmp_path / "a", overrides))
     weights_a = {k: v.clone() for k, v in objs["model"].state_dict().items()}
@@ -667,3 +683,18 @@ def test_the_run_folder_of_a_checkpoint_reached_through_a_link_is_its_real_path(
     os.symlink(tmp_path / "real", tmp_path / "link")
     assert run_checkpoints_folder(tmp_path / "link" / "checkpoints" / "last.ckpt") == str(real.resolve())
     assert run_checkpoints_folder(tmp_path / "real" / "last.ckpt") is None
+
+
+def test_a_stop_mid_epoch_after_an_earlier_last_checkpoint_saves_the_stopping_step(tmp_path: Path) -> None:
+    """Pins ``LastCheckpoint``'s own save when a run stops in the middle of a later epoch: the end
+    of epoch 0 wrote ``last.ckpt`` (step 5), so Lightning's save at the end of training (only
+    when none was written) leaves it there; ``last.ckpt`` must hold step 7, epoch 1 still
+    running, and the resumed run trains the remaining 3 steps (10 in all)."""
+    trainer = _fit(tmp_path / "a", _StopAt(7))
+    assert trainer.global_step == 7
+    last = tmp_path / "a" / "last.ckpt"
+    state = torch.load(last, weights_only=False)
+    assert state["global_step"] == 7
+    epoch = state["loops"]["fit_loop"]["epoch_progress"]["current"]
+    assert epoch["processed"] == 1 and epoch["started"] == 2
+    assert _fit(tmp_path / "b", ckpt_path=last).global_step == 10
