@@ -8,8 +8,8 @@ others. Conversions:
 * 8-bit modes (``L``, ``RGB``, ``P``, ``1``, ``CMYK``, ``YCbCr``, ...) go through PIL's own
   conversions to ``L`` or ``RGB`` (as the training data modules do); alpha (``RGBA``, ``LA``,
   and a transparent colour, PNG's ``tRNS`` or GIF's, in a palette, grey (8 or 16-bit), RGB or
-  bilevel image)
-  is composited over black first, so a picture gets the same pixels however it is encoded.
+  bilevel image) is composited over black first, so a picture gets the same pixels however it is
+  encoded.
 * 16-bit (``I;16*``) and 32-bit integer (``I``) images are scaled by 65535 (``I`` by 255 when
   no value exceeds 255), float (``F``) images by 1 (or 255 when a value exceeds 1); grayscale
   is repeated for an RGB model, RGB reduced to luma (ITU-R 601-2, PIL's ``L`` formula) for a
