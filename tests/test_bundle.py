@@ -8,6 +8,7 @@ import pickle
 import re
 import shutil
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -472,3 +473,198 @@ def test_export_asking_for_onnx_without_the_package_is_one_error_line(
     err = capsys.readouterr().err
     assert "ONNX export needs the onnx package" in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.update(format="other-bundle"), r"is not an eexit bundle manifest \(format 'other-bundle'\)"),
+        (lambda m: m.update(format_version=2), r"bundle format version 2; this eexit reads 1"),
+    ],
+    ids=["format", "format_version"],
+)
+def test_a_manifest_of_another_format_or_version_is_refused(bundle_copy: Path, edit, message: str) -> None:
+    """The manifest's ``format`` and ``format_version`` are checked before anything else, even in a
+    bundle re-sealed to match: a future or foreign layout is refused, naming the value."""
+    manifest = json.loads((bundle_copy / MANIFEST_NAME).read_text())
+    edit(manifest)
+    _reseal(bundle_copy, manifest)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle_copy)
+
+
+def test_a_weights_file_without_a_sealed_manifest_is_refused(bundle_copy: Path) -> None:
+    """A weights file rewritten without the sealed copy of the manifest (its sha256 updated to
+    match) is refused naming the metadata key, not compared against nothing."""
+    weights = bundle_copy / WEIGHTS_NAME
+    save_file({k: v.clone() for k, v in load_file(str(weights)).items()}, str(weights), metadata={"format": "pt"})
+    manifest = json.loads((bundle_copy / MANIFEST_NAME).read_text())
+    manifest["weights"]["sha256"] = file_sha256(weights)
+    (bundle_copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"model\.safetensors carries no sealed manifest \(key 'eexit\.manifest'"):
+        load_bundle(bundle_copy)
+
+
+def _swap_first_tiers(m: dict) -> None:
+    tiers = m["routers"]["gate"]["tiers"]
+    tiers[0], tiers[1] = tiers[1], tiers[0]
+
+
+def _two_channel_statistics(m: dict) -> None:
+    for section in ("data", "input"):
+        m[section].update(mean=[0.0, 0.0], std=[1.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: [m[s].update(std=[-1.0]) for s in ("data", "input")], r"input\.std must be positive, got \[-1\.0\]"),
+        (lambda m: m["serve"].update(router="oracle"), r"serve\.router 'oracle' is not one of \['cascade', 'gate'"),
+        (lambda m: m["data"].update(num_classes=5), r"data\.num_classes 5 != spec\.num_classes 4"),
+        (_two_channel_statistics, r"input\.mean / input\.std have 2 / 2 values for 1 channels"),
+        (
+            lambda m: m["routers"]["gate"]["tiers"][1].update(mflops=-1.0),
+            r"gate\.tiers\[1\]\.mflops must be a number >= 0",
+        ),
+        (
+            lambda m: m["routers"]["staged"]["tiers"][2].update(batch_size=0),
+            r"tiers\[2\]\.batch_size must be a positive",
+        ),
+        (
+            lambda m: m["feature_statistics"]["tier_profiles"]["tiny"].update(attention_entropy=[0.0, 1.0, 2.0]),
+            r"tier_profiles must map exits",
+        ),
+        (
+            lambda m: m["feature_statistics"]["tier_profiles"]["tiny"].pop("attention_entropy"),
+            r"tier_profiles must map exits",
+        ),
+        (
+            lambda m: m["feature_statistics"]["tier_profiles"].update(
+                huge=m["feature_statistics"]["tier_profiles"]["tiny"]
+            ),
+            r"tier_profiles must map exits",
+        ),
+        (_swap_first_tiers, r"routers\.gate\.tiers must list \['tiny', 'light', 'medium', 'heavy'\]"),
+        (
+            lambda m: [m["data"].pop("image_size"), m["input"].update(size=[0, 0])],
+            r"input\.size must be \[height, width\] in pixels, got \[0, 0\]",
+        ),
+    ],
+    ids=[
+        "negative_std",
+        "serve_router",
+        "data_num_classes",
+        "statistics_per_channel",
+        "negative_mflops",
+        "batch_size_0",
+        "profile_of_3",
+        "profile_missing_feature",
+        "profile_of_unknown_exit",
+        "tiers_out_of_order",
+        "size_0",
+    ],
+)
+def test_more_resealed_manifest_values_are_refused_by_key(bundle_copy: Path, edit, message: str) -> None:
+    """Values a forger can re-seal that would load and then serve wrongly (or fail per image) are
+    refused at load, each naming its key."""
+    manifest = json.loads((bundle_copy / MANIFEST_NAME).read_text())
+    edit(manifest)
+    _reseal(bundle_copy, manifest)
+    with pytest.raises(BundleError, match=message) as err:
+        load_bundle(bundle_copy)
+    assert "lacks or mistypes" not in str(err.value)
+
+
+@pytest.mark.parametrize("change", ["extra", "missing"])
+def test_weights_the_spec_does_not_build_or_lacks_are_named(bundle_copy: Path, change: str) -> None:
+    """A re-sealed weights file with a ``net.*`` tensor the spec does not build, or without one it
+    builds, is refused naming the tensor (not loaded non-strictly or failing with a KeyError)."""
+    weights = bundle_copy / WEIGHTS_NAME
+    tensors = {k: v.clone() for k, v in load_file(str(weights)).items()}
+    name = next(k for k in tensors if k.startswith("net.") and k.endswith("conv1.weight"))
+    if change == "extra":
+        tensors["net.extra.weight"] = torch.zeros(3)
+        message = r"not built by the spec: net\.extra\.weight"
+    else:
+        del tensors[name]
+        message = r"missing from the file: " + re.escape(name)
+    save_file(tensors, str(weights))
+    _reseal(bundle_copy, json.loads((bundle_copy / MANIFEST_NAME).read_text()))
+    with pytest.raises(BundleError, match=rf"does not match the weights in .*{message}"):
+        load_bundle(bundle_copy)
+
+
+def test_the_manifest_records_the_served_knob_and_the_weights_file(calibrated_run, tmp_path: Path) -> None:
+    """``serve.knob`` is the served router's knob (staged here, not the gate's); ``weights``
+    records the file's size and tensor count; ``source`` the checkpoint's name and ``created``
+    the export time (UTC)."""
+    from eexit.cli import main
+
+    assert main(["export", calibrated_run["ckpt"], str(tmp_path / "b"), "--router", "staged"]) == 0
+    manifest = json.loads((tmp_path / "b" / MANIFEST_NAME).read_text())
+    routers = manifest["routers"]
+    assert routers["staged"]["config"]["knob"] != routers["gate"]["config"]["knob"]
+    assert manifest["serve"] == {"router": "staged", "knob": routers["staged"]["config"]["knob"]}
+    weights = tmp_path / "b" / WEIGHTS_NAME
+    assert manifest["weights"]["bytes"] == weights.stat().st_size
+    assert manifest["weights"]["tensors"] == len(load_file(str(weights)))
+    assert manifest["source"] == Path(calibrated_run["ckpt"]).name
+    created = time.mktime(time.strptime(manifest["created"], "%Y-%m-%dT%H:%M:%SZ")) - time.mktime(time.gmtime(0))
+    assert abs(created - time.time()) < 3600
+
+
+def test_export_refuses_a_checkpoint_without_a_data_section(calibrated_run, tmp_path: Path) -> None:
+    """A checkpoint whose ``eexit.data`` (classes, input size, normalisation) is gone cannot be
+    served: export refuses it, naming the checkpoint, and writes nothing."""
+    ckpt = torch.load(calibrated_run["ckpt"], map_location="cpu", weights_only=False)
+    del ckpt["eexit"]["data"]
+    torch.save(ckpt, tmp_path / "nodata.ckpt")
+    with pytest.raises(BundleError, match=r"nodata\.ckpt has no data section"):
+        export_bundle(tmp_path / "nodata.ckpt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_edit_report_names_at_most_five_differences(bundle_copy: Path) -> None:
+    """A manifest edited in many places is refused naming the first five differences only."""
+    file = bundle_copy / MANIFEST_NAME
+    manifest = json.loads(file.read_text())
+    for i, name in enumerate(manifest["class_names"]):
+        manifest["class_names"][i] = name + "!"
+    manifest["spec"]["widths"] = [w + 1 for w in manifest["spec"]["widths"]]
+    file.write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="edited after export") as err:
+        load_bundle(bundle_copy)
+    assert str(err.value).count("bundle.json has") == 5
+
+
+def test_a_bundle_serves_its_feature_settings_and_flops_ratios(bundle_copy: Path) -> None:
+    """The loaded calibration takes the sealed ``feature_kwargs`` (the features' grid and
+    thresholds) and each router's fit summary, which ``Bundle.flops_ratio`` reads per router."""
+    manifest = json.loads((bundle_copy / MANIFEST_NAME).read_text())
+    manifest["feature_statistics"]["feature_kwargs"] = {"grid": 2}
+    for i, entry in enumerate(manifest["routers"].values()):  # distinct, so a wrong router shows
+        entry["fit_summary"]["flops_ratio"] = 0.25 + 0.125 * i
+    _reseal(bundle_copy, manifest)
+    bundle = load_bundle(bundle_copy)
+    assert bundle.calibration.feature_kwargs == {"grid": 2}
+    ratios = {kind: entry["fit_summary"]["flops_ratio"] for kind, entry in manifest["routers"].items()}
+    for kind, ratio in ratios.items():
+        assert bundle.flops_ratio(kind) == pytest.approx(ratio)
+    assert bundle.flops_ratio() == pytest.approx(ratios[manifest["serve"]["router"]])
+
+
+def test_weights_stored_in_another_float_dtype_load_in_the_dtypes_the_spec_builds(bundle_copy: Path) -> None:
+    """A re-sealed weights file holding float64 tensors loads into the float32 network the spec
+    builds (the values converted), not into a network of mixed dtypes."""
+    reference = load_bundle(bundle_copy)
+    weights = bundle_copy / WEIGHTS_NAME
+    tensors = {
+        k: (v.double() if k.startswith("net.") and v.is_floating_point() else v.clone())
+        for k, v in load_file(str(weights)).items()
+    }
+    save_file(tensors, str(weights))
+    _reseal(bundle_copy, json.loads((bundle_copy / MANIFEST_NAME).read_text()))
+    bundle = load_bundle(bundle_copy)
+    assert {t.dtype for t in bundle.net.state_dict().values() if t.is_floating_point()} == {torch.float32}
+    for (name, a), b in zip(reference.net.state_dict().items(), bundle.net.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -13,10 +13,12 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 import torch
+from torch import Tensor, nn
 
 from eexit.bundle import load_bundle
 from eexit.data.synthetic import make_shapes
-from eexit.serve.onnx import OnnxRoutedRunner, export_onnx
+from eexit.digest import file_sha256
+from eexit.serve.onnx import PIECES, OnnxRoutedRunner, export_onnx
 
 
 @pytest.mark.parametrize("knob", [None, 0.5, 0.9])
@@ -98,3 +100,82 @@ def test_runner_refuses_pieces_that_do_not_belong_together(calibrated_run, tmp_p
     (d / "routing.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"first\.onnx gives \[4\] logits, routing\.json names 3 classes"):
         OnnxRoutedRunner(d)
+
+
+class _Gate5(nn.Module):
+    """A gate piece that takes 5 features (first.onnx gives 7)."""
+
+    def forward(self, f: Tensor) -> tuple[Tensor, Tensor]:
+        return (f.sum(1) * 0).long(), f.mean(1)
+
+
+class _Stage3Classes(nn.Module):
+    """A stage piece that passes the map through and gives 3 logits."""
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        return h, h.flatten(1)[:, :3]
+
+
+def _replace_piece(
+    d: Path, name: str, module: nn.Module, example: Tensor, inputs: list[str], outputs: list[str]
+) -> None:
+    """Write ``module`` as piece ``name`` and re-record the pieces' hashes in routing.json, as a
+    forger who rewrites both can."""
+    torch.onnx.export(
+        module,
+        (example,),
+        str(d / f"{name}.onnx"),
+        input_names=inputs,
+        output_names=outputs,
+        dynamic_axes={n: {0: "batch"} for n in inputs + outputs},
+        opset_version=17,
+        dynamo=False,
+    )
+    meta = json.loads((d / "routing.json").read_text())
+    meta["pieces_sha256"] = {p: file_sha256(d / f"{p}.onnx") for p in PIECES}
+    (d / "routing.json").write_text(json.dumps(meta))
+
+
+def test_runner_refuses_pieces_whose_shapes_disagree_with_routing_json(calibrated_run, tmp_path: Path) -> None:
+    """Each shape check of the runner names its piece: an input size routing.json does not match,
+    a gate taking another feature count than first.onnx gives, a later stage giving another
+    number of classes (with the pieces' hashes re-recorded, so only the shapes give it away)."""
+    d = export_onnx(calibrated_run["bundle"], tmp_path / "onnx")
+    meta = json.loads((d / "routing.json").read_text())
+    c, (h, w) = meta["input"]["channels"], meta["input"]["size"]
+    edited = {**meta, "input": {**meta["input"], "size": [h + 1, w + 1]}}
+    (d / "routing.json").write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match=rf"first\.onnx takes images \[{c}, {h}, {w}\], routing\.json says"):
+        OnnxRoutedRunner(d)
+    (d / "routing.json").write_text(json.dumps(meta))
+    import onnxruntime
+
+    map_in = onnxruntime.InferenceSession(str(d / "stage3.onnx")).get_inputs()[0].shape[1:]
+    _replace_piece(d, "stage3", _Stage3Classes(), torch.zeros(2, *map_in), ["map_in"], ["map", "logits"])
+    with pytest.raises(ValueError, match=r"stage3\.onnx gives \[3\] logits, routing\.json names 4 classes"):
+        OnnxRoutedRunner(d)
+    _replace_piece(d, "gate", _Gate5(), torch.zeros(2, 5), ["features"], ["tier", "confidence"])
+    with pytest.raises(ValueError, match=r"gate\.onnx takes features \[5\], first\.onnx gives \[7\]"):
+        OnnxRoutedRunner(d)
+
+
+@pytest.mark.parametrize("knob", [None, 0.5])
+def test_routing_json_records_the_knob_tiers_and_bundle_it_was_exported_from(
+    calibrated_run, tmp_path: Path, knob: float | None
+) -> None:
+    """routing.json holds the knob baked into gate.onnx (the bundle's gate knob unless another is
+    given), the gate's tier table, the bundle's weights hash, and every piece has a dynamic batch
+    axis on its inputs and outputs."""
+    bundle = load_bundle(calibrated_run["bundle"])
+    d = export_onnx(calibrated_run["bundle"], tmp_path / "onnx", knob=knob)
+    meta = json.loads((d / "routing.json").read_text())
+    gate = bundle.manifest["routers"]["gate"]
+    assert meta["router"] == "gate"
+    assert meta["knob"] == pytest.approx(gate["config"]["knob"] if knob is None else knob)
+    assert meta["tiers"] == gate["tiers"]
+    assert meta["bundle_sha256"] == bundle.manifest["weights"]["sha256"]
+    assert meta["class_names"] == bundle.class_names and meta["input"] == bundle.manifest["input"]
+    runner = OnnxRoutedRunner(d)
+    for piece, session in runner.sessions.items():
+        for arg in (*session.get_inputs(), *session.get_outputs()):
+            assert arg.shape[0] == "batch", (piece, arg.name, arg.shape)

@@ -12,14 +12,23 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 from torch.utils.data import DataLoader, TensorDataset
 
 from eexit.checkpoint import load_checkpoint
-from eexit.config import ConfigError
+from eexit.config import (
+    ConfigError,
+    check_calibration_size,
+    check_image_size,
+    check_split_size,
+    trusts_checkpoints,
+    validate_eval_config,
+    validate_train_config,
+)
 from eexit.lit.multi_exit import MultiExitModule
 from eexit.losses import MultiExitLoss
+from eexit.routing.calibrate import MIN_CALIBRATION_IMAGES
 from eexit.routing.costs import count_flops
 from eexit.training import train
 from eexit.types import ExitLevel
@@ -702,3 +711,92 @@ def test_the_evaluation_summary_gives_the_oracle_its_full_saving() -> None:
     assert "95.00%" in oracle and "1.00" in oracle and "50%/20%/20%/10%" in oracle
     assert "87.50%" in gate and "0.25" in gate and "40%/30%/20%/10%" in gate
     assert not any("staged" in line or "cascade" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("model.loss.consistency_exits=[tiny,heavy]", r"'model\.loss\.consistency_exits': HEAVY is the teacher"),
+        ("seed=1.5", r"'seed': \(it seeds the split.*must be a finite integer >= 0, got 1\.5"),
+        ("router.max_drop=1", r"'router\.max_drop': is a share of accuracy, in \[0, 1\); got 1"),
+        ("data.calib_size=0.0", r"'data\.calib_size': 0 held-out calibration images"),
+        ("data.batch_size=true", r"'data\.batch_size': must be a finite integer >= 1, got True"),
+        ("model.loss.attn_weight=false", r"'model\.loss\.attn_weight': lambda must be a finite number >= 0, got False"),
+    ],
+)
+def test_more_bad_training_values_name_the_key(tmp_path: Path, override: str, names: str) -> None:
+    """Boundary and type cases of the start-of-run check: HEAVY as a consistency exit, a
+    fractional seed, a max_drop of the whole accuracy, a calibration split of 0.0 images, and
+    booleans (which Python counts as numbers) are each refused naming the key."""
+    cfg = compose_train(tmp_path, ["data=synthetic", "model=micro", override])
+    with pytest.raises(ConfigError, match=names):
+        validate_train_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("value", "trusted"), [(None, False), (False, False), (True, True), ("no", ConfigError), ("yes", ConfigError)]
+)
+def test_trust_checkpoint_is_a_real_boolean_and_null_trusts_nothing(value, trusted) -> None:
+    """``trust_checkpoint``: null or false keeps the safe unpickling, only true turns it off; a
+    string (truthy whatever it says) is refused naming the key."""
+    cfg = OmegaConf.create({"trust_checkpoint": value})
+    if trusted is ConfigError:
+        with pytest.raises(ConfigError, match=r"'trust_checkpoint': must be true or false"):
+            trusts_checkpoints(cfg)
+    else:
+        assert trusts_checkpoints(cfg) is trusted
+    assert trusts_checkpoints(OmegaConf.create({})) is False
+
+
+def test_the_smallest_allowed_calibration_split_and_image_size_pass() -> None:
+    """The bounds are inclusive: exactly ``MIN_CALIBRATION_IMAGES`` calibration images and an image
+    size equal to the backbone's total stride are accepted, one less is refused."""
+    check_calibration_size(MIN_CALIBRATION_IMAGES)
+    with pytest.raises(ConfigError, match=r"'data\.calib_size'"):
+        check_calibration_size(MIN_CALIBRATION_IMAGES - 1)
+    check_image_size(16, 16, "micro")
+    with pytest.raises(ConfigError, match=r"'data\.image_size': 15 px is too small for model\.net 'micro'"):
+        check_image_size(15, 16, "micro")
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("recalibrate=yes", r"'recalibrate': must be true or false"),
+        ("eval.faithfulness.baseline=noise", r"'eval\.faithfulness\.baseline': must be 'mean' or 'blur'"),
+        ("limit=2.5", r"'limit': \(null: the whole test split\) must be a finite integer >= 1"),
+        ("eval.cluttered.num_images=0", r"'eval\.cluttered\.num_images'"),
+        ("eval.gate_quality.num_images=1.5", r"'eval\.gate_quality\.num_images'"),
+        ("eval.plots.num_heatmap_images=0", r"'eval\.plots\.num_heatmap_images'"),
+        ("eval.top_fraction=0", r"'eval\.top_fraction'"),
+        ("trust_checkpoint=maybe", r"'trust_checkpoint'"),
+        ("router.serve=oracle", r"'router\.serve'"),
+        ("data.num_workers=-1", r"'data\.num_workers'"),
+    ],
+)
+def test_evaluate_keys_are_checked_before_anything_loads(tmp_path: Path, override: str, names: str) -> None:
+    """``validate_eval_config`` alone (no checkpoint, no data) refuses each bad evaluate.py key,
+    naming it."""
+    cfg = compose_train(tmp_path, ["data=synthetic", override], config_name="eval")
+    with pytest.raises(ConfigError, match=names):
+        validate_eval_config(cfg)
+
+
+def test_evaluate_takes_a_top_fraction_of_one_and_refuses_a_file_as_the_bundle_folder(tmp_path: Path) -> None:
+    """``eval.top_fraction=1`` (every pixel) is allowed; ``export_bundle`` naming an existing file
+    is refused as such, a folder path is taken."""
+    validate_eval_config(compose_train(tmp_path, ["data=synthetic", "eval.top_fraction=1"], config_name="eval"))
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    cfg = compose_train(tmp_path, ["data=synthetic", f"export_bundle={taken}"], config_name="eval")
+    with pytest.raises(ConfigError, match=r"'export_bundle': is a file"):
+        validate_eval_config(cfg)
+    validate_eval_config(
+        compose_train(tmp_path, ["data=synthetic", f"export_bundle={tmp_path / 'b'}"], config_name="eval")
+    )
+
+
+@pytest.mark.parametrize("size", [0, 0.0, 0.25, 100])
+def test_a_split_of_zero_images_or_a_fraction_or_a_count_is_a_split_size(size) -> None:
+    """``check_split_size`` takes 0 (no such split), a fraction in [0, 1) and a whole count."""
+    check_split_size("data.val_size", size)
