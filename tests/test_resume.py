@@ -660,18 +660,22 @@ def _fit(folder: Path, *callbacks: pl.Callback, ckpt_path: Path | None = None) -
     return trainer
 
 
-def test_a_run_stopped_mid_epoch_by_a_callback_saves_that_step_as_mid_epoch(tmp_path: Path) -> None:
-    """Pins the save on ``should_stop`` (``max_time``, a callback) in the middle of an epoch:
-    ``last.ckpt`` holds step 3 with epoch 0 still running (Lightning's own save at the end of
-    training counts the epoch as done), so the resumed run trains the rest of epoch 0 and all
-    of epoch 1: 3 + 2 + 5 = 10 steps, not 8."""
-    trainer = _fit(tmp_path / "a", _StopAt(3))
-    assert trainer.global_step == 3
+@pytest.mark.parametrize(("stop_at", "epochs_done"), [(3, 0), (7, 1)], ids=["first_epoch", "after_an_epoch_end"])
+def test_a_run_stopped_mid_epoch_by_a_callback_saves_that_step_as_mid_epoch(
+    tmp_path: Path, stop_at: int, epochs_done: int
+) -> None:
+    """Pins ``LastCheckpoint``'s save on ``should_stop`` (``max_time``, a callback) in the middle
+    of an epoch: ``last.ckpt`` holds that step with its epoch still running, so the resumed run
+    trains the rest of it and all of epoch 1 (10 steps in all). In epoch 0, Lightning's own save
+    at the end of training would count the epoch as done (8 steps); in epoch 1, after epoch 0's
+    end wrote ``last.ckpt`` at step 5, Lightning does not save at all (it would stay at step 5)."""
+    trainer = _fit(tmp_path / "a", _StopAt(stop_at))
+    assert trainer.global_step == stop_at
     last = tmp_path / "a" / "last.ckpt"
     state = torch.load(last, weights_only=False)
-    assert state["global_step"] == 3
+    assert state["global_step"] == stop_at
     epoch = state["loops"]["fit_loop"]["epoch_progress"]["current"]
-    assert epoch["processed"] == 0 and epoch["started"] == 1
+    assert epoch["processed"] == epochs_done and epoch["started"] == epochs_done + 1
     assert _fit(tmp_path / "b", ckpt_path=last).global_step == 10
 
 
@@ -683,18 +687,3 @@ def test_the_run_folder_of_a_checkpoint_reached_through_a_link_is_its_real_path(
     os.symlink(tmp_path / "real", tmp_path / "link")
     assert run_checkpoints_folder(tmp_path / "link" / "checkpoints" / "last.ckpt") == str(real.resolve())
     assert run_checkpoints_folder(tmp_path / "real" / "last.ckpt") is None
-
-
-def test_a_stop_mid_epoch_after_an_earlier_last_checkpoint_saves_the_stopping_step(tmp_path: Path) -> None:
-    """Pins ``LastCheckpoint``'s own save when a run stops in the middle of a later epoch: the end
-    of epoch 0 wrote ``last.ckpt`` (step 5), so Lightning's save at the end of training (only
-    when none was written) leaves it there; ``last.ckpt`` must hold step 7, epoch 1 still
-    running, and the resumed run trains the remaining 3 steps (10 in all)."""
-    trainer = _fit(tmp_path / "a", _StopAt(7))
-    assert trainer.global_step == 7
-    last = tmp_path / "a" / "last.ckpt"
-    state = torch.load(last, weights_only=False)
-    assert state["global_step"] == 7
-    epoch = state["loops"]["fit_loop"]["epoch_progress"]["current"]
-    assert epoch["processed"] == 1 and epoch["started"] == 2
-    assert _fit(tmp_path / "b", ckpt_path=last).global_step == 10
