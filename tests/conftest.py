@@ -76,3 +76,11 @@ def micro_module(loss=None, lr: float = 0.1, **kwargs):
     return MultiExitModule(
         net, loss or MultiExitLoss(attn_weight=0.5), functools.partial(torch.optim.SGD, lr=lr), **kwargs
     )
+
+
+def stand_in_trainer(**kwargs):
+    """A stand-in for the trainer a ``MultiExitModule`` reads in its checks (``module._trainer``):
+    resuming from ``run/checkpoints/last.ckpt``, with the given attributes."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(ckpt_path="run/checkpoints/last.ckpt", **kwargs)

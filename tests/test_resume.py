@@ -25,7 +25,7 @@ from eexit.lit.multi_exit import _partial_differences
 from eexit.lit.resume import run_checkpoints_folder
 from eexit.losses import MultiExitLoss
 from eexit.training import train
-from tests.conftest import ROOT, compose_train, micro_module
+from tests.conftest import ROOT, compose_train, micro_module, stand_in_trainer
 
 # synthetic: 384 training images / 32 = 12 steps an epoch; last.ckpt every 5 steps (and at each
 # epoch end); killed before step 17, so the newest checkpoint is step 15: epoch 1, after 3 batches
@@ -529,10 +529,6 @@ def test_resume_checks_hold_for_a_finished_run_and_another_image_size(tmp_path: 
 # the resume checks of MultiExitModule, unit tests with a stand-in trainer
 
 
-def _fake_trainer(**kwargs) -> SimpleNamespace:
-    return SimpleNamespace(ckpt_path="run/checkpoints/last.ckpt", **kwargs)
-
-
 def _mid_epoch_loop(mid_epoch: bool) -> SimpleNamespace:
     current = SimpleNamespace(processed=1, started=2 if mid_epoch else 1)
     return SimpleNamespace(restarting=True, epoch_progress=SimpleNamespace(current=current))
@@ -543,7 +539,7 @@ def test_another_process_count_is_refused_only_in_the_middle_of_an_epoch(mid_epo
     """Pins the world-size check to mid-epoch checkpoints: at an epoch's end the loader's
     position is not restored, so another process count resumes fine."""
     module = micro_module()
-    module._trainer = _fake_trainer(world_size=1, fit_loop=_mid_epoch_loop(mid_epoch))
+    module._trainer = stand_in_trainer(world_size=1, fit_loop=_mid_epoch_loop(mid_epoch))
     module._resume_world_size = 2
     if mid_epoch:
         with pytest.raises(ConfigError, match=r"trainer\.devices"):
@@ -558,7 +554,7 @@ def test_another_optimizer_class_is_refused_naming_the_target() -> None:
     adamw, sgd = functools.partial(torch.optim.AdamW, lr=0.1), functools.partial(torch.optim.SGD, lr=0.1)
     assert _partial_differences(adamw, sgd) == [("_target_", "torch.optim.adamw.AdamW", "torch.optim.sgd.SGD")]
     module = micro_module()  # SGD
-    module._trainer = _fake_trainer()
+    module._trainer = stand_in_trainer()
     with pytest.raises(ConfigError, match=r"'model.optimizer._target_'.*torch.optim.adamw.AdamW"):
         module._check_resumed_settings({"optimizer": adamw, "scheduler": None}, None)
 
@@ -585,7 +581,7 @@ def test_resuming_with_loader_workers_and_augmentation_warns(caplog) -> None:
     module = micro_module()
     for workers, augment, warned in ((2, True, True), (0, True, False), (2, False, False)):
         dm = SimpleNamespace(split_differences=lambda r: [], num_workers=workers, augment=augment, pool_size=None)
-        module._trainer = _fake_trainer(datamodule=dm)
+        module._trainer = stand_in_trainer(datamodule=dm)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="eexit.lit.multi_exit"):
             module._check_resumed_split()

@@ -32,7 +32,7 @@ from eexit.routing.calibrate import MIN_CALIBRATION_IMAGES
 from eexit.routing.costs import count_flops
 from eexit.training import train
 from eexit.types import ExitLevel
-from tests.conftest import ROOT, compose_train, micro_module, needs_cifar, needs_fashion
+from tests.conftest import ROOT, compose_train, micro_module, needs_cifar, needs_fashion, stand_in_trainer
 
 FAST = ["debug=fdr", "logger=csv"]
 
@@ -459,7 +459,6 @@ def test_eps_zero_is_refused_only_where_it_is_used(tmp_path: Path) -> None:
 
 
 def test_a_sweeper_gets_the_best_checkpoints_heavy_accuracy_not_the_last_epochs() -> None:
-    from types import SimpleNamespace
 
     import pytorch_lightning as pl
 
@@ -597,10 +596,6 @@ def test_training_step_backpropagates_the_kl_through_the_cams_gradients() -> Non
         assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0, level.name
 
 
-def _fake_trainer(**kwargs) -> SimpleNamespace:
-    return SimpleNamespace(ckpt_path="run/checkpoints/last.ckpt", **kwargs)
-
-
 @pytest.mark.parametrize(
     ("scheduler", "interval", "length"),
     [
@@ -617,7 +612,7 @@ def test_a_schedule_length_is_filled_in_only_when_the_config_leaves_it_out(sched
     (10 here) only when not given, the scheduler then steps every batch (OneCycleLR always),
     others every epoch."""
     module = micro_module(scheduler=scheduler)
-    module._trainer = _fake_trainer(estimated_stepping_batches=10)
+    module._trainer = stand_in_trainer(estimated_stepping_batches=10)
     config = module.configure_optimizers()
     assert config["lr_scheduler"]["interval"] == interval
     if length is not None:
@@ -663,18 +658,23 @@ def test_epoch_metrics_are_kept_per_stage_and_the_kl_is_a_per_image_mean() -> No
         assert float(metrics[f"val/attn_kl/{key}"]) == pytest.approx(float(kl.mean()), rel=1e-4), key
 
 
-def test_the_exit_table_shows_accuracies_in_percent_and_only_the_splits_measured() -> None:
-    """train.py's per-exit table: accuracy in percent, attention KL to 4 places, ``-`` for a missing
-    value; a split without accuracies (no test run) gets no columns."""
+def _printed_lines(print_table, metrics: dict) -> list[str]:
+    """The lines a ``cli_output`` table printer writes for ``metrics``."""
     import io
 
     from rich.console import Console
 
+    console = Console(file=io.StringIO(), record=True, width=200)
+    print_table(metrics, console=console)
+    return console.export_text().splitlines()
+
+
+def test_the_exit_table_shows_accuracies_in_percent_and_only_the_splits_measured() -> None:
+    """train.py's per-exit table: accuracy in percent, attention KL to 4 places, ``-`` for a missing
+    value; a split without accuracies (no test run) gets no columns."""
     from eexit.cli_output import print_exit_table
 
-    console = Console(file=io.StringIO(), record=True, width=200)
-    print_exit_table({"val/acc/tiny": 0.5, "val/attn_kl/tiny": 0.125, "val/acc/heavy": 0.9876}, console=console)
-    lines = console.export_text().splitlines()
+    lines = _printed_lines(print_exit_table, {"val/acc/tiny": 0.5, "val/attn_kl/tiny": 0.125, "val/acc/heavy": 0.9876})
     assert any("val acc" in line for line in lines) and not any("test acc" in line for line in lines)
     tiny = next(line for line in lines if "TINY" in line)
     light = next(line for line in lines if "LIGHT" in line)
@@ -685,10 +685,6 @@ def test_the_exit_table_shows_accuracies_in_percent_and_only_the_splits_measured
 def test_the_evaluation_summary_gives_the_oracle_its_full_saving() -> None:
     """evaluate.py's routing table: the oracle saves all it can (1.00), a router its measured
     fraction; accuracies in percent; a router not evaluated has no row."""
-    import io
-
-    from rich.console import Console
-
     from eexit.cli_output import print_eval_summary
 
     metrics = {
@@ -703,9 +699,7 @@ def test_the_evaluation_summary_gives_the_oracle_its_full_saving() -> None:
         "routed/gate/latency_ms": 1.0,
         "routed/gate/oracle_saving_fraction": 0.25,
     }
-    console = Console(file=io.StringIO(), record=True, width=200)
-    print_eval_summary(metrics, console=console)
-    lines = console.export_text().splitlines()
+    lines = _printed_lines(print_eval_summary, metrics)
     oracle = next(line for line in lines if "oracle" in line and "%" in line).split()
     gate = next(line for line in lines if "gate" in line and "%" in line).split()
     assert "95.00%" in oracle and "1.00" in oracle and "50%/20%/20%/10%" in oracle

@@ -423,13 +423,12 @@ def _wide_to_array(im: Image.Image, size: int | None) -> np.ndarray:
     else:
         full = 65535.0
     bad = None if all_finite else a[~finite]
-    # a 16-bit grey PNG's transparent colour (tRNS) is composited over black, as in 8-bit images
-    transparent = im.info.get("transparency") if im.mode != "F" else None
-    clear = a == np.float32(transparent) if isinstance(transparent, int) else None
+    transparent = im.info.get("transparency")
+    if isinstance(transparent, int) and im.mode != "F":
+        # a 16-bit grey PNG's transparent colour (tRNS) is composited over black, as in 8-bit images
+        a[a == np.float32(transparent)] = 0.0
     np.divide(a, np.float32(full), out=a)
     np.clip(a, 0.0, 1.0, out=a)
-    if clear is not None:
-        a[clear] = 0.0
     if bad is not None:  # NaN and +-inf stay as they were (clipping turns inf white): refused later
         a[~finite] = bad
     f = Image.fromarray(a)  # float32 -> mode "F"
@@ -450,7 +449,7 @@ def _to_8bit(im: Image.Image, channels: int) -> Image.Image:
         bands = im.split()[:-1]
         im = Image.merge("L" if len(bands) == 1 else "RGB", bands)
     if im.mode in _ALPHA_MODES:
-        rgba = im.convert("RGBA")
+        rgba = im if im.mode == "RGBA" else im.convert("RGBA")  # a same-mode convert is a copy
         im = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
     target = "L" if channels == 1 else "RGB"
     if im.mode == target:
