@@ -572,3 +572,89 @@ def test_training_with_overfit_batches_reads_the_items_lightning_asks_for(tmp_pa
     )
     _, objs = train(cfg)
     assert objs["trainer"].global_step == 1
+
+
+# ---------------------------------------------- mutation audit: which files and labels a folder gives
+
+
+def test_image_endings_are_read_whatever_their_case(tmp_path: Path) -> None:
+    _folder(tmp_path, per_class=2)
+    Image.new("RGB", (16, 16)).save(tmp_path / "train" / "a" / "CAMERA.JPG", format="JPEG")
+    Image.new("RGB", (16, 16)).save(tmp_path / "train" / "b" / "Scan.Png", format="PNG")
+    dm = ImageFolderDataModule(str(tmp_path), image_size=16, augment=False, val_size=0, calib_size=0, seed=0)
+    files = {Path(p).relative_to(tmp_path / "train").as_posix(): t for p, t in dm.load_pool().samples}
+    assert files == {"a/0.png": 0, "a/1.png": 0, "a/CAMERA.JPG": 0, "b/0.png": 1, "b/1.png": 1, "b/Scan.Png": 1}
+
+
+def test_an_image_that_is_not_square_is_resized_and_centre_cropped(tmp_path: Path) -> None:
+    _folder(tmp_path, per_class=2)
+    wide = np.zeros((16, 48, 3), dtype=np.uint8)
+    wide[:, 16:32] = 255  # the middle third is white: the centre crop of the 16 x 16 resize
+    Image.fromarray(wide).save(tmp_path / "train" / "a" / "wide.png")
+    dm = ImageFolderDataModule(str(tmp_path), image_size=16, augment=False, val_size=0, calib_size=0, seed=0)
+    pool = dm.load_pool()
+    x, _ = pool[[Path(p).name for p, _ in pool.samples].index("wide.png")]
+    assert x.shape == (3, 16, 16)
+    assert torch.allclose(x, torch.full_like(x, (1.0 - 0.5) / 0.25))  # all white, normalised
+
+
+def test_a_folder_refuses_an_unknown_bad_files_setting(tmp_path: Path) -> None:
+    from eexit.data.image_folder import CheckedImageFolder
+
+    _folder(tmp_path, per_class=2)
+    with pytest.raises(ValueError, match=r"bad_files must be 'fail' or 'skip', got 'ignore'"):
+        CheckedImageFolder(str(tmp_path / "train"), bad_files="ignore")
+    with pytest.raises(ValueError, match=r"data\.bad_files must be 'fail' or 'skip', got 'ignore'"):
+        ImageFolderDataModule(str(tmp_path), image_size=16, bad_files="ignore")
+
+
+def test_skipped_files_leave_the_labels_in_step_with_the_images_and_are_counted_over_the_splits(
+    tmp_path: Path,
+) -> None:
+    from eexit.data.image_folder import CheckedImageFolder
+
+    _folder(tmp_path, per_class=3)
+    (tmp_path / "train" / "a" / "1.png").write_bytes(b"not a png")
+    (tmp_path / "test" / "b" / "2.png").write_bytes(b"")
+    folder = CheckedImageFolder(str(tmp_path / "train"), bad_files="skip")
+    assert folder.skipped == [str(tmp_path / "train" / "a" / "1.png")]
+    assert folder.targets == [t for _, t in folder.samples] == [0, 0, 1, 1, 1]
+    dm = ImageFolderDataModule(
+        str(tmp_path), image_size=16, augment=False, val_size=1, calib_size=1, seed=0, bad_files="skip"
+    )
+    dm.setup("test")  # the training pool and the test folder are both read
+    assert sorted(Path(p).relative_to(tmp_path).as_posix() for p in dm.skipped_files) == [
+        "test/b/2.png",
+        "train/a/1.png",
+    ]
+
+
+def test_skipping_may_leave_a_test_class_without_images(tmp_path: Path) -> None:
+    """A test split may lack a class (allow_empty), also once its unreadable files are skipped;
+    the training split may not (``test_skipping_unreadable_files_may_not_empty_a_class``)."""
+    _folder(tmp_path, per_class=3)
+    for f in (tmp_path / "test" / "b").iterdir():
+        f.write_bytes(b"broken")
+    dm = ImageFolderDataModule(
+        str(tmp_path), image_size=16, augment=False, val_size=1, calib_size=1, seed=0, bad_files="skip"
+    )
+    dm.setup("test")
+    assert [t for _, t in dm.data_test.samples] == [0, 0, 0] and len(dm.data_test.skipped) == 3
+
+
+def test_an_unreadable_calibration_image_is_found_before_training(tmp_path: Path) -> None:
+    """The held-out check reads the files of the validation and calibration subsets of the pool
+    (their indices into it), not the pool's first files."""
+    from eexit.data.image_folder import CorruptImageError
+
+    _folder(tmp_path, per_class=6)
+    kwargs = {"image_size": 16, "augment": False, "val_size": 2, "calib_size": 2, "seed": 0}
+    probe = ImageFolderDataModule(str(tmp_path), **kwargs)
+    probe.setup("test")
+    pool = probe.data_train.dataset
+    index = max(probe.data_calib.indices)
+    assert index >= 4 and index not in probe.data_val.indices  # not among the pool's first files
+    path = pool.samples[index][0]
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    with pytest.raises(CorruptImageError, match=rf"1 unreadable image\(s\) among the 16 held out .*{Path(path).name}"):
+        ImageFolderDataModule(str(tmp_path), **kwargs).setup("fit")

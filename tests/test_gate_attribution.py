@@ -426,3 +426,91 @@ def test_deeplift_follows_weights_changed_in_place_between_calls() -> None:
     fresh = explain_gate(copy.deepcopy(net), x, base, method="deeplift")
     assert not torch.allclose(changed.attributions, first)
     assert torch.equal(changed.attributions, fresh.attributions) and float(changed.delta.max()) < 1e-5
+
+
+# ----------------------------------------- mutation audit: each method's defaults, as Captum runs them
+
+
+def test_integrated_gradients_defaults_to_50_gauss_legendre_steps() -> None:
+    from captum.attr import IntegratedGradients
+
+    score = ExpectedTier(make_gate())
+    features, baseline = make_data(batch=8)
+    res = explain_gate(score, features, baseline, "integrated_gradients")
+    expected = IntegratedGradients(score).attribute(
+        features, baselines=baseline.expand(8, -1), n_steps=50, method="gausslegendre"
+    )
+    torch.testing.assert_close(res.attributions, expected, atol=1e-6, rtol=0)
+
+
+def test_integration_method_is_passed_to_captum_as_its_method() -> None:
+    from captum.attr import IntegratedGradients
+
+    score = ExpectedTier(make_gate())
+    features, baseline = make_data(batch=8)
+    res = explain_gate(score, features, baseline, "integrated_gradients", n_steps=4, integration_method="riemann_left")
+    ig = IntegratedGradients(score)
+    left = ig.attribute(features, baselines=baseline.expand(8, -1), n_steps=4, method="riemann_left")
+    gauss = ig.attribute(features, baselines=baseline.expand(8, -1), n_steps=4, method="gausslegendre")
+    torch.testing.assert_close(res.attributions, left, atol=1e-6, rtol=0)
+    assert not torch.allclose(left, gauss, atol=1e-3)  # the two rules differ at 4 steps
+
+
+def test_shapley_value_sampling_defaults_to_25_permutations() -> None:
+    from captum.attr import ShapleyValueSampling
+
+    score = ExpectedTier(make_gate())
+    features, baseline = make_data(batch=4)
+    torch.manual_seed(3)
+    res = explain_gate(score, features, baseline, "shapley_value_sampling")
+    torch.manual_seed(3)
+    expected = ShapleyValueSampling(score).attribute(
+        features, baselines=baseline.expand(4, -1), n_samples=25, perturbations_per_eval=NUM_FEATURES
+    )
+    torch.testing.assert_close(res.attributions, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:You are providing multiple inputs")
+def test_kernel_shap_defaults_to_200_coalitions_fitted_by_weighted_least_squares() -> None:
+    from captum._utils.models.linear_model.model import LinearModel
+    from captum.attr import KernelShap
+
+    from eexit.explain.gate_attribution import _wls_train
+
+    score = ExpectedTier(make_gate())
+    features, baseline = make_data(batch=2)
+    torch.manual_seed(3)
+    res = explain_gate(score, features, baseline, "kernel_shap")
+    reference = KernelShap(score)
+    reference.interpretable_model = LinearModel(train_fn=_wls_train)
+    torch.manual_seed(3)
+    expected = reference.attribute(
+        features, baselines=baseline.expand(2, -1), n_samples=200, perturbations_per_eval=200
+    )
+    torch.testing.assert_close(res.attributions, expected, atol=1e-6, rtol=0)
+
+
+def test_a_baseline_that_is_not_finite_is_refused() -> None:
+    features, baseline = make_data(batch=2)
+    baseline[3] = float("inf")
+    with pytest.raises(ValueError, match="features and baseline must be finite"):
+        explain_gate(LinearScore(), features, baseline)
+
+
+def test_deeplift_explains_a_copy_without_in_place_activations() -> None:
+    from eexit.explain.gate_attribution import _deeplift_model
+
+    gate = make_gate(inplace=True)
+    score = ExpectedTier(gate)
+    model = _deeplift_model(score)
+    assert model is not score and model.gate[1] is not gate[1]
+    assert not any(getattr(m, "inplace", False) for m in model.modules())
+    assert gate[1].inplace is True  # the gate itself is left as it is
+    assert _deeplift_model(score) is model  # kept for the next call on the same tensors
+
+
+@pytest.mark.parametrize("key", ["inputs", "baselines", "target"])
+def test_each_keyword_explain_gate_sets_itself_is_refused_by_name(key: str) -> None:
+    features, baseline = make_data(batch=2)
+    with pytest.raises(ValueError, match=rf"'{key}' is set by explain_gate"):
+        explain_gate(LinearScore(), features, baseline, **{key: baseline})

@@ -13,6 +13,7 @@ from eexit.data.synthetic import make_shapes
 from eexit.models import create_model
 from eexit.routing.calibrate import Calibration, calibrate
 from eexit.routing.calibration import (
+    ExitRecords,
     SweepPoint,
     choose_knob,
     collect_records,
@@ -911,3 +912,439 @@ def test_each_knob_is_fitted_on_images_its_router_did_not_learn_from(trained, mo
         assert routed[0] | routed[1] == everything and not routed[0] & routed[1]
         for (router, _), seen in zip(folds, routed, strict=True):
             assert learned[id(router)] and not learned[id(router)] & seen
+
+
+# ------------------------------------------ mutation audit: knob sweeps and fits on crafted records
+
+
+def _cascade_records(tiny_conf: list[float], correct: list[list[int]]) -> ExitRecords:
+    """Records of two classes (label 0) whose exits say: TINY's top softmax ``tiny_conf[i]``, the
+    other exits 0.95, and exit k predicts the label when ``correct[i][k]``."""
+    n = len(tiny_conf)
+    conf = torch.tensor([[c, 0.95, 0.95, 0.95] for c in tiny_conf])
+    right = torch.tensor(correct, dtype=torch.bool)
+    top = torch.where(right, 0, 1)  # the class each exit predicts
+    probs = torch.zeros(n, 4, 2)
+    probs.scatter_(2, top[:, :, None], conf[:, :, None])
+    probs.scatter_(2, (1 - top)[:, :, None], (1 - conf)[:, :, None])
+    return ExitRecords(torch.zeros(n, 4, 7), probs, torch.zeros(n, dtype=torch.long))
+
+
+def test_sweep_folds_scores_each_fold_on_its_own_records() -> None:
+    """The tiers of the folds are compared with the records in the same fold order."""
+    from eexit.routing.calibration import sweep_folds
+    from eexit.routing.routers import ConfidenceCascade
+
+    confident = _cascade_records([0.9], [[1, 1, 1, 1]])  # one image TINY is sure of, and right
+    unsure = _cascade_records([0.6] * 3, [[0, 1, 1, 1]] * 3)  # three TINY is unsure of, and wrong
+    cascade = ConfidenceCascade()
+    (point,) = sweep_folds([(cascade, confident), (cascade, unsure)], [1.0, 2.0, 3.0, 4.0], knobs=[0.8])
+    # the sure image stops at TINY, the three unsure ones at LIGHT: every image right
+    assert point.accuracy == 1.0 and point.tier_fractions == [0.25, 0.75, 0.0, 0.0]
+    assert point.mean_cost == pytest.approx((1.0 + 3 * 2.0) / 4)
+
+
+def test_sweep_folds_tries_the_knob_candidates_of_every_fold() -> None:
+    from eexit.routing.calibration import _ABOVE_ONE, sweep_folds
+    from eexit.routing.routers import ConfidenceCascade
+
+    a = _cascade_records([0.9, 0.9], [[1, 1, 1, 1]] * 2)
+    b = _cascade_records([0.6, 0.6], [[0, 1, 1, 1]] * 2)
+    cascade = ConfidenceCascade()
+    knobs = [p.knob for p in sweep_folds([(cascade, a), (cascade, b)], [1.0, 2.0, 3.0, 4.0])]
+    # quantiles of the scores of both folds (interpolated between them), and both ends
+    assert {float(torch.tensor(v)) for v in (0.6, 0.9, 0.95)} <= set(knobs)
+    assert knobs[0] == 0.0 and knobs[-1] == _ABOVE_ONE and knobs == sorted(set(knobs))
+
+
+def test_a_sweep_with_given_knobs_tries_those_knobs_only() -> None:
+    from eexit.routing.routers import ConfidenceCascade
+
+    records = _cascade_records([0.9, 0.6], [[1, 1, 1, 1], [0, 1, 1, 1]])
+    points = sweep(ConfidenceCascade(), records, [1.0, 2.0, 3.0, 4.0], knobs=[0.7, 0.5])
+    assert [p.knob for p in points] == [0.5, 0.7]  # ascending
+    assert [p.tier_fractions for p in points] == [[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]]
+
+
+def test_the_drop_se_of_a_one_image_sweep_is_zero_not_nan() -> None:
+    from eexit.routing.calibration import sweep_folds
+    from eexit.routing.routers import ConfidenceCascade
+
+    records = _cascade_records([0.6], [[0, 1, 1, 1]])
+    (point,) = sweep_folds([(ConfidenceCascade(), records)], [1.0, 2.0, 3.0, 4.0], knobs=[0.0])
+    assert point.accuracy == 0.0 and point.drop_se == 0.0
+
+
+def test_knob_candidates_are_the_stop_scores_of_every_exit_before_heavy() -> None:
+    from eexit.routing.calibration import _ABOVE_ONE, knob_candidates
+    from eexit.routing.routers import ConfidenceCascade
+
+    records = _cascade_records([0.6, 0.6], [[1, 1, 1, 1]] * 2)
+    records.probs[:, 1] = torch.tensor([0.7, 0.3])  # LIGHT's top softmax 0.7
+    records.probs[:, 2] = torch.tensor([0.2, 0.8])  # MEDIUM's 0.8; HEAVY's 0.95 is never a stop score
+    knobs = knob_candidates(ConfidenceCascade(), records)
+    assert {float(torch.tensor(v)) for v in (0.6, 0.7, 0.8)} <= set(knobs)
+    assert knobs[0] == 0.0 and knobs[-2] == float(torch.tensor(0.8)) and knobs[-1] == _ABOVE_ONE
+
+
+def test_one_shot_knob_candidates_are_the_cumulative_probabilities_below_heavy() -> None:
+    from eexit.routing.calibration import _ABOVE_ONE, knob_candidates
+    from eexit.routing.routers import OneShotGate
+
+    gate = OneShotGate(num_features=7)
+    gate.tier_probs = lambda f: torch.tensor([[0.5, 0.25, 0.125, 0.125]]).expand(len(f), 4)
+    records = _cascade_records([0.6, 0.6], [[1, 1, 1, 1]] * 2)
+    knobs = knob_candidates(gate, records)
+    assert {0.0, 0.5, 0.75, 0.875, _ABOVE_ONE} <= set(knobs)
+    assert knobs[-2] == 0.875 and knobs[-1] == _ABOVE_ONE  # not HEAVY's cumulative 1.0
+
+
+def test_without_a_finite_score_the_knobs_are_still_both_ends() -> None:
+    from eexit.routing.calibration import _ABOVE_ONE, knob_candidates
+    from eexit.routing.routers import ConfidenceCascade
+
+    records = _cascade_records([0.6, 0.6], [[1, 1, 1, 1]] * 2)
+    records.probs[:] = float("nan")
+    assert knob_candidates(ConfidenceCascade(), records) == [0.0, _ABOVE_ONE]  # all to TINY, all to HEAVY
+
+
+def test_points_of_equal_cost_share_one_fitted_drop_and_the_more_accurate_one_is_chosen() -> None:
+    # two knobs route at the same cost (e.g. the same tier mix) with different accuracy
+    worse = SweepPoint(0.1, 0.88, 1.0, [1, 0, 0, 0], 0.0)
+    better = SweepPoint(0.2, 0.895, 1.0, [1, 0, 0, 0], 0.0)
+    heavy = SweepPoint(1.0, 0.9, 4.0, [0, 0, 0, 1], 0.0)
+    for points in ([worse, better, heavy], [better, worse, heavy]):
+        assert monotone_drops(points, 0.9) == pytest.approx([0.0125, 0.0125, 0.0])
+        assert choose_knob(points, 0.9, max_drop=0.02) is better
+        assert choose_knob(points, 0.9, max_drop=0.02, monotone=False) is better
+
+
+def test_when_no_knob_meets_the_target_the_cheapest_most_accurate_is_chosen() -> None:
+    points = [
+        SweepPoint(0.1, 0.80, 1.0, [1, 0, 0, 0], 0.0),
+        SweepPoint(0.2, 0.85, 2.0, [0, 1, 0, 0], 0.0),
+        SweepPoint(0.3, 0.85, 3.0, [0, 0, 1, 0], 0.0),
+        SweepPoint(0.4, 0.84, 4.0, [0, 0, 0, 1], 0.0),
+    ]
+    for monotone in (True, False):
+        assert choose_knob(points, 0.9, max_drop=0.01, monotone=monotone) is points[1]
+
+
+def test_tier_profiles_are_the_10th_and_90th_percentiles_of_each_tiers_images() -> None:
+    from eexit.routing.calibrate import tier_profiles
+    from eexit.routing.features import FEATURE_NAMES
+
+    # eleven TINY images whose features are 0, 1, ..., 10 (times the feature's index + 1), and
+    # one HEAVY image; no image of LIGHT or MEDIUM
+    values = torch.arange(11.0)[:, None] * torch.arange(1.0, 8.0)[None]
+    features = torch.cat([values, torch.full((1, 7), 100.0)])
+    tiers = torch.tensor([0] * 11 + [3])
+    profiles = tier_profiles(features, tiers)
+    assert list(profiles) == ["tiny", "heavy"]
+    assert list(profiles["tiny"]) == list(FEATURE_NAMES)
+    for i, name in enumerate(FEATURE_NAMES):
+        assert profiles["tiny"][name] == pytest.approx([1.0 * (i + 1), 9.0 * (i + 1)])
+        assert profiles["heavy"][name] == [100.0, 100.0]  # one image: both percentiles are its value
+
+
+# --------------------------------- mutation audit: calibrate() on crafted records, fixed tier costs
+
+# which exits get each of 16 images right: oracle tiers 0 (six, two of them no exit right),
+# 1 (four), 2 (three) and 3 (three); TINY right on 4, HEAVY on 12
+_CRAFTED_CORRECT = [
+    [1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0],
+    [0, 1, 1, 1], [0, 1, 1, 1], [0, 1, 0, 1], [0, 1, 1, 0],
+    [0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1],
+    [0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 1],
+]  # fmt: skip
+
+
+def _quick_router_fits(mp: pytest.MonkeyPatch) -> None:
+    """Gate fits of 5 epochs instead of 300: what is tested here is which images they learn from."""
+    import functools
+
+    from eexit.routing import routers
+
+    mp.setattr(routers, "_fit_classifier", functools.partial(routers._fit_classifier, epochs=5))
+
+
+@pytest.fixture(scope="module")
+def crafted_calibration():
+    """``calibrate`` on 16 crafted records (the fewest it accepts) with tier costs 1..4 MFLOPs,
+    a loose target and ``choose_knob`` / ``sweep_folds`` watched: ``(cal, records, net, example,
+    calls)`` with ``calls["choose_knob"]`` the arguments of each knob fit and ``calls["folds"]``
+    the records of each cross-fitted pair of folds."""
+    from eexit.routing import calibrate as calibrate_mod
+    from eexit.routing.costs import TierCost
+
+    g = torch.Generator().manual_seed(0)
+    correct = torch.tensor(_CRAFTED_CORRECT, dtype=torch.bool)
+    n = len(correct)
+    features = torch.rand(n, 4, 7, generator=g)
+    conf = 0.5 + 0.5 * torch.rand(n, 4, generator=g)  # top softmax of each exit
+    top = torch.where(correct, 0, 1)
+    probs = torch.zeros(n, 4, 2)
+    probs.scatter_(2, top[:, :, None], conf[:, :, None])
+    probs.scatter_(2, (1 - top)[:, :, None], (1 - conf)[:, :, None])
+    records = ExitRecords(features, probs, torch.zeros(n, dtype=torch.long))
+    torch.manual_seed(0)
+    net = create_model("resnet_micro", in_chans=1, num_classes=2).eval()
+    example = torch.randn(4, 1, 16, 16, generator=g)
+    calls: dict[str, list] = {"choose_knob": [], "folds": []}
+    flat = [TierCost(lv.key, 1.0 + lv, 1.0 + lv, 16, "cpu") for lv in ExitLevel]
+
+    def watched_choose_knob(points, *args):
+        calls["choose_knob"].append(args)
+        return calibrate_mod.choose_knob.__wrapped__(points, *args)
+
+    def watched_sweep(folds, *args, **kwargs):
+        if len(folds) == 2:
+            calls["folds"].append([recs for _, recs in folds])
+        return original_sweep(folds, *args, **kwargs)
+
+    original_sweep = calibrate_mod.sweep_folds
+    watched_choose_knob.__wrapped__ = calibrate_mod.choose_knob
+    with pytest.MonkeyPatch.context() as mp:
+        _quick_router_fits(mp)
+        mp.setattr(calibrate_mod, "measure_tier_costs", lambda *a, **k: list(flat))
+        mp.setattr(calibrate_mod, "rescale_to_routed_batch", lambda model, example, costs, *a, **k: costs)
+        mp.setattr(calibrate_mod, "choose_knob", watched_choose_knob)
+        mp.setattr(calibrate_mod, "sweep_folds", watched_sweep)
+        cal = calibrate(
+            net, [], example, records=records, max_drop=0.3, margin_se=0.5, monotone=False, seed=3, min_run_time=0.001
+        )
+    return cal, records, net, example, calls
+
+
+def test_calibration_accepts_exactly_the_fewest_images_it_needs(crafted_calibration) -> None:
+    cal = crafted_calibration[0]
+    assert set(cal.routers) == set(KINDS) and set(cal.fit_summary) == set(KINDS)
+
+
+def test_every_knob_is_fitted_with_the_given_target_margin_and_monotone_setting(crafted_calibration) -> None:
+    cal, _, _, _, calls = crafted_calibration
+    heavy = 12 / 16  # HEAVY's accuracy on the split, not TINY's (4 / 16)
+    assert calls["choose_knob"] == [(heavy, 0.3, 0.5, False)] * 3
+    for kind in KINDS:
+        assert cal.fit_summary[kind]["accuracy_heavy"] == heavy, kind
+
+
+def test_the_served_routers_keep_the_fitted_knobs_and_the_summary_their_accuracy(crafted_calibration) -> None:
+    from eexit.routing.calibration import sweep_folds
+
+    cal, records, _, _, _ = crafted_calibration
+    for kind in KINDS:
+        summary = cal.fit_summary[kind]
+        assert float(cal.routers[kind].knob) == summary["knob"], kind
+    # the cascade learns nothing: its summary is its own in-sample routing at that knob
+    cascade = cal.fit_summary["cascade"]
+    (point,) = sweep_folds([(cal.routers["cascade"], records)], [1.0, 2.0, 3.0, 4.0], knobs=[cascade["knob"]])
+    assert cascade["accuracy"] == point.accuracy and cascade["tier_fractions"] == point.tier_fractions
+    assert cascade["accuracy"] < cascade["accuracy_heavy"]  # the loose target lets it lose some
+
+
+def test_the_flops_ratio_weighs_each_tiers_flops_by_its_fraction_against_one_heavy_image(crafted_calibration) -> None:
+    from eexit.routing.costs import count_flops
+
+    cal, _, net, example, _ = crafted_calibration
+    heavy_mflops = count_flops(net.predict_exit, example[:1], ExitLevel.HEAVY) / 1e6
+    for kind in KINDS:
+        fractions = cal.fit_summary[kind]["tier_fractions"]
+        expected = sum(f * (1.0 + t) for t, f in enumerate(fractions)) / heavy_mflops
+        assert cal.fit_summary[kind]["flops_ratio"] == pytest.approx(expected, rel=1e-9), kind
+
+
+def test_the_explanation_baselines_and_tier_profiles_come_from_the_right_images(crafted_calibration) -> None:
+    from eexit.routing.calibrate import tier_profiles
+
+    cal, records, _, _, _ = crafted_calibration
+    correct = torch.tensor(_CRAFTED_CORRECT, dtype=torch.bool)
+    oracle = torch.tensor([0] * 6 + [1] * 4 + [2] * 3 + [3] * 3)
+    tiny = records.features[:, 0]
+    # one-shot gate: TINY features of the images whose oracle tier is TINY (none right included)
+    torch.testing.assert_close(cal.baseline_features, tiny[:6].mean(0), atol=0, rtol=0)
+    # staged gate, per exit: that exit's features of the images that exit gets right
+    for k in range(4):
+        torch.testing.assert_close(cal.exit_baselines[k], records.features[correct[:, k], k].mean(0), atol=0, rtol=0)
+    assert cal.tier_profiles == tier_profiles(tiny, oracle)
+    state = Calibration.from_state(json.loads(json.dumps(cal.to_state())))
+    torch.testing.assert_close(state.exit_baselines, cal.exit_baselines)
+    torch.testing.assert_close(state.baseline_features, cal.baseline_features)
+
+
+def test_the_cross_fitting_halves_follow_the_seed(crafted_calibration, monkeypatch) -> None:
+    from eexit.routing import calibrate as calibrate_mod
+
+    cal, records, net, example, calls = crafted_calibration
+
+    def halves(recorded: list) -> list[set]:
+        """The two halves of a cross-fit as sets of image numbers (the features identify them)."""
+        rows = {tuple(f.flatten().tolist()): i for i, f in enumerate(records.features)}
+        return [{rows[tuple(f.flatten().tolist())] for f in recs.features} for recs in recorded]
+
+    seed3 = halves(calls["folds"][0])
+    assert [len(h) for h in seed3] == [8, 8] and seed3[0] | seed3[1] == set(range(16))
+    assert halves(calls["folds"][1]) == seed3  # the one-shot and the staged gate: one split
+    seen: list[list] = []
+    original = calibrate_mod.sweep_folds
+    monkeypatch.setattr(
+        calibrate_mod,
+        "sweep_folds",
+        lambda folds, *a, **k: (
+            (seen.append([r for _, r in folds]) if len(folds) == 2 else None) or original(folds, *a, **k)
+        ),
+    )
+    _quick_router_fits(monkeypatch)
+    monkeypatch.setattr(calibrate_mod, "measure_tier_costs", lambda *a, **k: list(cal.tier_costs["gate"]))
+    monkeypatch.setattr(calibrate_mod, "rescale_to_routed_batch", lambda model, example, costs, *a, **k: costs)
+    calibrate(net, [], example, records=records, seed=4, min_run_time=0.001)
+    assert halves(seen[0]) != seed3  # another seed, another split
+
+
+# ---------------------------------------- mutation audit: decision rows of a crafted routed batch
+
+
+def _crafted_costs() -> list:
+    """Tier costs whose latencies and MFLOPs differ from each other and across tiers."""
+    from eexit.routing.costs import TierCost
+
+    return [
+        TierCost(lv.key, mflops=10.0 * (lv + 1), latency_ms=0.5 * (lv + 1), batch_size=8, device="cpu")
+        for lv in ExitLevel
+    ]
+
+
+def test_decision_rows_take_the_cost_of_the_served_tier_and_the_label_of_the_top_class() -> None:
+    from eexit.routing.decisions import decision_rows
+    from eexit.routing.engine import RoutedOutput
+    from eexit.routing.features import FEATURE_NAMES
+
+    logits = torch.tensor([[0.0, 1.0, 3.0], [2.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+    features = torch.arange(21.0).view(3, 7) / 32
+    out = RoutedOutput(
+        logits, torch.tensor([0, 2, 3]), torch.tensor([0.75, 0.5, 0.25]), features, torch.tensor([0, 0, 0])
+    )
+    rows = decision_rows(out, _crafted_costs(), ["cat", "dog", "eel"])
+    assert [(r["tier"], r["latency_ms"], r["mflops"]) for r in rows] == [
+        ("tiny", 0.5, 10.0),
+        ("medium", 1.5, 30.0),
+        ("heavy", 2.0, 40.0),
+    ]
+    assert [(r["label"], r["label_index"]) for r in rows] == [("eel", 2), ("cat", 0), ("dog", 1)]
+    assert [r["confidence"] for r in rows] == [0.75, 0.5, 0.25]
+    probs = torch.softmax(logits.double(), dim=1).amax(dim=1).tolist()
+    assert [r["probability"] for r in rows] == pytest.approx(probs, abs=1e-7)
+    assert rows[1]["features"] == dict(zip(FEATURE_NAMES, features[1].tolist(), strict=True))
+    assert [r["label"] for r in decision_rows(out, _crafted_costs())] == ["2", "0", "1"]  # no class names
+
+
+def test_a_forced_row_costs_the_forced_exit_not_the_routers_own_choice() -> None:
+    from eexit.routing.decisions import decision_rows
+    from eexit.routing.engine import RoutedOutput
+
+    out = RoutedOutput(
+        torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]),
+        torch.tensor([3, 3, 3]),
+        torch.tensor([0.9, 0.8, 0.7]),
+        torch.zeros(3, 7),
+        torch.tensor([1, 2, 0]),
+        router_tier=torch.tensor([1, -1, 0]),
+    )
+    rows = decision_rows(out, _crafted_costs())
+    assert all(r["forced"] and r["tier"] == "heavy" for r in rows)
+    assert [(r["latency_ms"], r["mflops"]) for r in rows] == [(2.0, 40.0)] * 3
+    assert [r["router_tier"] for r in rows] == ["light", None, "tiny"]
+
+
+def test_an_image_with_one_non_finite_logit_has_no_prediction() -> None:
+    from eexit.routing.decisions import decision_rows
+    from eexit.routing.engine import RoutedOutput
+
+    logits = torch.tensor([[0.0, 1.0, 2.0], [0.0, float("inf"), 1.0], [float("nan"), 1.0, 0.0]])
+    out = RoutedOutput(logits, torch.tensor([1, 1, 1]), torch.full((3,), 0.5), torch.zeros(3, 7), torch.ones(3))
+    rows = decision_rows(out, _crafted_costs(), ["a", "b", "c"])
+    assert [r["label"] for r in rows] == ["c", None, None]
+    assert [r["confidence"] for r in rows] == [0.5, 0.0, 0.0] and [r["router_tier"] for r in rows] == [
+        "light",
+        None,
+        None,
+    ]
+    json.dumps(rows, allow_nan=False)
+
+
+def _hand_calibration(exit_baselines: torch.Tensor | None) -> Calibration:
+    """A calibration of untrained routers (seeded) with distinct explanation baselines."""
+    from eexit.routing.routers import ConfidenceCascade, OneShotGate, StagedGate
+
+    torch.manual_seed(0)
+    routers = {"gate": OneShotGate().eval(), "staged": StagedGate().eval(), "cascade": ConfidenceCascade().eval()}
+    costs = {k: _crafted_costs() for k in routers}
+    return Calibration(routers, costs, torch.full((7,), 0.25), {}, exit_baselines)
+
+
+def test_the_one_shot_gate_is_explained_against_the_oracle_tiny_baseline() -> None:
+    from eexit.explain.gate_attribution import ExpectedTier
+    from eexit.routing.engine import RoutedOutput
+
+    cal = _hand_calibration(torch.rand(4, 7, generator=torch.Generator().manual_seed(1)))
+    features = torch.rand(5, 7, generator=torch.Generator().manual_seed(2))
+    out = RoutedOutput(torch.zeros(5, 3), torch.zeros(5, dtype=torch.long), torch.ones(5), features, torch.zeros(5))
+    res = attribute_output(cal, "gate", out)
+    score = ExpectedTier(cal.routers["gate"].logits_module())
+    with torch.no_grad():
+        torch.testing.assert_close(res.baseline_output, score(cal.baseline_features[None])[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(res.output, score(features), atol=1e-6, rtol=0)
+    torch.testing.assert_close(res.attributions.sum(1), res.output - res.baseline_output, atol=1e-5, rtol=0)
+
+
+def test_staged_decisions_without_exit_baselines_cannot_be_explained() -> None:
+    from eexit.routing.engine import RoutedOutput
+
+    cal = _hand_calibration(None)
+    out = RoutedOutput(
+        torch.zeros(2, 3),
+        torch.zeros(2, dtype=torch.long),
+        torch.ones(2),
+        torch.rand(2, 7),
+        torch.zeros(2, dtype=torch.long),
+    )
+    with pytest.raises(ValueError, match=r"no per-exit explanation baselines \(exit_baselines\).*--no-attributions"):
+        attribute_output(cal, "staged", out)
+    assert attribute_output(cal, "gate", out) is not None  # the one-shot gate needs none
+
+
+def test_calibration_settings_without_a_router_group_are_calibrates_own_defaults() -> None:
+    import inspect
+
+    from eexit.routing.calibrate import DEFAULT_MARGIN_SE, calibration_settings
+
+    settings = calibration_settings({}, None)
+    assert settings == {
+        "max_drop": 0.005,
+        "margin_se": DEFAULT_MARGIN_SE,
+        "monotone": True,
+        "cost_key": "mflops",
+        "min_run_time": 0.3,
+        "seed": 0,
+    }
+    defaults = {k: p.default for k, p in inspect.signature(calibrate).parameters.items() if k in settings}
+    assert defaults == settings and DEFAULT_MARGIN_SE == 1.645
+
+
+def test_records_are_collected_with_the_feature_settings_the_router_is_served_with() -> None:
+    """The knob is fitted on the features serving computes: ``collect_records`` passes its
+    ``feature_kwargs`` on (a lower edge threshold raises ``spatial_complexity``)."""
+    from eexit.routing.features import FEATURE_NAMES
+    from eexit.routing.routers import OneShotGate
+
+    torch.manual_seed(0)
+    net = create_model("resnet_micro", in_chans=1, num_classes=3).eval()
+    x = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    batches = [(x, torch.zeros(6, dtype=torch.long))]
+    kwargs = {"edge_threshold": 0.05, "grid": 2}
+    records = collect_records(net, batches, kwargs)
+    served = RoutedClassifier(net, OneShotGate().eval(), kwargs)(x)
+    torch.testing.assert_close(records.features[:, 0], served.features, atol=1e-6, rtol=0)
+    default = collect_records(net, batches)
+    edges = FEATURE_NAMES.index("spatial_complexity")
+    assert bool((records.features[:, 0, edges] > default.features[:, 0, edges]).all())
