@@ -1348,3 +1348,253 @@ def test_records_are_collected_with_the_feature_settings_the_router_is_served_wi
     default = collect_records(net, batches)
     edges = FEATURE_NAMES.index("spatial_complexity")
     assert bool((records.features[:, 0, edges] > default.features[:, 0, edges]).all())
+
+
+# --- pinned by the mutation audit of the routing modules (hand-built routers, untrained net) ----
+
+
+def _micro_net() -> torch.nn.Module:
+    """An untrained micro network in eval mode (its routing needs no training to be checked)."""
+    torch.manual_seed(0)
+    return create_model("resnet_micro", in_chans=1, num_classes=4).eval()
+
+
+def test_standardize_centres_on_the_mean_and_divides_by_the_population_std() -> None:
+    """Samples 1, 3, 5: mean 3 and population std sqrt(8/3) (not the n - 1 one), divided by; a
+    spread at most 1e-6 of the feature's magnitude keeps the unit std."""
+    from eexit.routing.routers import Standardize
+
+    scale = Standardize(1).fit(torch.tensor([[1.0], [3.0], [5.0]]))
+    assert scale.mean.item() == pytest.approx(3.0) and scale.std.item() == pytest.approx((8 / 3) ** 0.5)
+    assert scale(torch.tensor([[7.0]])).item() == pytest.approx(4 / (8 / 3) ** 0.5, rel=1e-6)
+    # "nearly constant" is relative to the feature's magnitude: a spread of 0.5 around 1e6 is
+    # below 1e-6 of it (unit kept), the same spread around 0 is not
+    near = Standardize(2).fit(torch.tensor([[1e6 - 0.5, -0.5], [1e6 + 0.5, 0.5]]))
+    assert near.std.tolist() == [1.0, 0.5]
+
+
+def test_one_shot_cdf_ends_at_exactly_one_and_so_does_a_knob_of_one() -> None:
+    """The cumulative tier probabilities' last column is set to 1, not left to the softmax's
+    rounding: a knob of 1 sends every image to HEAVY at most, with confidence exactly 1."""
+    from eexit.routing.routers import OneShotGate
+
+    torch.manual_seed(0)
+    gate = OneShotGate()
+    f = torch.randn(256, 7, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(gate.tier_probs(f).cumsum(dim=1)[:, -1], torch.ones(256))  # rounding is real
+    cdf = gate.tier_cdf(f)
+    assert torch.equal(cdf[:, -1], torch.ones(256))
+    tier, confidence = gate.choose_tier(f, knob=1.0)
+    heavy = tier == int(ExitLevel.HEAVY)
+    assert heavy.any() and torch.equal(confidence[heavy], torch.ones(int(heavy.sum())))
+
+
+def test_one_shot_gate_learns_on_standardised_features_it_is_served() -> None:
+    """Features far from zero (around 100) that separate TINY from HEAVY images: the gate is trained
+    on the standardised features, the same ones it reads at serving, and routes them apart."""
+    from eexit.routing.routers import OneShotGate
+
+    g = torch.Generator().manual_seed(0)
+    n = 128
+    heavy = torch.arange(n) % 2 == 1
+    features = 100.0 + torch.randn(n, 7, generator=g)
+    features[:, 0] += torch.where(heavy, 5.0, -5.0)
+    oracle = torch.where(heavy, int(ExitLevel.HEAVY), int(ExitLevel.TINY))
+    gate = OneShotGate().fit(features, oracle, epochs=60)
+    with torch.no_grad():
+        tier, _ = gate.choose_tier(features, knob=0.5)
+    assert torch.equal(tier, oracle)
+
+
+def test_staged_gate_fits_each_exit_on_its_own_features_and_target() -> None:
+    """Half the images are right from MEDIUM on, half everywhere; each exit's features sit 10 apart.
+    Each exit standardises with its own statistics, learns its own "safe to stop" target (stop the
+    first half only at MEDIUM) and is served with its own scale."""
+    from eexit.routing.routers import StagedGate
+
+    g = torch.Generator().manual_seed(0)
+    n = 128
+    late = torch.arange(n) < n // 2
+    features = 0.1 * torch.randn(n, 4, 7, generator=g) + 10.0 * torch.arange(4.0)[None, :, None]
+    features[:, :, 0] += torch.where(late, 2.0, -2.0)[:, None]
+    correct = torch.ones(n, 4, dtype=torch.bool)
+    correct[late, :2] = False
+    gate = StagedGate().fit(features, correct, epochs=60).eval()
+    for k in range(3):
+        assert torch.allclose(gate.scales[k].mean, features[:, k].double().mean(0).float(), atol=1e-5), k
+    with torch.no_grad():
+        scores = [gate.stop_score(level, features[:, int(level)]) for level in list(ExitLevel)[:-1]]
+    for level in (ExitLevel.TINY, ExitLevel.LIGHT):
+        assert float(scores[level][late].max()) < 0.1 and float(scores[level][~late].min()) > 0.9, level.name
+    assert float(scores[ExitLevel.MEDIUM].min()) > 0.9
+
+
+@pytest.mark.parametrize("kind", ["gate", "staged"])
+def test_a_router_rebuilt_from_its_config_takes_its_state(kind: str) -> None:
+    """``config`` records the knob, the width and the feature count: a router of non-default size
+    is rebuilt with its knob and the same shapes, loads its state strictly and gives the same scores."""
+    from eexit.routing.routers import OneShotGate, StagedGate, build_router
+
+    torch.manual_seed(0)
+    router = OneShotGate(num_features=5, hidden=8) if kind == "gate" else StagedGate(num_features=5, hidden=4)
+    router.set_knob(0.3)
+    again = build_router(router.config())
+    assert float(again.knob) == pytest.approx(0.3)  # the knob from the config alone
+    again.load_state_dict(router.state_dict())
+    f = torch.randn(6, 5)
+    with torch.no_grad():
+        if kind == "gate":
+            assert torch.equal(again.tier_cdf(f), router.tier_cdf(f))
+        else:
+            assert torch.equal(again.stop_score(ExitLevel.LIGHT, f), router.stop_score(ExitLevel.LIGHT, f))
+
+
+def test_predict_exit_chunked_runs_every_chunk() -> None:
+    """Ten images in chunks of 4 (4 + 4 + 2): the logits of all ten, as one call gives them."""
+    from eexit.routing.engine import predict_exit_chunked
+
+    net = _micro_net()
+    x = torch.randn(10, 1, 16, 16)
+    for level in ExitLevel:
+        chunked = predict_exit_chunked(net, x, level, chunk_size=4)
+        assert chunked.shape == (10, 4)
+        assert torch.allclose(chunked, net.predict_exit(x, level), atol=1e-5), level.name
+
+
+def test_a_non_square_input_size_is_height_then_width() -> None:
+    """``input_size=(16, 12)`` takes 16-row, 12-column images and refuses the transposed ones."""
+    from eexit.routing.routers import ConfidenceCascade
+
+    model = RoutedClassifier(_micro_net(), ConfidenceCascade(), input_size=(16, 12))
+    assert model(torch.randn(2, 1, 16, 12)).tier.shape == (2,)
+    with pytest.raises(ValueError, match=r"expected images of 16x12 pixels .* got 12x16"):
+        model(torch.randn(2, 1, 12, 16))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_empty_batch_routes_to_an_empty_output(kind: str, chunk_size: int | None) -> None:
+    """A batch of no image gives empty outputs of the right shapes, whatever the chunking."""
+    from eexit.routing.routers import ROUTERS
+
+    model = RoutedClassifier(_micro_net(), ROUTERS[kind](), chunk_size=chunk_size)
+    out = model(torch.empty(0, 1, 16, 16), with_heatmap=True)
+    assert out.logits.shape == (0, 4) and out.tier.shape == out.confidence.shape == (0,)
+    assert out.features.shape == (0, 7) and out.heatmap.shape == (0, 16, 16)
+
+
+@pytest.mark.parametrize("knob", [0.0, 2.0])  # 0: every image stops at TINY; 2: none stops before HEAVY
+def test_the_heatmap_is_the_deciding_exits_cam_upsampled_bilinearly(knob: float) -> None:
+    """The heatmap is the Grad-CAM of the exit that answered, for its predicted class, upsampled
+    to the input size with ``bilinear`` and ``align_corners=False`` (HEAVY's 2 x 2 cam shows it)."""
+    from eexit.explain.gradcam import gradcam
+    from eexit.routing.routers import ConfidenceCascade
+
+    net = _micro_net()
+    router = ConfidenceCascade()
+    router.set_knob(knob)
+    x = torch.randn(5, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    out = RoutedClassifier(net, router)(x, with_heatmap=True)
+    level = ExitLevel.TINY if knob == 0.0 else ExitLevel.HEAVY
+    assert (out.tier == int(level)).all()
+    with torch.no_grad():
+        cam = gradcam(net.heads[level], net.forward_heads(x)[level])
+    expected = torch.nn.functional.interpolate(cam[:, None], size=(16, 16), mode="bilinear", align_corners=False)
+    assert torch.allclose(out.heatmap, expected[:, 0], atol=1e-6)
+
+
+def test_the_staged_gate_computes_no_features_at_heavy(monkeypatch) -> None:
+    """Features feed the stop rule of an early exit; HEAVY has none, so an image sent all the
+    way computes them at TINY, LIGHT and MEDIUM only (their cost is part of each tier's)."""
+    from eexit.routing import engine
+    from eexit.routing.routers import StagedGate
+
+    net = _micro_net()
+    torch.manual_seed(0)
+    router = StagedGate()
+    router.set_knob(2.0)  # above any stop score: every image goes on to HEAVY
+    seen: list[int] = []
+    original = engine.exit_features
+
+    def recording(image, stage_map, out, head, *args, **kwargs):
+        seen.append(next(k for k, h in enumerate(net.heads) if h is head))
+        return original(image, stage_map, out, head, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "exit_features", recording)
+    out = RoutedClassifier(net, router)(torch.randn(4, 1, 16, 16))
+    assert (out.tier == int(ExitLevel.HEAVY)).all()
+    assert seen == [0, 1, 2]
+
+
+def test_an_image_whose_logits_overflow_gets_confidence_zero_not_nan() -> None:
+    """Finite pixels large enough to overflow the logits (NaN): the cascade's stop score (the
+    top softmax probability) is NaN, and the routed output itself reports confidence 0, not only
+    the decision rows built from it; the gates score finite features and stay finite."""
+    from eexit.routing.routers import ROUTERS
+
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+    x[1] = 3.4e38
+    for kind in KINDS:
+        out = RoutedClassifier(_micro_net(), ROUTERS[kind]())(x)
+        assert out.logits[1].isnan().any() and torch.isfinite(out.confidence).all(), kind
+    assert out.confidence[1].item() == 0.0 and (out.confidence[[0, 2]] > 0).all()  # the cascade
+
+
+def test_tier_costs_are_per_image_on_the_served_threads_and_timed_in_eval_mode(monkeypatch) -> None:
+    """``measure_tier_costs`` divides each tier's batch time by the batch size, records the
+    threads and device, raises a latency below a cheaper tier's to it, and puts the model in eval
+    mode itself (a model left in training mode would be refused)."""
+    from eexit.routing import costs as costs_mod
+    from eexit.routing.routers import ConfidenceCascade
+
+    model = RoutedClassifier(_micro_net(), ConfidenceCascade())
+    model.train()
+    monkeypatch.setattr(costs_mod, "measure_latencies", lambda fns, *a, **k: [0.008, 0.016, 0.024, 0.032])
+    costs = costs_mod.measure_tier_costs(model, torch.randn(8, 1, 16, 16))
+    assert not model.net.training
+    assert [c.latency_ms for c in costs] == pytest.approx([1.0, 2.0, 3.0, 4.0])
+    assert all(c.batch_size == 8 and c.device == "cpu" for c in costs)
+    assert all(c.num_threads == torch.get_num_threads() and c.latency_basis == "forced" for c in costs)
+    # a noisy timing with LIGHT below TINY: raised to TINY's, so that no tier looks cheaper
+    monkeypatch.setattr(costs_mod, "measure_latencies", lambda fns, *a, **k: [0.016, 0.008, 0.024, 0.016])
+    costs = costs_mod.measure_tier_costs(model, torch.randn(8, 1, 16, 16))
+    assert [c.latency_ms for c in costs] == pytest.approx([2.0, 2.0, 3.0, 3.0])
+
+
+def test_latency_is_timed_on_the_threads_the_model_is_served_with(monkeypatch) -> None:
+    """``measure_latency`` times on ``torch.get_num_threads()`` threads unless told otherwise
+    (``benchmark.Timer`` alone would time on one)."""
+    from torch.utils import benchmark
+
+    from eexit.routing.costs import measure_latency
+
+    threads: list[int] = []
+
+    class FakeTimer:
+        def __init__(self, stmt: str, globals: dict, num_threads: int) -> None:
+            threads.append(num_threads)
+
+        def blocked_autorange(self, min_run_time: float):
+            return type("Measurement", (), {"median": 0.25})()
+
+    monkeypatch.setattr(benchmark, "Timer", FakeTimer)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert measure_latency(lambda: None, 0.01) == 0.25
+    assert measure_latency(lambda: None, 0.01, num_threads=1) == 0.25
+    assert threads == [3, 1]
+
+
+def test_routed_tier_costs_are_the_forced_ones_rescaled(monkeypatch) -> None:
+    """``measure_routed_tier_costs`` returns the forced costs rescaled to the routed batch."""
+    from eexit.routing import costs as costs_mod
+
+    forced, routed = ["forced"], ["routed"]
+    calls: list[tuple] = []
+    monkeypatch.setattr(costs_mod, "measure_tier_costs", lambda model, example, t: calls.append(("m", t)) or forced)
+    monkeypatch.setattr(
+        costs_mod,
+        "rescale_to_routed_batch",
+        lambda model, example, costs, t: calls.append(("r", costs, t)) or routed,
+    )
+    assert costs_mod.measure_routed_tier_costs("model", "example", min_run_time=0.2) is routed
+    assert calls == [("m", 0.2), ("r", forced, 0.2)]

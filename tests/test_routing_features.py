@@ -349,10 +349,11 @@ def test_activation_sparsity_is_layout_independent():
     assert torch.equal(activation_sparsity(cl), activation_sparsity(stage_map))
 
 
-@pytest.mark.parametrize("per_image", [1, 3, 4, 508, 6272, 4 * 131, 4 * 127 * 3 + 4])
+@pytest.mark.parametrize("per_image", [1, 3, 4, 508, 1024, 6272, 4 * 131, 4 * 127 * 3 + 4])
 def test_activation_sparsity_counts_exactly_at_every_size(per_image):
     # the fast count reads 0/1 bytes as int32 words summed in blocks: exact whatever the size
-    # (multiples of 4 or not, word counts prime or with large divisors), sign or value
+    # (multiples of 4 or not, word counts prime or with large divisors), sign or value; 1024
+    # values are 256 words, where blocks of 256 would overflow a byte lane
     g = torch.Generator().manual_seed(per_image)
     x = torch.randn(5, per_image, generator=g)
     x[torch.rand(5, per_image, generator=g) < 0.6] = 0.0
@@ -383,3 +384,67 @@ def test_activation_sparsity_of_a_bool_map_at_an_odd_offset():
     view = flat[1:].view(3, 40)  # contiguous rows of 40, storage offset 1
     assert view.is_contiguous() and view.storage_offset() == 1
     assert torch.equal(activation_sparsity(view), 1.0 - view.sum(dim=1).float() / 40)
+
+
+# --- pinned by the mutation audit of the routing modules --------------------------------------
+
+
+def test_entropy_never_leaves_its_range_by_rounding() -> None:
+    """A flat 7 x 7 cam's entropy rounds to 1 + 1.2e-7 in float32 before the clamp: exactly 1."""
+    assert attention_entropy(flat_cam(1, 7, 7)).item() == 1.0
+    near_flat = 1.0 + 1e-6 * torch.rand(256, 4, 4, generator=torch.Generator().manual_seed(0))
+    entropy = attention_entropy(near_flat)
+    assert (entropy <= 1.0).all() and (entropy >= 0.0).all()
+
+
+def test_feature_variance_refuses_a_grid_below_one() -> None:
+    """A grid of 0 regions has no region means (their std would be NaN): refused by name."""
+    with pytest.raises(ValueError, match="grid must be >= 1, got 0"):
+        feature_variance(flat_cam(), grid=0)
+    with pytest.raises(ValueError, match="grid must be >= 1"):
+        complexity_features(**random_inputs(b=2), grid=0)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_spatial_complexity_pads_an_image_thin_in_one_direction_only(transpose: bool) -> None:
+    """A 1 x 8 step image (or 8 x 1) is replicate-padded across its thin side only: of its 6
+    interior positions along the long side, the 2 beside the step (magnitude 1) are edges."""
+    img = torch.tensor([-1.0, -1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0]).view(1, 1, 1, 8)
+    if transpose:
+        img = img.transpose(-1, -2)
+    assert spatial_complexity(img).tolist() == [pytest.approx(1 / 3)]
+    wide = torch.randn(3, 2, 2, 9, generator=torch.Generator().manual_seed(0))  # 2 rows: padded to 3
+    assert torch.isfinite(spatial_complexity(wide)).all() and spatial_complexity(wide).shape == (3,)
+
+
+def test_spatial_complexity_counts_only_magnitudes_strictly_above_the_threshold() -> None:
+    """The step of height 2 has Sobel magnitude exactly 1: a threshold of exactly 1 counts no edge."""
+    img = torch.full((1, 1, 8, 8), -1.0)
+    img[..., 4:] = 1.0
+    assert spatial_complexity(img, threshold=1.0).item() == 0.0
+    assert spatial_complexity(img, threshold=1.0 - 2**-10).item() == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_spatial_complexity_of_a_low_precision_image_is_computed_in_float32(dtype: torch.dtype) -> None:
+    """The Sobel sums of a half-precision image are taken in float32 (no rounding to 8 or 11 bits
+    near the threshold): the same edges as the float32 copy of the same pixel values."""
+    img = torch.randn(8, 3, 24, 24, generator=torch.Generator().manual_seed(5)).to(dtype)
+    assert torch.equal(spatial_complexity(img), spatial_complexity(img.float()))
+
+
+def test_confidence_margin_of_low_precision_logits_is_taken_in_float32() -> None:
+    """bfloat16 logits are turned into probabilities in float32, not rounded to 8 bits first."""
+    logits = torch.randn(64, 10, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    assert torch.equal(confidence_margin(logits), confidence_margin(logits.float()))
+
+
+def test_complexity_features_pass_their_saliency_threshold_and_read_a_non_square_cam() -> None:
+    """``saliency_threshold`` reaches saliency sparsity, and a 3 x 5 cam's regions are taken over
+    its own height and width (the grid does not divide it)."""
+    inp = random_inputs(b=4, seed=8)
+    inp["cam"] = torch.relu(torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(8)))
+    f = complexity_features(**inp, grid=2, saliency_threshold=0.25)
+    assert torch.equal(f[:, FEATURE_NAMES.index("saliency_sparsity")], saliency_sparsity(inp["cam"], 0.25))
+    assert torch.allclose(f[:, FEATURE_NAMES.index("feature_variance")], feature_variance(inp["cam"], 2), atol=1e-7)
+    assert not torch.equal(saliency_sparsity(inp["cam"], 0.25), saliency_sparsity(inp["cam"]))  # the knob matters
