@@ -106,7 +106,8 @@ def _calibration(
     that stores none and was trained without a calibration split (``data.calib_size=0``,
     ``router.calibrate=false``): then the routers are not evaluated."""
     state = loaded.extra.get("calibration")
-    if state and not cfg.get("recalibrate", False):
+    recalibrate = bool(cfg.get("recalibrate", False))
+    if state and not recalibrate:
         ignored = _router_overrides()
         if ignored:
             log.warning(
@@ -127,7 +128,7 @@ def _calibration(
         )
     rc = cfg.router
     batches = list(dm.calib_dataloader())
-    if not batches and not state and not cfg.get("recalibrate", False):
+    if not batches and not state and not recalibrate:
         log.warning(
             "%s holds no calibration and was trained without a calibration split: the routers are not "
             "evaluated (fixed exits, oracle, attention and explanation figures only)",
