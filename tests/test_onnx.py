@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from eexit.bundle import load_bundle
 from eexit.data.synthetic import make_shapes
 from eexit.digest import file_sha256
-from eexit.serve.onnx import PIECES, OnnxRoutedRunner, export_onnx
+from eexit.serve.onnx import PIECES, OnnxRoutedRunner, export_onnx, export_piece
 
 
 @pytest.mark.parametrize("knob", [None, 0.5, 0.9])
@@ -121,16 +121,7 @@ def _replace_piece(
 ) -> None:
     """Write ``module`` as piece ``name`` and re-record the pieces' hashes in routing.json, as a
     forger who rewrites both can."""
-    torch.onnx.export(
-        module,
-        (example,),
-        str(d / f"{name}.onnx"),
-        input_names=inputs,
-        output_names=outputs,
-        dynamic_axes={n: {0: "batch"} for n in inputs + outputs},
-        opset_version=17,
-        dynamo=False,
-    )
+    export_piece(module, d / f"{name}.onnx", example, inputs, outputs)
     meta = json.loads((d / "routing.json").read_text())
     meta["pieces_sha256"] = {p: file_sha256(d / f"{p}.onnx") for p in PIECES}
     (d / "routing.json").write_text(json.dumps(meta))

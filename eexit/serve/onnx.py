@@ -16,11 +16,15 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from eexit.digest import file_sha256
 from eexit.types import ExitLevel
+
+if TYPE_CHECKING:  # torch is imported by the exporting functions only: the runner needs none
+    from torch import Tensor, nn
 
 PIECES = ("first", "gate", "stage1", "stage2", "stage3")
 META_NAME = "routing.json"
@@ -33,6 +37,28 @@ def require_onnx() -> None:
         import onnx  # noqa: F401
     except ImportError:
         raise ImportError("ONNX export needs the onnx package: pip install '.[onnx]' (the onnx extra)") from None
+
+
+def export_piece(
+    module: nn.Module, path: Path, example: Tensor, inputs: list[str], outputs: list[str], opset: int = 17
+) -> None:
+    """Write ``module`` (one input) to ``path`` as an ONNX piece whose named inputs and outputs
+    all have a dynamic batch axis, traced on ``example`` ``(B, ...)``."""
+    import torch
+
+    axes = {n: {0: "batch"} for n in inputs + outputs}
+    with warnings.catch_warnings():  # shape checks traced as constants: the input size is fixed
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            module.eval(),
+            (example,),
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=opset,
+            dynamo=False,
+        )
 
 
 def export_onnx(
@@ -50,7 +76,7 @@ def export_onnx(
         The directory holding the ``.onnx`` files and ``routing.json`` (classes, input, knob).
     """
     import torch
-    from torch import Tensor, nn
+    from torch import nn
 
     require_onnx()
 
@@ -101,25 +127,10 @@ def export_onnx(
         for k in range(1, len(ExitLevel)):
             maps.append(Stage(k)(maps[-1])[0])
 
-    def save(module: nn.Module, name: str, example: Tensor, inputs: list[str], outputs: list[str]) -> None:
-        axes = {n: {0: "batch"} for n in inputs + outputs}
-        with warnings.catch_warnings():  # shape checks traced as constants: the input size is fixed
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(
-                module.eval(),
-                (example,),
-                str(out / f"{name}.onnx"),
-                input_names=inputs,
-                output_names=outputs,
-                dynamic_axes=axes,
-                opset_version=opset,
-                dynamo=False,
-            )
-
-    save(First(), "first", x, ["image"], ["map", "logits", "features"])
-    save(Gate(), "gate", f, ["features"], ["tier", "confidence"])
+    export_piece(First(), out / "first.onnx", x, ["image"], ["map", "logits", "features"], opset)
+    export_piece(Gate(), out / "gate.onnx", f, ["features"], ["tier", "confidence"], opset)
     for k in range(1, len(ExitLevel)):
-        save(Stage(k), f"stage{k}", maps[k - 1], ["map_in"], ["map", "logits"])
+        export_piece(Stage(k), out / f"stage{k}.onnx", maps[k - 1], ["map_in"], ["map", "logits"], opset)
     meta = {
         "class_names": bundle.class_names,
         "input": bundle.manifest["input"],
