@@ -917,17 +917,24 @@ def test_each_knob_is_fitted_on_images_its_router_did_not_learn_from(trained, mo
 # ------------------------------------------ mutation audit: knob sweeps and fits on crafted records
 
 
-def _cascade_records(tiny_conf: list[float], correct: list[list[int]]) -> ExitRecords:
-    """Records of two classes (label 0) whose exits say: TINY's top softmax ``tiny_conf[i]``, the
-    other exits 0.95, and exit k predicts the label when ``correct[i][k]``."""
-    n = len(tiny_conf)
-    conf = torch.tensor([[c, 0.95, 0.95, 0.95] for c in tiny_conf])
-    right = torch.tensor(correct, dtype=torch.bool)
-    top = torch.where(right, 0, 1)  # the class each exit predicts
+def _two_class_records(conf: torch.Tensor, correct: torch.Tensor, features: torch.Tensor | None = None) -> ExitRecords:
+    """Records of two classes (label 0): exit k of image i gives its predicted class the
+    probability ``conf[i, k]`` and predicts the label when ``correct[i, k]``; ``features``
+    ``(n, 4, 7)`` (zeros by default)."""
+    n = len(conf)
+    top = torch.where(correct, 0, 1)  # the class each exit predicts
     probs = torch.zeros(n, 4, 2)
     probs.scatter_(2, top[:, :, None], conf[:, :, None])
     probs.scatter_(2, (1 - top)[:, :, None], (1 - conf)[:, :, None])
-    return ExitRecords(torch.zeros(n, 4, 7), probs, torch.zeros(n, dtype=torch.long))
+    features = torch.zeros(n, 4, 7) if features is None else features
+    return ExitRecords(features, probs, torch.zeros(n, dtype=torch.long))
+
+
+def _cascade_records(tiny_conf: list[float], correct: list[list[int]]) -> ExitRecords:
+    """Two-class records whose exits say: TINY's top softmax ``tiny_conf[i]``, the other exits
+    0.95, and exit k predicts the label when ``correct[i][k]``."""
+    conf = torch.tensor([[c, 0.95, 0.95, 0.95] for c in tiny_conf])
+    return _two_class_records(conf, torch.tensor(correct, dtype=torch.bool))
 
 
 def test_sweep_folds_scores_each_fold_on_its_own_records() -> None:
@@ -1059,59 +1066,56 @@ _CRAFTED_CORRECT = [
 ]  # fmt: skip
 
 
-def _quick_router_fits(mp: pytest.MonkeyPatch) -> None:
-    """Gate fits of 5 epochs instead of 300: what is tested here is which images they learn from."""
+def _calibrate_watched(
+    mp: pytest.MonkeyPatch, net, example: torch.Tensor, records: ExitRecords, costs: list, calls: dict, **kwargs
+) -> Calibration:
+    """``calibrate`` on ``records`` with fixed tier ``costs``, gate fits of 5 epochs instead of 300
+    (what is tested is which images and arguments they get) and ``choose_knob`` / ``sweep_folds``
+    watched: ``calls["choose_knob"]`` gets the arguments of each knob fit and ``calls["folds"]``
+    the records of each cross-fitted pair of folds."""
     import functools
 
+    from eexit.routing import calibrate as calibrate_mod
     from eexit.routing import routers
 
+    original_choose_knob, original_sweep = calibrate_mod.choose_knob, calibrate_mod.sweep_folds
+
+    def watched_choose_knob(points, *args):
+        calls.setdefault("choose_knob", []).append(args)
+        return original_choose_knob(points, *args)
+
+    def watched_sweep(folds, *args, **kw):
+        if len(folds) == 2:
+            calls.setdefault("folds", []).append([recs for _, recs in folds])
+        return original_sweep(folds, *args, **kw)
+
     mp.setattr(routers, "_fit_classifier", functools.partial(routers._fit_classifier, epochs=5))
+    mp.setattr(calibrate_mod, "measure_tier_costs", lambda *a, **k: list(costs))
+    mp.setattr(calibrate_mod, "rescale_to_routed_batch", lambda model, example, costs, *a, **k: costs)
+    mp.setattr(calibrate_mod, "choose_knob", watched_choose_knob)
+    mp.setattr(calibrate_mod, "sweep_folds", watched_sweep)
+    return calibrate(net, [], example, records=records, min_run_time=0.001, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def crafted_calibration():
     """``calibrate`` on 16 crafted records (the fewest it accepts) with tier costs 1..4 MFLOPs,
     a loose target and ``choose_knob`` / ``sweep_folds`` watched: ``(cal, records, net, example,
-    calls)`` with ``calls["choose_knob"]`` the arguments of each knob fit and ``calls["folds"]``
-    the records of each cross-fitted pair of folds."""
-    from eexit.routing import calibrate as calibrate_mod
+    calls)`` with ``calls`` as ``_calibrate_watched`` records them."""
     from eexit.routing.costs import TierCost
 
     g = torch.Generator().manual_seed(0)
-    correct = torch.tensor(_CRAFTED_CORRECT, dtype=torch.bool)
-    n = len(correct)
-    features = torch.rand(n, 4, 7, generator=g)
-    conf = 0.5 + 0.5 * torch.rand(n, 4, generator=g)  # top softmax of each exit
-    top = torch.where(correct, 0, 1)
-    probs = torch.zeros(n, 4, 2)
-    probs.scatter_(2, top[:, :, None], conf[:, :, None])
-    probs.scatter_(2, (1 - top)[:, :, None], (1 - conf)[:, :, None])
-    records = ExitRecords(features, probs, torch.zeros(n, dtype=torch.long))
+    features = torch.rand(16, 4, 7, generator=g)
+    conf = 0.5 + 0.5 * torch.rand(16, 4, generator=g)  # top softmax of each exit
+    records = _two_class_records(conf, torch.tensor(_CRAFTED_CORRECT, dtype=torch.bool), features)
     torch.manual_seed(0)
     net = create_model("resnet_micro", in_chans=1, num_classes=2).eval()
     example = torch.randn(4, 1, 16, 16, generator=g)
-    calls: dict[str, list] = {"choose_knob": [], "folds": []}
+    calls: dict[str, list] = {}
     flat = [TierCost(lv.key, 1.0 + lv, 1.0 + lv, 16, "cpu") for lv in ExitLevel]
-
-    def watched_choose_knob(points, *args):
-        calls["choose_knob"].append(args)
-        return calibrate_mod.choose_knob.__wrapped__(points, *args)
-
-    def watched_sweep(folds, *args, **kwargs):
-        if len(folds) == 2:
-            calls["folds"].append([recs for _, recs in folds])
-        return original_sweep(folds, *args, **kwargs)
-
-    original_sweep = calibrate_mod.sweep_folds
-    watched_choose_knob.__wrapped__ = calibrate_mod.choose_knob
     with pytest.MonkeyPatch.context() as mp:
-        _quick_router_fits(mp)
-        mp.setattr(calibrate_mod, "measure_tier_costs", lambda *a, **k: list(flat))
-        mp.setattr(calibrate_mod, "rescale_to_routed_batch", lambda model, example, costs, *a, **k: costs)
-        mp.setattr(calibrate_mod, "choose_knob", watched_choose_knob)
-        mp.setattr(calibrate_mod, "sweep_folds", watched_sweep)
-        cal = calibrate(
-            net, [], example, records=records, max_drop=0.3, margin_se=0.5, monotone=False, seed=3, min_run_time=0.001
+        cal = _calibrate_watched(
+            mp, net, example, records, flat, calls, max_drop=0.3, margin_se=0.5, monotone=False, seed=3
         )
     return cal, records, net, example, calls
 
@@ -1173,8 +1177,6 @@ def test_the_explanation_baselines_and_tier_profiles_come_from_the_right_images(
 
 
 def test_the_cross_fitting_halves_follow_the_seed(crafted_calibration, monkeypatch) -> None:
-    from eexit.routing import calibrate as calibrate_mod
-
     cal, records, net, example, calls = crafted_calibration
 
     def halves(recorded: list) -> list[set]:
@@ -1185,20 +1187,9 @@ def test_the_cross_fitting_halves_follow_the_seed(crafted_calibration, monkeypat
     seed3 = halves(calls["folds"][0])
     assert [len(h) for h in seed3] == [8, 8] and seed3[0] | seed3[1] == set(range(16))
     assert halves(calls["folds"][1]) == seed3  # the one-shot and the staged gate: one split
-    seen: list[list] = []
-    original = calibrate_mod.sweep_folds
-    monkeypatch.setattr(
-        calibrate_mod,
-        "sweep_folds",
-        lambda folds, *a, **k: (
-            (seen.append([r for _, r in folds]) if len(folds) == 2 else None) or original(folds, *a, **k)
-        ),
-    )
-    _quick_router_fits(monkeypatch)
-    monkeypatch.setattr(calibrate_mod, "measure_tier_costs", lambda *a, **k: list(cal.tier_costs["gate"]))
-    monkeypatch.setattr(calibrate_mod, "rescale_to_routed_batch", lambda model, example, costs, *a, **k: costs)
-    calibrate(net, [], example, records=records, seed=4, min_run_time=0.001)
-    assert halves(seen[0]) != seed3  # another seed, another split
+    seen: dict[str, list] = {}
+    _calibrate_watched(monkeypatch, net, example, records, cal.tier_costs["gate"], seen, seed=4)
+    assert halves(seen["folds"][0]) != seed3  # another seed, another split
 
 
 # ---------------------------------------- mutation audit: decision rows of a crafted routed batch

@@ -459,9 +459,6 @@ def test_eps_zero_is_refused_only_where_it_is_used(tmp_path: Path) -> None:
 
 
 def test_a_sweeper_gets_the_best_checkpoints_heavy_accuracy_not_the_last_epochs() -> None:
-
-    import pytorch_lightning as pl
-
     from eexit.training import optimized_metric
 
     best = pl.callbacks.ModelCheckpoint(monitor="val/acc/heavy", mode="max")
